@@ -1,0 +1,44 @@
+# Two set-up commands: `make serve` and `make test`. Each builds what it needs in a virtual environment cached
+# outside the clone, keyed by the hash of its pinned requirements file, so a fresh machine installs everything
+# and a warm one installs nothing. The project itself runs from the checkout (PYTHONPATH), never installed
+# into the shared cache.
+PYTHON ?= python3
+CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vitserve
+key = $(shell cat $(1) | sha256sum | cut -c1-12)-py$(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])')
+DEV_VENV := $(CACHE)/venv-dev-$(call key,requirements/dev.txt)
+SERVE_VENV := $(CACHE)/venv-serve-$(call key,requirements/serve.txt)
+RUN = PYTHONPATH=$(CURDIR) PYTHONDONTWRITEBYTECODE=1
+
+.PHONY: serve test lint typecheck docs dev-env serve-env clean-cache default-model bench
+serve: serve-env
+	$(RUN) $(SERVE_VENV)/bin/python -m service
+
+test: dev-env
+	$(RUN) $(DEV_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lint: dev-env
+	$(DEV_VENV)/bin/ruff check service model_export tests benchmarks
+	$(RUN) $(DEV_VENV)/bin/mypy
+
+default-model: dev-env
+	$(RUN) $(DEV_VENV)/bin/python -m model_export train-default --out models/digits-vit
+
+dev-env: $(DEV_VENV)/.ready
+serve-env: $(SERVE_VENV)/.ready
+
+# Built in a temporary folder and renamed into place under a lock, so two clones never share a half-built env.
+$(CACHE)/venv-%/.ready:
+	@mkdir -p $(CACHE)
+	@flock $(CACHE)/.lock bash -c '\
+	  set -o pipefail; \
+	  set -e; dest=$(CACHE)/venv-$*; [ -f $$dest/.ready ] && exit 0; \
+	  req=requirements/$$(echo $* | cut -d- -f1).txt; tmp=$$dest.tmp; rm -rf $$tmp $$dest; \
+	  echo "installing $$req into $$dest (first run on this machine only)"; \
+	  $(PYTHON) -m venv $$tmp; \
+	  $$tmp/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+	  $$tmp/bin/python -m pip install -q --disable-pip-version-check -r $$req 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+	  $$tmp/bin/python -c "import numpy, onnxruntime, PIL, fastapi" ; \
+	  mv $$tmp $$dest; touch $$dest/.ready'
+
+clean-cache:
+	rm -rf $(CACHE)/venv-*

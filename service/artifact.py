@@ -1,0 +1,183 @@
+"""The artifact: the contract between `model_export` and `service`.
+
+An artifact is a directory::
+
+    models/<name>/
+        artifact.json     the one metadata record (this module's `ArtifactMetadata`)
+        model.onnx        classify graph: pixels -> logits (attention fused away, nothing extra computed)
+        attention.onnx    attention graph: pixels -> logits, attentions (B, layers, heads, tokens, tokens)
+
+Two graphs because classification must not pay for attention: the classify graph lets onnxruntime fuse
+attention and never materialises the probabilities, the attention graph exports them. Every fact the service
+needs (labels, preprocessing, token grid, prefix tokens) is read from `artifact.json` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+METADATA_FILE = "artifact.json"
+FORMAT_VERSION = 1
+INPUT_NAME = "pixel_values"
+LOGITS = "logits"
+ATTENTIONS = "attentions"
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Preprocessing(_Record):
+    """How an RGB image becomes the model's input tensor, as the source framework does it at eval time.
+
+    resize = "squash": resize to `resize_size` (height, width) exactly, ignoring aspect (HF ViT).
+    resize = "shortest_edge": scale so the shorter side is `resize_size[0]`, keeping aspect (timm, DeiT).
+    Then centre-crop to `crop_size`, multiply by `rescale_factor`, subtract `mean`, divide by `std`,
+    channels first, in `channel_order`.
+    """
+
+    resize: Literal["squash", "shortest_edge"]
+    resize_size: tuple[int, int]
+    crop_size: tuple[int, int]
+    interpolation: Interpolation
+    rescale_factor: float = 1 / 255
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def crop_pct(self) -> float:
+        """Fraction of the resized image kept by the centre crop (timm's `crop_pct`)."""
+        return round(self.crop_size[0] / self.resize_size[0], 6)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_computed(cls, data: object) -> object:
+        # `crop_pct` is written for readers of the JSON; it is derived, so it is not read back.
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "crop_pct"}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Preprocessing:
+        if self.resize == "squash" and (
+            self.resize_size[0] < self.crop_size[0] or self.resize_size[1] < self.crop_size[1]
+        ):
+            raise ValueError(f"crop {self.crop_size} is larger than resize {self.resize_size}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        return self
+
+
+class GraphFile(_Record):
+    file: str
+    sha256: str
+    outputs: list[str]
+
+
+class Source(_Record):
+    framework: Literal["vitserve", "transformers", "timm"]
+    model: str = Field(description="model class, hub id or timm model name")
+    checkpoint: str | None = Field(default=None, description="file or directory name the weights came from")
+    checkpoint_sha256: str | None = None
+
+
+class Parity(_Record):
+    """What the export proved: ONNX against the source framework (or, for a quantized variant, against FP32)."""
+
+    reference: str = Field(description="what the outputs were compared against")
+    max_abs_logit_diff: float | None = None
+    max_abs_attention_diff: float | None = None
+    top1_agreement: float | None = None
+    tolerance: float | None = None
+    inputs: list[str] = Field(default_factory=list, description="what was fed: random tensors, photos, ...")
+    passed: bool
+    accuracy: float | None = Field(default=None, description="held-out accuracy, where the export has data")
+    reference_accuracy: float | None = None
+    accuracy_delta_points: float | None = None
+    speedup: float | None = Field(default=None, description="throughput relative to the FP32 artifact")
+    extra: dict[str, float] = Field(default_factory=dict)
+
+
+class ArtifactMetadata(_Record):
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: str = "1"
+    task: Literal["image-classification"] = "image-classification"
+    labels: list[str]
+    input_size: tuple[int, int] = Field(description="(height, width) of the model input")
+    patch_size: int
+    grid: tuple[int, int] = Field(description="(rows, cols) of patch tokens")
+    num_layers: int
+    num_heads: int
+    num_prefix_tokens: int = Field(description="class (and distillation) tokens before the patch tokens")
+    precision: Precision = "fp32"
+    preprocessing: Preprocessing
+    graphs: dict[Literal["classify", "attention"], GraphFile]
+    source: Source
+    exporter: dict[str, str] = Field(default_factory=dict, description="library versions used to export")
+    parity: Parity
+    extra: dict[str, str | float | int] = Field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.grid[0] * self.grid[1]
+
+    @model_validator(mode="after")
+    def _check(self) -> ArtifactMetadata:
+        h, w = self.input_size
+        if (h // self.patch_size, w // self.patch_size) != tuple(self.grid):
+            raise ValueError(f"grid {self.grid} does not match input {self.input_size} / patch {self.patch_size}")
+        if tuple(self.preprocessing.crop_size) != tuple(self.input_size):
+            raise ValueError(f"crop size {self.preprocessing.crop_size} != input size {self.input_size}")
+        if not self.labels:
+            raise ValueError("labels must not be empty")
+        if "classify" not in self.graphs:
+            raise ValueError("the artifact has no classify graph")
+        return self
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ArtifactError(Exception):
+    """An artifact directory that cannot be served: says which file and what is wrong."""
+
+
+def read_metadata(directory: Path, *, verify_hashes: bool = True) -> ArtifactMetadata:
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; export the model with `python -m model_export`")
+    try:
+        meta = ArtifactMetadata.model_validate_json(path.read_bytes())
+    except ValueError as e:
+        raise ArtifactError(f"{path}: not a valid vitserve artifact record: {e}") from e
+    if meta.format_version != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {meta.format_version}, this vitserve reads {FORMAT_VERSION}")
+    for role, graph in meta.graphs.items():
+        file = directory / graph.file
+        if not file.is_file():
+            raise ArtifactError(f"{file}: the {role} graph named in {METADATA_FILE} is missing")
+        if verify_hashes and sha256_file(file) != graph.sha256:
+            raise ArtifactError(f"{file}: sha256 differs from {METADATA_FILE}; the file was changed or truncated")
+    return meta
+
+
+def write_metadata(directory: Path, meta: ArtifactMetadata) -> Path:
+    path = directory / METADATA_FILE
+    path.write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+    return path
