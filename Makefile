@@ -17,8 +17,8 @@ test: dev-env
 	$(RUN) $(DEV_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: dev-env
-	$(DEV_VENV)/bin/ruff check service model_export tests benchmarks
-	$(RUN) $(DEV_VENV)/bin/mypy
+	$(DEV_VENV)/bin/python -m ruff check service model_export tests benchmarks
+	$(RUN) $(DEV_VENV)/bin/python -m mypy
 
 default-model: dev-env
 	$(RUN) $(DEV_VENV)/bin/python -m model_export train-default --out models/digits-vit
