@@ -92,7 +92,7 @@ class Source(_Record):
 
 
 class Parity(_Record):
-    """What the export proved: ONNX against the source framework (or, for a quantized variant, against FP32)."""
+    """What the export proved: ONNX against the source framework (a quantized variant: against FP32)."""
 
     reference: str = Field(description="what the outputs were compared against")
     max_abs_logit_diff: float | None = None
