@@ -39,7 +39,7 @@ class Preprocessing(_Record):
     """How an RGB image becomes the model's input tensor, as the source framework does it at eval time.
 
     resize = "squash": resize to `resize_size` (height, width) exactly, ignoring aspect (HF ViT).
-    resize = "shortest_edge": scale so the shorter side is `resize_size[0]`, keeping aspect (timm, DeiT).
+    resize = "shortest_edge": scale so the shorter side is `resize_size[0]`, keeping aspect (timm).
     Then centre-crop to `crop_size`, multiply by `rescale_factor`, subtract `mean`, divide by `std`,
     channels first, in `channel_order`.
     """

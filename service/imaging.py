@@ -1,0 +1,173 @@
+"""Decoding untrusted image bytes into RGB Pillow images (Pillow and numpy only; no torch at serving time).
+
+Everything a client sends leaves `decode_image` as an 8-bit RGB image or as a `ServiceError`:
+
+- format: read from the bytes, never from a declared content type. `ALLOWED_FORMATS` is an explicit
+  allow-list; another format Pillow could read is refused with 415, bytes that are no image (or a damaged one)
+  with 400.
+- size: width x height from the header is checked against `max_pixels` before any pixel is decoded (413), and
+  only the first frame of an animated or multi-page file is ever read, so a file of many frames costs one.
+- orientation: the EXIF rotation is applied, so the model sees the photo the way its owner does.
+- colour: every mode becomes RGB; transparency is composited on white (as transformers' `convert_to_rgb`
+  does), 16-bit and float greyscale are scaled to 0..255, not clipped.
+
+When the service names a `target_size`, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale (see `_draft`);
+the image's full size is kept in `image.info[ORIGINAL_SIZE]` (read it with `original_size`) so that overlays
+can be placed on the user's original image.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from service.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
+
+# Pillow's format names; only these plugins ever parse client bytes. The JPEG plugin also opens the JPEGs with
+# extra frames that many phones and cameras write, which Pillow then names MPO.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+ACCEPTED = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+
+ORIGINAL_SIZE = "vitserve.original_size"
+"""`image.info` key: (width, height) of the upright image at full resolution, before any draft reduction."""
+
+_ORIENTATION = ExifTags.Base.Orientation
+_ORIENTATIONS_SWAPPING_AXES = (5, 6, 7, 8)  # transpose, rotate 90/270, transverse
+_JPEG_FORMATS = ("JPEG", "MPO")
+# 16-bit values 0..65535 onto 0..255: round(v / 257) maps 65535 to 255 exactly and keeps every step linear.
+_UINT16_TO_UINT8 = np.rint(np.arange(65536) / 257.0).astype(np.uint8)
+
+
+def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode `data` into a loaded RGB image; or raise BadImage, UnsupportedMediaType or PayloadTooLarge.
+
+    `target_size` (height, width) is the size the image will be resized to next; a JPEG at least twice that
+    size on both sides is decoded at reduced scale, never below it.
+    """
+    if not data:
+        raise BadImage(f"the image is empty (0 bytes); send the bytes of a {ACCEPTED} file")
+    image = _open(data, max_pixels)
+    _check_size(image.size, max_pixels)
+    try:
+        return _decode(image, target_size)
+    except ServiceError:
+        raise
+    except Exception as e:  # Pillow raises many types on damaged data; each one is the client's bad file.
+        raise BadImage(
+            f"could not decode the image: the {image.format} data is damaged or truncated ({_reason(e)})",
+            detail={"format": image.format},
+        ) from e
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the upright image before any draft reduction; `image.size` if it was not reduced."""
+    size = image.info.get(ORIGINAL_SIZE)
+    return (int(size[0]), int(size[1])) if size is not None else image.size
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header (no pixels are decoded) with an allowed format's plugin."""
+    try:
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's process-wide limit fired while parsing the header: the image is far over any sane limit.
+        raise PayloadTooLarge(
+            f"image has too many pixels to open; the limit is {max_pixels / 1e6:.1f} megapixels",
+            detail={"max_pixels": max_pixels},
+        ) from e
+    except UnidentifiedImageError:
+        refused = _refused_format(data)
+        if refused is not None:
+            raise UnsupportedMediaType(
+                f"{refused} images are not supported; send {ACCEPTED}",
+                detail={"format": refused, "accepted": list(ALLOWED_FORMATS)},
+            ) from None
+        raise BadImage(
+            f"could not decode the image: the bytes are not a {ACCEPTED} file, or the file is damaged"
+        ) from None
+    except Exception as e:
+        raise BadImage(f"could not decode the image: the header is damaged ({_reason(e)})") from e
+
+
+def _refused_format(data: bytes) -> str | None:
+    """Name of a format Pillow can read but we refuse, so the client hears 415 and not 'damaged file'."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # header only; never loaded
+            return image.format if image.format not in ALLOWED_FORMATS else None
+    except Exception:
+        return None
+
+
+def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise BadImage(f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
+            f"the limit is {max_pixels / 1e6:.1f} megapixels",
+            detail={"width": width, "height": height, "max_pixels": max_pixels},
+        )
+
+
+def _decode(image: Image.Image, target_size: tuple[int, int] | None) -> Image.Image:
+    full_size = image.size
+    if target_size is not None and image.format in _JPEG_FORMATS:
+        _draft(image, target_size)
+    image.load()  # the first frame only: we never seek
+    # Read after load: a PNG may carry its EXIF after the pixel data.
+    if image.getexif().get(_ORIENTATION, 1) in _ORIENTATIONS_SWAPPING_AXES:
+        full_size = (full_size[1], full_size[0])
+    ImageOps.exif_transpose(image, in_place=True)
+    rgb = _to_rgb(image)
+    rgb.info[ORIGINAL_SIZE] = full_size
+    return rgb
+
+
+def _draft(image: Image.Image, target_size: tuple[int, int]) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale, as far as the result stays >= `target_size` on both sides.
+
+    The tradeoff: a 12-megapixel photo decodes several times faster and in a fraction of the memory, and the
+    resize that follows still only shrinks, so the crop is the same region. But the model then sees a
+    DCT-domain downscale followed by the framework's resize instead of one resize from full resolution, which
+    moves pixel values slightly (measured in tests/service/test_imaging.py: about 1.5/255 on average for a
+    halved photo). Export-time parity checks decode without it.
+    """
+    height, width = target_size
+    if image.getexif().get(_ORIENTATION, 1) in _ORIENTATIONS_SWAPPING_AXES:
+        height, width = width, height  # the stored frame is rotated into place after decoding
+    image.draft("RGB", (width, height))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit_grey(image)
+    if any(band in ("A", "a") for band in image.getbands()) or image.info.get("transparency") is not None:
+        # White, not black: transparent pixels often hold black; logos and cut-outs are made for white pages.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer or float greyscale to 0..255 (Pillow's own convert clips at 255 instead)."""
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return Image.fromarray(_UINT16_TO_UINT8[values])
+    finite = values[np.isfinite(values)] if image.mode == "F" else values
+    low, high = (finite.min(), finite.max()) if finite.size else (0, 0)
+    if image.mode == "I" and low >= 0 and high <= 65535:  # Pillow keeps 16-bit data of some files in mode I
+        return Image.fromarray(_UINT16_TO_UINT8[values])
+    if image.mode == "F" and low >= 0 and high <= 1:
+        scaled = np.nan_to_num(values, nan=0.0) * 255.0
+    else:  # an unknown range: stretch what is there
+        span = float(high) - float(low) or 1.0
+        scaled = (np.nan_to_num(values.astype(np.float32), nan=float(low)) - float(low)) * (255.0 / span)
+    return Image.fromarray(np.rint(np.clip(scaled, 0, 255)).astype(np.uint8))
+
+
+def _reason(error: Exception) -> str:
+    return (str(error) or type(error).__name__)[:200]
