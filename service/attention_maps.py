@@ -79,9 +79,7 @@ def residual_attention(fused: np.ndarray) -> np.ndarray:
     return a / a.sum(axis=-1, keepdims=True)  # (N, N), every row sum >= 1/2 before, so never 0
 
 
-def rollout_matrix(
-    attn: np.ndarray, *, head_fusion: HeadFusion = "mean", discard_ratio: float = 0.0
-) -> np.ndarray:
+def rollout_matrix(attn: np.ndarray, *, head_fusion: HeadFusion = "mean", discard_ratio: float = 0.0) -> np.ndarray:
     """Rolled-out attention `R = A_L @ ... @ A_1` over all tokens: `(L, H, N, N) -> (N, N)`, rows sum to 1."""
     _check_discard_ratio(discard_ratio)
     fused = fuse_heads(np.asarray(attn, dtype=np.float64), head_fusion)  # (L, N, N)
@@ -122,10 +120,8 @@ def cls_attention(
     _check_attention(attn, num_prefix_tokens, grid)
     layer = check_index(layer, attn.shape[0], "layer")
     heads = np.asarray(attn[layer], dtype=np.float64)  # (H, N, N)
-    if head is None:
-        weights = fuse_heads(heads, head_fusion)  # (N, N)
-    else:
-        weights = heads[check_index(head, heads.shape[0], "head")]  # (N, N)
+    # (N, N): the heads fused, or the one head asked for
+    weights = fuse_heads(heads, head_fusion) if head is None else heads[check_index(head, heads.shape[0], "head")]
     return _class_row_map(weights, num_prefix_tokens, grid)
 
 

@@ -207,9 +207,7 @@ def _decorate(panel: Image.Image, title: str | None) -> Image.Image:
     canvas.paste(panel, (layout.margin, top))
     bar_left = layout.margin + panel.width + layout.gap
     canvas.paste(_colour_bar(layout.bar_width, bar_height), (bar_left, top))
-    draw.rectangle(
-        (bar_left - 1, top - 1, bar_left + layout.bar_width, top + bar_height), outline=_FRAME, width=1
-    )
+    draw.rectangle((bar_left - 1, top - 1, bar_left + layout.bar_width, top + bar_height), outline=_FRAME, width=1)
     draw.text((labels_left, top), "high", fill=_INK, font=font, anchor="lt")
     draw.text((labels_left, top + bar_height), "low", fill=_INK, font=font, anchor="lb")
     if title:

@@ -149,9 +149,7 @@ def _intersect(window: Box, resized: tuple[int, int]) -> Box:
     return max(left, 0), max(top, 0), min(right, resized[0]), min(bottom, resized[1])
 
 
-def _to_source(
-    box: Box, resized: tuple[int, int], size: tuple[int, int]
-) -> tuple[float, float, float, float]:
+def _to_source(box: Box, resized: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
     # Multiply before dividing, so that the far edge maps to exactly the image size (Pillow checks the box).
     return (
         box[0] * size[0] / resized[0],

@@ -220,9 +220,7 @@ def test_layer_method_picks_the_layer_and_head() -> None:
 def test_negative_layer_counts_from_the_last_and_cls_is_the_last_layer() -> None:
     attn = random_attention(np.random.default_rng(3), 4, 2, N)
     last = attention_map(attn, method="layer", layer=-1, num_prefix_tokens=1, grid=GRID)
-    np.testing.assert_array_equal(
-        last, attention_map(attn, method="layer", layer=3, num_prefix_tokens=1, grid=GRID)
-    )
+    np.testing.assert_array_equal(last, attention_map(attn, method="layer", layer=3, num_prefix_tokens=1, grid=GRID))
     np.testing.assert_array_equal(last, attention_map(attn, method="cls", num_prefix_tokens=1, grid=GRID))
 
 

@@ -216,9 +216,7 @@ def test_extreme_aspect_ratio_is_close_to_timm(timm_model: Any) -> None:
 # -- crop_box ------------------------------------------------------------------------------------------------
 
 
-def spec(
-    resize: Literal["squash", "shortest_edge"], resize_size: int, crop: int, **kwargs: Any
-) -> Preprocessing:
+def spec(resize: Literal["squash", "shortest_edge"], resize_size: int, crop: int, **kwargs: Any) -> Preprocessing:
     return Preprocessing(
         resize=resize,
         resize_size=(resize_size, resize_size),
@@ -251,9 +249,7 @@ def test_crop_box_in_original_coordinates() -> None:
     assert crop_box((500, 375), s, original_size=(2000, 1500)) == pytest.approx([4 * v for v in reduced])
 
 
-@pytest.mark.parametrize(
-    "s", [spec("shortest_edge", 248, 224), spec("squash", 256, 224)], ids=["shortest", "squash"]
-)
+@pytest.mark.parametrize("s", [spec("shortest_edge", 248, 224), spec("squash", 256, 224)], ids=["shortest", "squash"])
 def test_crop_box_is_the_region_the_model_sees(s: Preprocessing, photos: dict[str, Image.Image]) -> None:
     """Resampling the original's crop_box straight to the input size reproduces the preprocessed image."""
     for photo, image in photos.items():

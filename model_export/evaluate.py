@@ -1,0 +1,56 @@
+"""Score a digits artifact on the held-out canvases the way the service would run it (no torch).
+
+Canvases are encoded as images, preprocessed with the record in the artifact, run through onnxruntime, and
+the attention graph's rollout is checked against the box each digit was placed in (the pointing game).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from service.artifact import ATTENTIONS, LOGITS, read_metadata
+from service.attention_maps import rollout
+from service.preprocessing import preprocess_batch
+
+from . import digits
+from .verify import run_in_batches, session
+
+
+@dataclass(frozen=True)
+class DigitsScore:
+    accuracy: float
+    pointing_game: float
+    n: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "pointing_game": self.pointing_game, "held_out_images": self.n}
+
+
+def held_out_inputs(directory: Path) -> tuple[np.ndarray, digits.Canvases]:
+    meta = read_metadata(directory)
+    held = digits.held_out_set()
+    images = [Image.fromarray(c).convert("RGB") for c in held.images]
+    return preprocess_batch(images, meta.preprocessing), held
+
+
+def score_digits(directory: Path, *, graph: str = "attention") -> DigitsScore:
+    meta = read_metadata(directory)
+    x, held = held_out_inputs(directory)
+    sess = session(directory / meta.graphs[graph].file)  # type: ignore[index]
+    logits, attentions = run_in_batches(sess, x, [LOGITS, ATTENTIONS], batch=64)
+    maps = np.stack(
+        [rollout(a, num_prefix_tokens=meta.num_prefix_tokens, grid=meta.grid) for a in attentions]
+    )  # (N, gh, gw)
+    accuracy = float(np.mean(logits.argmax(1) == held.labels))
+    pointing = float(np.mean(digits.pointing_hits(maps, held.boxes, meta.input_size[0])))
+    return DigitsScore(accuracy=accuracy, pointing_game=pointing, n=len(x))
+
+
+def classify_accuracy(graph: Path, x: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of one classify graph on preprocessed inputs (the path `/v1/classify` serves)."""
+    (logits,) = run_in_batches(session(graph), x, [LOGITS], batch=64)
+    return float(np.mean(logits.argmax(1) == labels))

@@ -1,0 +1,170 @@
+"""Trace an `ExportSource` into the artifact's two ONNX graphs, verify them, and write the metadata record.
+
+Graph design (why two): ViT-B/16 at batch 8 has 8 x 12 x 12 x 197 x 197 attention probabilities, 179 MB,
+that the classify path does not need. The classify graph (`model.onnx`) is traced with the attention output
+dropped and then optimised by onnxruntime's transformer optimizer, which fuses attention into one kernel; the
+attention graph (`attention.onnx`) keeps the explicit softmax and returns the probabilities. A mixed batch of
+classify and attention requests runs on the attention graph (it returns logits too).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from service.artifact import (
+    ATTENTIONS,
+    INPUT_NAME,
+    LOGITS,
+    ArtifactMetadata,
+    GraphFile,
+    Parity,
+    Precision,
+    sha256_file,
+    write_metadata,
+)
+
+from .sources import ExportSource, LogitsOnly
+
+log = logging.getLogger(__name__)
+
+CLASSIFY_FILE = "model.onnx"
+ATTENTION_FILE = "attention.onnx"
+TRACE_BATCH = 2  # verification uses another batch size, proving the batch axis is really dynamic
+DEFAULT_OPSET = 17
+
+
+def _trace(module: torch.nn.Module, dummy: torch.Tensor, path: Path, outputs: list[str], opset: int) -> None:
+    axes = {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python-side shape math are expected
+        torch.onnx.export(
+            module,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    onnx.checker.check_model(str(path))
+
+
+def _fuse_attention(path: Path, *, num_heads: int, hidden_size: int) -> bool:
+    """Rewrite the classify graph with onnxruntime's fusions (attention, LayerNorm, GELU). True if it fused."""
+    from onnxruntime.transformers import optimizer
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    model = optimizer.optimize_model(
+        str(path), model_type="vit", num_heads=num_heads, hidden_size=hidden_size, opt_level=0, use_gpu=False
+    )
+    fused = any(node.op_type in ("Attention", "MultiHeadAttention") for node in model.model.graph.node)
+    model.save_model_to_file(str(path))
+    return fused
+
+
+def hidden_size(module: torch.nn.Module) -> int:
+    """Token width, read off the first LayerNorm (every ViT normalises its tokens)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            return int(m.normalized_shape[0])
+    raise ValueError("model has no LayerNorm; is it a Vision Transformer?")
+
+
+def export_graphs(src: ExportSource, out_dir: Path, *, opset: int = DEFAULT_OPSET) -> dict[str, GraphFile]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dummy = torch.randn(TRACE_BATCH, 3, *src.input_size, generator=torch.Generator().manual_seed(0))
+    src.model.eval()
+    with torch.no_grad(), src.patches():
+        _trace(LogitsOnly(src.model), dummy, out_dir / CLASSIFY_FILE, [LOGITS], opset)
+        _trace(src.model, dummy, out_dir / ATTENTION_FILE, [LOGITS, ATTENTIONS], opset)
+    fused = _fuse_attention(out_dir / CLASSIFY_FILE, num_heads=src.num_heads, hidden_size=hidden_size(src.model))
+    log.info("classify graph: attention %s", "fused" if fused else "not fused (pattern not recognised)")
+    return {
+        "classify": GraphFile(file=CLASSIFY_FILE, sha256=sha256_file(out_dir / CLASSIFY_FILE), outputs=[LOGITS]),
+        "attention": GraphFile(
+            file=ATTENTION_FILE, sha256=sha256_file(out_dir / ATTENTION_FILE), outputs=[LOGITS, ATTENTIONS]
+        ),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "onnx", "onnxruntime", "transformers", "timm", "vitserve"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_metadata(
+    src: ExportSource,
+    graphs: dict[str, GraphFile],
+    parity: Parity,
+    *,
+    name: str,
+    version: str = "1",
+    precision: Precision = "fp32",
+    extra: dict[str, str | float | int] | None = None,
+) -> ArtifactMetadata:
+    return ArtifactMetadata(
+        name=name,
+        version=version,
+        labels=src.labels,
+        input_size=src.input_size,
+        patch_size=src.patch_size,
+        grid=src.grid,
+        num_layers=src.num_layers,
+        num_heads=src.num_heads,
+        num_prefix_tokens=src.num_prefix_tokens,
+        precision=precision,
+        preprocessing=src.preprocessing,
+        graphs=graphs,  # type: ignore[arg-type]
+        source=src.source,
+        exporter=library_versions(),
+        parity=parity,
+        extra=extra or {},
+    )
+
+
+def export_artifact(
+    src: ExportSource,
+    out_dir: Path,
+    *,
+    name: str | None = None,
+    version: str = "1",
+    opset: int = DEFAULT_OPSET,
+    samples: np.ndarray | None = None,
+    atol: float = 1e-4,
+    extra: dict[str, str | float | int] | None = None,
+) -> ArtifactMetadata:
+    """Export, prove parity against the source model (raises ParityError), write `artifact.json`.
+
+    Graphs are written to a temporary folder first and moved into `out_dir` only once they pass, so a failed
+    export never leaves a half-written artifact where a server would load it.
+    """
+    from .verify import check_parity
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
+        staging = Path(tmp)
+        graphs = export_graphs(src, staging, opset=opset)
+        parity = check_parity(src, staging, graphs, samples=samples, atol=atol)
+        meta = build_metadata(src, graphs, parity, name=name or out_dir.name, version=version, extra=extra)
+        write_metadata(staging, meta)
+        out_dir.mkdir(exist_ok=True)
+        for file in staging.iterdir():
+            file.replace(out_dir / file.name)
+    return meta

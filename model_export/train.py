@@ -1,0 +1,104 @@
+"""`train-default`: train the project's own ViT on digits placed on cluttered canvases, deterministically.
+
+Training tensors go through `service.preprocessing` with the very record the artifact will carry, so what the
+model learned from and what the service feeds it are made by the same code: no train/serve skew.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from service.artifact import Preprocessing
+from service.preprocessing import preprocess_batch
+
+from . import digits
+from .vit import VisionTransformer, ViTConfig, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+CANVAS = digits.CanvasSpec()
+# The digits model's preprocessing: any image is scaled (shorter side) to the canvas and centre-cropped.
+DIGITS_PREPROCESSING = Preprocessing(
+    resize="shortest_edge",
+    resize_size=(CANVAS.size, CANVAS.size),
+    crop_size=(CANVAS.size, CANVAS.size),
+    interpolation="bilinear",
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+)
+DIGITS_CONFIG = ViTConfig(image_size=CANVAS.size, patch_size=4, dim=64, depth=4, heads=4, mlp_ratio=2.0)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seed: int = 0
+    epochs: int = 20
+    copies: int = 8  # fresh random placements of every training digit per epoch
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    max_rotation: float = 12.0
+    threads: int = 2
+
+
+def to_inputs(canvases: np.ndarray) -> np.ndarray:
+    """uint8 canvases (N, S, S) -> model inputs (N, 3, S, S) through the serving preprocessing."""
+    return preprocess_batch([Image.fromarray(c).convert("RGB") for c in canvases], DIGITS_PREPROCESSING)
+
+
+def train(settings: TrainSettings = TrainSettings(), *, progress: bool = True) -> tuple[VisionTransformer, dict]:
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    images, labels = digits.load_sources()
+    train_idx, _ = digits.split_sources(len(images))
+    augment = digits.CanvasSpec(max_rotation=settings.max_rotation)
+
+    model = VisionTransformer(DIGITS_CONFIG)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = len(train_idx) * settings.copies // settings.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=settings.lr, total_steps=steps_per_epoch * settings.epochs, pct_start=0.1
+    )
+    started = time.perf_counter()
+    bar = tqdm(total=steps_per_epoch * settings.epochs, desc="train", unit="step", disable=not progress)
+    model.train()
+    for epoch in range(settings.epochs):
+        data = digits.make_canvases(
+            images, labels, train_idx, copies=settings.copies, seed=settings.seed * 1000 + epoch, spec=augment
+        )
+        x, y = torch.from_numpy(to_inputs(data.images)), torch.from_numpy(data.labels)
+        order = torch.randperm(len(x))
+        for step in range(steps_per_epoch):
+            idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=settings.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return model, {"train_seconds": round(time.perf_counter() - started, 1), "train_sources": len(train_idx)}
+
+
+def train_checkpoint(path: Path, settings: TrainSettings = TrainSettings(), *, progress: bool = True) -> dict:
+    model, report = train(settings, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(
+        model,
+        str(path),
+        labels=digits.LABELS,
+        preprocessing=DIGITS_PREPROCESSING,
+        extra={"train": report},
+    )
+    return report
