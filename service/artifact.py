@@ -136,9 +136,7 @@ class ArtifactMetadata(_Record):
     def _check(self) -> ArtifactMetadata:
         h, w = self.input_size
         if (h // self.patch_size, w // self.patch_size) != tuple(self.grid):
-            raise ValueError(
-                f"grid {self.grid} does not match input {self.input_size} / patch {self.patch_size}"
-            )
+            raise ValueError(f"grid {self.grid} does not match input {self.input_size} / patch {self.patch_size}")
         if tuple(self.preprocessing.crop_size) != tuple(self.input_size):
             raise ValueError(f"crop size {self.preprocessing.crop_size} != input size {self.input_size}")
         if not self.labels:
@@ -169,17 +167,13 @@ def read_metadata(directory: Path, *, verify_hashes: bool = True) -> ArtifactMet
     except ValueError as e:
         raise ArtifactError(f"{path}: not a valid vitserve artifact record: {e}") from e
     if meta.format_version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: format_version {meta.format_version}, this vitserve reads {FORMAT_VERSION}"
-        )
+        raise ArtifactError(f"{path}: format_version {meta.format_version}, this vitserve reads {FORMAT_VERSION}")
     for role, graph in meta.graphs.items():
         file = directory / graph.file
         if not file.is_file():
             raise ArtifactError(f"{file}: the {role} graph named in {METADATA_FILE} is missing")
         if verify_hashes and sha256_file(file) != graph.sha256:
-            raise ArtifactError(
-                f"{file}: sha256 differs from {METADATA_FILE}; the file was changed or truncated"
-            )
+            raise ArtifactError(f"{file}: sha256 differs from {METADATA_FILE}; the file was changed or truncated")
     return meta
 
 

@@ -1,0 +1,21 @@
+"""`Annotated` dependency aliases, so route handlers stay short."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.state import ServiceState
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.vitserve  # type: ignore[no-any-return]
+
+
+def get_request_id(request: Request) -> str:
+    return str(request.state.request_id)
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+RequestId = Annotated[str, Depends(get_request_id)]

@@ -1,0 +1,258 @@
+"""Classification and attention maps. Each route exists twice: for a named model and for the default one."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from service.deps import RequestId, State
+from service.errors import InvalidParameter, ServiceError
+from service.pipeline import Prepared, attention_grid, describe, overlay_png, prepare, top_k
+from service.schemas import (
+    AttentionMethod,
+    AttentionParams,
+    AttentionResponse,
+    BatchItem,
+    BatchResponse,
+    ClassifyResponse,
+    ErrorInfo,
+    ErrorResponse,
+    Grid,
+    HeadFusion,
+    Timings,
+)
+from service.uploads import BATCH_BODY, IMAGE_BODY, read_image, read_images, require_bytes
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+
+ERRORS = {
+    code: {"model": ErrorResponse, "description": what}
+    for code, what in [
+        (400, "the image could not be decoded, or the request is malformed"),
+        (404, "unknown model, layer or head"),
+        (413, "body over VITSERVE_MAX_BODY_BYTES, or image over VITSERVE_MAX_PIXELS"),
+        (415, "not multipart/form-data or image/*, or an image format that is not accepted"),
+        (422, "a query parameter is out of range"),
+        (503, "not ready, or overloaded (see Retry-After)"),
+    ]
+}
+TopK = Annotated[int, Query(ge=1, le=1000, description="how many predictions to return")]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+def _timings(prepared: list[Prepared], inference_s: float, started: float) -> Timings:
+    return Timings(
+        decode_ms=round(sum(p.decode_ms for p in prepared), 3),
+        preprocess_ms=round(sum(p.preprocess_ms for p in prepared), 3),
+        inference_ms=_ms(inference_s),
+        total_ms=_ms(time.perf_counter() - started),
+    )
+
+
+async def _classify(name: str | None, request: Request, state: State, request_id: str, k: int) -> ClassifyResponse:
+    started = time.perf_counter()
+    model = state.model(name)
+    data = require_bytes(await read_image(request))
+    prepared = await state.run_cpu(prepare, data, model.meta, max_pixels=state.settings.max_pixels)
+    t0 = time.perf_counter()
+    logits, _ = await state.infer(model, prepared.pixels[None], with_attention=False)
+    inference_s = time.perf_counter() - t0
+    return ClassifyResponse(
+        model=model.name,
+        version=model.meta.version,
+        predictions=top_k(logits[0], model.meta.labels, k),
+        timings=_timings([prepared], inference_s, started),
+        request_id=request_id,
+    )
+
+
+@router.post(
+    "/models/{name}/classify",
+    response_model=ClassifyResponse,
+    operation_id="classify",
+    summary="Classify one image",
+    responses=ERRORS,
+    openapi_extra=IMAGE_BODY,
+)
+async def classify(
+    name: str, request: Request, state: State, request_id: RequestId, top_k: TopK = 5
+) -> ClassifyResponse:
+    return await _classify(name, request, state, request_id, top_k)
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    operation_id="classify_default",
+    summary="Classify one image with the default model",
+    responses=ERRORS,
+    openapi_extra=IMAGE_BODY,
+)
+async def classify_default(request: Request, state: State, request_id: RequestId, top_k: TopK = 5) -> ClassifyResponse:
+    return await _classify(None, request, state, request_id, top_k)
+
+
+async def _batch(name: str | None, request: Request, state: State, request_id: str, k: int) -> BatchResponse:
+    started = time.perf_counter()
+    model = state.model(name)
+    uploads = await read_images(request, state.settings.max_batch_files)
+    results: list[BatchItem] = [BatchItem(index=i, filename=u.filename) for i, u in enumerate(uploads)]
+    prepared: dict[int, Prepared] = {}
+    for i, upload in enumerate(uploads):  # a bad image is that image's error, not the batch's
+        try:
+            prepared[i] = await state.run_cpu(
+                prepare, require_bytes(upload), model.meta, max_pixels=state.settings.max_pixels
+            )
+        except ServiceError as e:
+            results[i].error = ErrorInfo(code=e.code, message=e.message, detail=e.detail)
+    inference_s = 0.0
+    if prepared:
+        t0 = time.perf_counter()
+        logits, _ = await state.infer(model, np.stack([p.pixels for p in prepared.values()]), with_attention=False)
+        inference_s = time.perf_counter() - t0
+        for row, i in enumerate(prepared):
+            results[i].predictions = top_k(logits[row], model.meta.labels, k)
+    return BatchResponse(
+        model=model.name,
+        version=model.meta.version,
+        results=results,
+        timings=_timings(list(prepared.values()), inference_s, started),
+        request_id=request_id,
+    )
+
+
+@router.post(
+    "/models/{name}/classify/batch",
+    response_model=BatchResponse,
+    operation_id="classify_batch",
+    summary="Classify several images in one request",
+    responses=ERRORS,
+    openapi_extra=BATCH_BODY,
+)
+async def classify_batch(
+    name: str, request: Request, state: State, request_id: RequestId, top_k: TopK = 5
+) -> BatchResponse:
+    return await _batch(name, request, state, request_id, top_k)
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchResponse,
+    operation_id="classify_batch_default",
+    summary="Classify several images with the default model",
+    responses=ERRORS,
+    openapi_extra=BATCH_BODY,
+)
+async def classify_batch_default(
+    request: Request, state: State, request_id: RequestId, top_k: TopK = 5
+) -> BatchResponse:
+    return await _batch(None, request, state, request_id, top_k)
+
+
+class AttentionQuery:
+    """The attention routes' query parameters (FastAPI validates types and ranges: 422 otherwise)."""
+
+    def __init__(
+        self,
+        method: Annotated[
+            AttentionMethod,
+            Query(
+                description="rollout: Abnar & Zuidema; cls: last layer's "
+                "class-token attention; layer: one layer (and head)"
+            ),
+        ] = "rollout",
+        layer: Annotated[
+            int | None, Query(description="layer index for method=layer (negative counts from the end)")
+        ] = None,
+        head: Annotated[int | None, Query(description="head index for method=layer; default: heads fused")] = None,
+        head_fusion: Annotated[HeadFusion | None, Query(description="how heads combine (default mean)")] = None,
+        discard_ratio: Annotated[
+            float | None,
+            Query(ge=0.0, lt=1.0, description="rollout: drop this fraction of the weakest attention (default 0)"),
+        ] = None,
+        format: Annotated[str, Query(pattern="^(json|png)$", description="json map, or a PNG overlay")] = "json",
+        alpha: Annotated[float, Query(ge=0.0, le=1.0, description="PNG overlay opacity")] = 0.5,
+        top_k: TopK = 5,
+    ) -> None:
+        self.method = method
+        self.params = AttentionParams(layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio)
+        self.format = format
+        self.alpha = alpha
+        self.top_k = top_k
+
+
+async def _attention(name: str | None, request: Request, state: State, request_id: str, q: AttentionQuery):  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    model = state.model(name)
+    if model.attention is None:
+        raise InvalidParameter(f"model {model.name} was exported without the attention graph")
+    meta = model.meta
+    data = require_bytes(await read_image(request))
+    prepared = await state.run_cpu(prepare, data, meta, max_pixels=state.settings.max_pixels)
+    t0 = time.perf_counter()
+    logits, attentions = await state.infer(model, prepared.pixels[None], with_attention=True)
+    inference_s = time.perf_counter() - t0
+    heatmap = await state.run_cpu(attention_grid, attentions[0], meta, q.method, q.params)
+    predictions = top_k(logits[0], meta.labels, q.top_k)
+    if q.format == "png":
+        png = await state.run_cpu(
+            overlay_png,
+            prepared,
+            heatmap,
+            meta,
+            alpha=q.alpha,
+            title=describe(q.method, q.params, predictions[0]),
+        )
+        return Response(content=png, media_type="image/png")
+    return AttentionResponse(
+        model=model.name,
+        version=meta.version,
+        method=q.method,
+        params=q.params,
+        grid=Grid(height=meta.grid[0], width=meta.grid[1]),
+        map=heatmap.astype(np.float64).round(5).tolist(),
+        predictions=predictions,
+        timings=_timings([prepared], inference_s, started),
+        request_id=request_id,
+    )
+
+
+ATTENTION_RESPONSES = {
+    **ERRORS,
+    200: {"content": {"image/png": {}}, "description": "JSON map, or PNG overlay"},
+}
+
+
+@router.post(
+    "/models/{name}/attention",
+    response_model=AttentionResponse,
+    operation_id="attention",
+    summary="Attention map of one image",
+    responses=ATTENTION_RESPONSES,
+    openapi_extra=IMAGE_BODY,
+)
+async def attention(
+    name: str, request: Request, state: State, request_id: RequestId, q: Annotated[AttentionQuery, Depends()]
+):  # type: ignore[no-untyped-def]
+    return await _attention(name, request, state, request_id, q)
+
+
+@router.post(
+    "/attention",
+    response_model=AttentionResponse,
+    operation_id="attention_default",
+    summary="Attention map of one image, default model",
+    responses=ATTENTION_RESPONSES,
+    openapi_extra=IMAGE_BODY,
+)
+async def attention_default(
+    request: Request, state: State, request_id: RequestId, q: Annotated[AttentionQuery, Depends()]
+):  # type: ignore[no-untyped-def]
+    return await _attention(None, request, state, request_id, q)

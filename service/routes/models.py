@@ -1,0 +1,51 @@
+"""What the server has loaded: every fact comes from the artifact's metadata."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.deps import State
+from service.runtime import LoadedModel
+from service.schemas import ErrorResponse, Grid, ModelInfo, ModelList
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+def model_info(model: LoadedModel, default: str) -> ModelInfo:
+    m = model.meta
+    return ModelInfo(
+        name=model.name,
+        version=m.version,
+        precision=m.precision,
+        provider=model.provider,
+        labels_count=len(m.labels),
+        labels=m.labels,
+        input_size=m.input_size,
+        patch_size=m.patch_size,
+        grid=Grid(height=m.grid[0], width=m.grid[1]),
+        layers=m.num_layers,
+        heads=m.num_heads,
+        prefix_tokens=m.num_prefix_tokens,
+        attention=model.attention is not None,
+        preprocessing=m.preprocessing,
+        source=m.source,
+        parity=m.parity,
+        default=model.name == default,
+    )
+
+
+@router.get("/models", response_model=ModelList, operation_id="list_models", summary="Loaded models")
+async def list_models(state: State) -> ModelList:
+    repo = state.models()
+    return ModelList(default=repo.default, models=[model_info(m, repo.default) for m in repo.models.values()])
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelInfo,
+    operation_id="get_model",
+    summary="One model's facts",
+    responses={404: {"model": ErrorResponse}},
+)
+async def get_model(name: str, state: State) -> ModelInfo:
+    return model_info(state.model(name), state.models().default)
