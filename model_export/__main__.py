@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="state-dict file (.pth/.bin/.safetensors); omit only for random weights")
     p.add_argument("--num-classes", type=int, help="classes in the head (default: read from the checkpoint)")
     p.add_argument("--labels", help="label file, one per line (or JSON); default: class indices")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture argument for timm.create_model where the checkpoint differs from the name's defaults "
+        "(repeatable; VALUE is JSON, e.g. img_size=384 or depth=6)",
+    )
     _common(p)
 
     p = sub.add_parser("own", help="a checkpoint of the project's own ViT (model_export.vit)")
@@ -121,6 +129,19 @@ def _record_score(directory: Path, meta: ArtifactMetadata, score: dict) -> None:
     write_metadata(directory, meta.model_copy(update={"extra": {**meta.extra, **score}}))
 
 
+def _model_args(pairs: list[str]) -> dict[str, object]:
+    parsed: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ExportError(f"--model-arg {pair!r}: expected KEY=VALUE, e.g. img_size=384")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value  # a bare word, e.g. global_pool=token
+    return parsed
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "train-default":
         _train_default(args)
@@ -133,7 +154,11 @@ def run(args: argparse.Namespace) -> None:
         from .from_timm import load_timm
 
         src = load_timm(
-            args.model_name, checkpoint=args.checkpoint, num_classes=args.num_classes, labels_file=args.labels
+            args.model_name,
+            model_kwargs=_model_args(args.model_arg),
+            checkpoint=args.checkpoint,
+            num_classes=args.num_classes,
+            labels_file=args.labels,
         )
     else:
         from .from_own import load_own

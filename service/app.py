@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import ServiceError
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.routes import health, inference, models
+from service.metrics import METRICS
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
+from service.routes import health, inference, metrics, models
 from service.runtime import ModelRepository, resolve_providers
 from service.settings import Settings
 from service.state import ServiceState
@@ -78,8 +79,12 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.repository is None:
             state.repository = await asyncio.get_running_loop().run_in_executor(None, load_repository, settings)
+        for model in state.repository.models.values():
+            METRICS.load_seconds.labels(model.name, model.meta.version).set(model.load_seconds)
+        state.start_batchers()
         yield
         state.shutting_down = True
+        await state.stop_batchers()
         state.close()
 
     app = FastAPI(
@@ -92,7 +97,8 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     app.state.vitserve = state
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestContextMiddleware)  # added last = outermost: every response gets an id
-    for module in (health, models, inference):
+    for module in (health, models, inference, metrics):
         app.include_router(module.router)
     return app

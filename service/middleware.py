@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -112,5 +112,32 @@ class BodyLimitMiddleware:
                 await send_error(send, e, request_id)
 
 
-def json_error_headers(error: ServiceError, request_id: str | None) -> dict[str, Any]:
-    return {**error.headers, **({"X-Request-ID": request_id} if request_id else {})}
+class MetricsMiddleware:
+    """Count and time every HTTP request by route template (not raw path: bounded label values)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from service.metrics import METRICS
+
+        status = 500
+        started = time.perf_counter()
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        METRICS.in_flight.inc()
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            METRICS.in_flight.dec()
+            route = getattr(scope.get("route"), "path", "unmatched")
+            METRICS.requests.labels(route, scope["method"], str(status)).inc()
+            METRICS.latency.labels(route, scope["method"]).observe(time.perf_counter() - started)

@@ -36,7 +36,9 @@ class Prediction(BaseModel):
 class Timings(BaseModel):
     decode_ms: float
     preprocess_ms: float
-    inference_ms: float
+    queue_ms: float = Field(description="waiting for the dynamic batcher")
+    inference_ms: float = Field(description="the runtime call that served this request")
+    batch_size: int = Field(description="images in that runtime call (coalesced across requests)")
     total_ms: float
 
 

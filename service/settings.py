@@ -24,7 +24,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="request bodies above this get 413 while reading")
     max_pixels: int = Field(40_000_000, gt=0, description="images above this get 413 before decoding")
     max_batch_files: int = Field(32, gt=0, description="images allowed in one batch request")
-    max_top_k: int = Field(100, gt=0)
+    batching: bool = Field(True, description="coalesce concurrent requests into one runtime call")
+    max_batch_size: int = Field(16, gt=0, description="images per runtime call (a model's serving.json may override)")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="how long the first request waits for company")
+    max_queue_size: int = Field(256, gt=0, description="queued requests per model before 503 + Retry-After")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("model_dir")

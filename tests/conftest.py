@@ -114,3 +114,11 @@ def client(server):
 
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def framework_models(tmp_path_factory):
+    """Random-init HF ViT/DeiT and timm ViT/DeiT checkpoints, exported through the real CLI."""
+    from tests.frameworks import build_framework_models
+
+    return build_framework_models(tmp_path_factory.mktemp("frameworks"))

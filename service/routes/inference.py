@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
@@ -9,6 +10,8 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from service.artifact import ArtifactMetadata
+from service.batching import Result
 from service.deps import RequestId, State
 from service.errors import InvalidParameter, ServiceError
 from service.pipeline import Prepared, attention_grid, describe, overlay_png, prepare, top_k
@@ -25,7 +28,7 @@ from service.schemas import (
     HeadFusion,
     Timings,
 )
-from service.uploads import BATCH_BODY, IMAGE_BODY, read_image, read_images, require_bytes
+from service.uploads import BATCH_BODY, IMAGE_BODY, Upload, read_image, read_images, require_bytes
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -47,11 +50,14 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
 
-def _timings(prepared: list[Prepared], inference_s: float, started: float) -> Timings:
+def _timings(prepared: list[Prepared], results: list[Result], started: float) -> Timings:
+    """Summed over the images of a request; inference is the runtime call (shared by a coalesced batch)."""
     return Timings(
         decode_ms=round(sum(p.decode_ms for p in prepared), 3),
         preprocess_ms=round(sum(p.preprocess_ms for p in prepared), 3),
-        inference_ms=_ms(inference_s),
+        queue_ms=round(max((r.queue_ms for r in results), default=0.0), 3),
+        inference_ms=round(max((r.compute_ms for r in results), default=0.0), 3),
+        batch_size=max((r.batch_size for r in results), default=0),
         total_ms=_ms(time.perf_counter() - started),
     )
 
@@ -61,14 +67,12 @@ async def _classify(name: str | None, request: Request, state: State, request_id
     model = state.model(name)
     data = require_bytes(await read_image(request))
     prepared = await state.run_cpu(prepare, data, model.meta, max_pixels=state.settings.max_pixels)
-    t0 = time.perf_counter()
-    logits, _ = await state.infer(model, prepared.pixels[None], with_attention=False)
-    inference_s = time.perf_counter() - t0
+    result = await state.infer(model, prepared.pixels, with_attention=False)
     return ClassifyResponse(
         model=model.name,
         version=model.meta.version,
-        predictions=top_k(logits[0], model.meta.labels, k),
-        timings=_timings([prepared], inference_s, started),
+        predictions=top_k(result.logits, model.meta.labels, k),
+        timings=_timings([prepared], [result], started),
         request_id=request_id,
     )
 
@@ -99,31 +103,32 @@ async def classify_default(request: Request, state: State, request_id: RequestId
     return await _classify(None, request, state, request_id, top_k)
 
 
+async def _prepare_or_error(state: State, upload: Upload, meta: ArtifactMetadata) -> Prepared | ErrorInfo:
+    try:
+        return await state.run_cpu(prepare, require_bytes(upload), meta, max_pixels=state.settings.max_pixels)
+    except ServiceError as e:  # a bad image is that image's error, not the batch's
+        return ErrorInfo(code=e.code, message=e.message, detail=e.detail)
+
+
 async def _batch(name: str | None, request: Request, state: State, request_id: str, k: int) -> BatchResponse:
     started = time.perf_counter()
     model = state.model(name)
     uploads = await read_images(request, state.settings.max_batch_files)
-    results: list[BatchItem] = [BatchItem(index=i, filename=u.filename) for i, u in enumerate(uploads)]
-    prepared: dict[int, Prepared] = {}
-    for i, upload in enumerate(uploads):  # a bad image is that image's error, not the batch's
-        try:
-            prepared[i] = await state.run_cpu(
-                prepare, require_bytes(upload), model.meta, max_pixels=state.settings.max_pixels
-            )
-        except ServiceError as e:
-            results[i].error = ErrorInfo(code=e.code, message=e.message, detail=e.detail)
-    inference_s = 0.0
-    if prepared:
-        t0 = time.perf_counter()
-        logits, _ = await state.infer(model, np.stack([p.pixels for p in prepared.values()]), with_attention=False)
-        inference_s = time.perf_counter() - t0
-        for row, i in enumerate(prepared):
-            results[i].predictions = top_k(logits[row], model.meta.labels, k)
+    outcomes = await asyncio.gather(*(_prepare_or_error(state, u, model.meta) for u in uploads))
+    good = [(i, p) for i, p in enumerate(outcomes) if isinstance(p, Prepared)]
+    # Each image goes through the batcher on its own; they coalesce with each other and with other requests.
+    results = await asyncio.gather(*(state.infer(model, p.pixels, with_attention=False) for _, p in good))
+    items = [
+        BatchItem(index=i, filename=u.filename, error=o if isinstance(o, ErrorInfo) else None)
+        for i, (u, o) in enumerate(zip(uploads, outcomes, strict=True))
+    ]
+    for (i, _), result in zip(good, results, strict=True):
+        items[i].predictions = top_k(result.logits, model.meta.labels, k)
     return BatchResponse(
         model=model.name,
         version=model.meta.version,
-        results=results,
-        timings=_timings(list(prepared.values()), inference_s, started),
+        results=items,
+        timings=_timings([p for _, p in good], list(results), started),
         request_id=request_id,
     )
 
@@ -196,11 +201,9 @@ async def _attention(name: str | None, request: Request, state: State, request_i
     meta = model.meta
     data = require_bytes(await read_image(request))
     prepared = await state.run_cpu(prepare, data, meta, max_pixels=state.settings.max_pixels)
-    t0 = time.perf_counter()
-    logits, attentions = await state.infer(model, prepared.pixels[None], with_attention=True)
-    inference_s = time.perf_counter() - t0
-    heatmap = await state.run_cpu(attention_grid, attentions[0], meta, q.method, q.params)
-    predictions = top_k(logits[0], meta.labels, q.top_k)
+    result = await state.infer(model, prepared.pixels, with_attention=True)
+    heatmap = await state.run_cpu(attention_grid, result.attentions, meta, q.method, q.params)
+    predictions = top_k(result.logits, meta.labels, q.top_k)
     if q.format == "png":
         png = await state.run_cpu(
             overlay_png,
@@ -219,7 +222,7 @@ async def _attention(name: str | None, request: Request, state: State, request_i
         grid=Grid(height=meta.grid[0], width=meta.grid[1]),
         map=heatmap.astype(np.float64).round(5).tolist(),
         predictions=predictions,
-        timings=_timings([prepared], inference_s, started),
+        timings=_timings([prepared], [result], started),
         request_id=request_id,
     )
 

@@ -1,0 +1,156 @@
+"""Dynamic batching: concurrent requests for one model are coalesced into one runtime call.
+
+A request puts its preprocessed image in the model's bounded queue and awaits a future. One worker per model
+takes the first waiting item, then keeps taking items until it has `max_batch_size` or `max_queue_delay_ms`
+has passed since the first, stacks them and runs them in a single onnxruntime call in the runtime thread;
+each future gets its own row back. While a batch runs, new requests queue up, so under load batches fill
+without waiting. A full queue is refused at once (503 + Retry-After), never an unbounded wait.
+
+Classify and attention requests share the queue: a batch holding any attention request runs on the attention
+graph, which returns logits too (see service/artifact.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import Overloaded, Unavailable
+from service.metrics import METRICS
+from service.runtime import LoadedModel
+
+log = logging.getLogger("vitserve.batching")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 16
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 256
+    timeout_s: float = 30.0
+    enabled: bool = True
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray  # (3, H, W)
+    with_attention: bool
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Result:
+    logits: np.ndarray  # (C,)
+    attentions: np.ndarray | None  # (L, H, N, N)
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+class DynamicBatcher:
+    def __init__(self, model: LoadedModel, policy: BatchPolicy, executor: Executor) -> None:
+        self.model = model
+        self.policy = policy
+        self.executor = executor
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=policy.max_queue_size)
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.name}")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+
+    async def submit(self, pixels: np.ndarray, *, with_attention: bool) -> Result:
+        self.start()
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Item(pixels, with_attention, future))
+        except asyncio.QueueFull:
+            METRICS.rejected.labels(model=self.model.name).inc()
+            raise Overloaded(
+                f"model {self.model.name} has {self.policy.max_queue_size} requests queued; retry shortly",
+                detail={"queue_size": self.policy.max_queue_size},
+                headers={"Retry-After": "1"},
+            ) from None
+        METRICS.queue_depth.labels(model=self.model.name).set(self.queue.qsize())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.policy.timeout_s)
+        except TimeoutError:
+            future.cancel()  # the worker skips it if it has not run yet
+            raise Unavailable(
+                f"the request waited {self.policy.timeout_s:g} s without being served; the server is overloaded",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    async def _collect(self) -> list[_Item]:
+        first = await self.queue.get()
+        batch = [first]
+        deadline = first.enqueued + self.policy.max_queue_delay_ms / 1e3
+        while len(batch) < self.policy.max_batch_size:
+            try:
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return [item for item in batch if not item.future.done()]  # timed-out requests are dropped here
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        name = self.model.name
+        while True:
+            batch = await self._collect()
+            METRICS.queue_depth.labels(model=name).set(self.queue.qsize())
+            if not batch:
+                continue
+            with_attention = any(item.with_attention for item in batch)
+            pixels = np.stack([item.pixels for item in batch])  # (B, 3, H, W)
+            started = time.perf_counter()
+            try:
+                infer = functools.partial(self.model.infer, pixels, with_attention=with_attention)
+                logits, attentions = await loop.run_in_executor(self.executor, infer)
+            except Exception as e:  # a runtime fault fails this batch's requests, not the worker
+                log.exception("batch of %d failed on %s", len(batch), name)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+                continue
+            compute_ms = (time.perf_counter() - started) * 1e3
+            METRICS.observe_batch(
+                name,
+                self.model.meta.version,
+                len(batch),
+                compute_ms,
+                [(started - item.enqueued) * 1e3 for item in batch],
+            )
+            for row, item in enumerate(batch):
+                if not item.future.done():
+                    item.future.set_result(
+                        Result(
+                            logits=logits[row],
+                            attentions=None if attentions is None else attentions[row],
+                            queue_ms=(started - item.enqueued) * 1e3,
+                            compute_ms=compute_ms,
+                            batch_size=len(batch),
+                        )
+                    )

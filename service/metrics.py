@@ -1,0 +1,83 @@
+"""Prometheus metrics at `/metrics`.
+
+Per-model inference metrics follow Triton's `nv_inference_*` family (names, `model`/`version` labels,
+cumulative microsecond counters), so dashboards built for Triton read them unchanged; HTTP, queue and batch
+metrics that Triton has no equivalent for are `vitserve_*`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+disable_created_metrics()  # `_created` series double the exposition for no dashboard's benefit
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        model = ["model", "version"]
+        self.inference_count = Counter(
+            "nv_inference_count", "Images inferred (a batch of N counts N)", model, registry=r
+        )
+        self.exec_count = Counter(
+            "nv_inference_exec_count", "Runtime executions (a batch counts once)", model, registry=r
+        )
+        self.request_success = Counter(
+            "nv_inference_request_success", "Successful inference requests", model, registry=r
+        )
+        self.request_failure = Counter("nv_inference_request_failure", "Failed inference requests", model, registry=r)
+        self.queue_us = Counter(
+            "nv_inference_queue_duration_us", "Cumulative time requests waited in the batch queue", model, registry=r
+        )
+        self.compute_us = Counter(
+            "nv_inference_compute_infer_duration_us", "Cumulative runtime time, per request", model, registry=r
+        )
+        self.requests = Counter(
+            "vitserve_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "vitserve_http_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "vitserve_queue_duration_seconds",
+            "Time a request waited for its batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.runtime_time = Histogram(
+            "vitserve_runtime_duration_seconds",
+            "onnxruntime time per batch execution",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "vitserve_batch_size", "Images per runtime execution", ["model"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("vitserve_queue_depth", "Requests waiting in the batch queue", ["model"], registry=r)
+        self.in_flight = Gauge("vitserve_requests_in_flight", "HTTP requests being served", registry=r)
+        self.rejected = Counter(
+            "vitserve_rejected", "Requests refused because the queue was full (503)", ["model"], registry=r
+        )
+        self.load_seconds = Gauge("vitserve_model_load_seconds", "Time to load and warm up a model", model, registry=r)
+
+    def observe_batch(self, model: str, version: str, size: int, compute_ms: float, queue_ms: list[float]) -> None:
+        self.inference_count.labels(model, version).inc(size)
+        self.exec_count.labels(model, version).inc()
+        self.batch_size.labels(model).observe(size)
+        self.runtime_time.labels(model).observe(compute_ms / 1e3)
+        self.compute_us.labels(model, version).inc(compute_ms * 1e3 * size)
+        self.queue_us.labels(model, version).inc(sum(queue_ms) * 1e3)
+        for q in queue_ms:
+            self.queue_time.labels(model).observe(q / 1e3)
+
+
+METRICS = Metrics()

@@ -1,0 +1,22 @@
+"""Prometheus exposition of service/metrics.py."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.metrics import METRICS
+
+router = APIRouter(tags=["health"])
+
+
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+async def metrics() -> Response:
+    return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
