@@ -7,6 +7,7 @@ timm: the model's eval transform (`resolve_data_config` + `create_transform`) an
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -94,5 +95,5 @@ def test_no_torch_in_the_serving_process(framework_server, photos):
             ).status_code
             == 200
         )
-    maps = open(f"/proc/{framework_server.process.pid}/maps").read()
+    maps = Path(f"/proc/{framework_server.process.pid}/maps").read_text()
     assert "libtorch" not in maps and "/torch/" not in maps
