@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.errors import ServiceError
 from service.metrics import METRICS
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
-from service.routes import health, inference, metrics, models
+from service.routes import demo, health, inference, metrics, models, v2
 from service.runtime import ModelRepository, resolve_providers
 from service.settings import Settings
 from service.state import ServiceState
@@ -99,6 +99,6 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestContextMiddleware)  # added last = outermost: every response gets an id
-    for module in (health, models, inference, metrics):
+    for module in (health, models, inference, v2, metrics, demo):
         app.include_router(module.router)
     return app

@@ -73,7 +73,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _too_large(self, size: int | None = None) -> PayloadTooLarge:
-        got = f"{size} bytes" if size is not None else "more"
+        got = f"{size} bytes" if size is not None else f"more than {self.max_bytes} bytes"  # chunked: size unknown
         return PayloadTooLarge(
             f"request body is {got}; the limit is {self.max_bytes} bytes (VITSERVE_MAX_BODY_BYTES)",
             detail={"limit_bytes": self.max_bytes},

@@ -1,0 +1,265 @@
+"""Open Inference Protocol (V2) REST routes, so Triton and KServe clients work unchanged.
+
+Inputs: `pixel_values`, FP32 [N, 3, H, W] already preprocessed as the model's metadata says; or `image`, BYTES
+[N] of encoded images that the server decodes and preprocesses. Outputs (ask by name; default `logits` and
+`probabilities`): `logits`, `probabilities` [N, C]; `attention_rollout`, `attention_cls` [N, grid_h, grid_w];
+`attentions` [N, layers, heads, tokens, tokens]. Triton's classification extension: an output with
+`parameters.classification = k` returns BYTES [N, k] of "score:index:label". Errors follow the protocol:
+`{"error": "message"}` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from service import v2_codec as codec
+from service.artifact import INPUT_NAME
+from service.attention_maps import attention_map
+from service.deps import State
+from service.errors import BadRequest, NotFound, ServiceError
+from service.pipeline import prepare, softmax
+from service.runtime import LoadedModel
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+IMAGE_INPUT = "image"
+DEFAULT_OUTPUTS = ["logits", "probabilities"]
+ATTENTION_OUTPUTS = {"attention_rollout": "rollout", "attention_cls": "cls"}
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "binary tensor data extension",
+            },
+        },
+    }
+}
+
+
+def _v2_error(e: ServiceError) -> JSONResponse:
+    return JSONResponse({"error": e.message}, e.status, headers=e.headers)
+
+
+async def _guard(call: Callable[[], Awaitable[Response]]) -> Response:
+    try:
+        return await call()
+    except ServiceError as e:
+        return _v2_error(e)
+
+
+def _model(state: State, name: str, version: str | None) -> LoadedModel:
+    model = state.model(name)
+    if version is not None and version != model.meta.version:
+        raise NotFound(f"model {name!r} has version {model.meta.version!r}, not {version!r}")
+    return model
+
+
+def _metadata(model: LoadedModel) -> dict[str, Any]:
+    m = model.meta
+    grid = list(m.grid)
+    return {
+        "name": model.name,
+        "versions": [m.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, *m.input_size]},
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+        ],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, len(m.labels)]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(m.labels)]},
+            {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, *grid]},
+            {"name": "attention_cls", "datatype": "FP32", "shape": [-1, *grid]},
+            {
+                "name": "attentions",
+                "datatype": "FP32",
+                "shape": [-1, m.num_layers, m.num_heads, m.num_tokens, m.num_tokens],
+            },
+        ],
+    }
+
+
+@router.get("", operation_id="v2_server_metadata", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "vitserve", "version": "0.1.0", "extensions": ["classification", "binary_tensor_data"]}
+
+
+@router.get("/health/live", operation_id="v2_live", summary="Server live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", operation_id="v2_ready", summary="Server ready")
+async def ready(state: State) -> JSONResponse:
+    return JSONResponse({"ready": state.ready}, 200 if state.ready else 503)
+
+
+@router.get("/models/{name}", operation_id="v2_model_metadata", summary="Model metadata")
+async def model_metadata(name: str, state: State) -> Response:
+    return await _guard(lambda: _json(_metadata(_model(state, name, None))))
+
+
+@router.get(
+    "/models/{name}/versions/{version}", operation_id="v2_model_version_metadata", summary="Model metadata (version)"
+)
+async def model_version_metadata(name: str, version: str, state: State) -> Response:
+    return await _guard(lambda: _json(_metadata(_model(state, name, version))))
+
+
+@router.get("/models/{name}/ready", operation_id="v2_model_ready", summary="Model ready")
+async def model_ready(name: str, state: State) -> Response:
+    return await _guard(lambda: _ready(_model(state, name, None)))
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready", operation_id="v2_model_version_ready", summary="Model ready (version)"
+)
+async def model_version_ready(name: str, version: str, state: State) -> Response:
+    return await _guard(lambda: _ready(_model(state, name, version)))
+
+
+@router.post("/models/{name}/infer", operation_id="v2_infer", summary="Inference", openapi_extra=INFER_BODY)
+async def infer(name: str, request: Request, state: State) -> Response:
+    return await _guard(lambda: _infer(state, request, name, None))
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    operation_id="v2_infer_version",
+    summary="Inference (version)",
+    openapi_extra=INFER_BODY,
+)
+async def infer_version(name: str, version: str, request: Request, state: State) -> Response:
+    return await _guard(lambda: _infer(state, request, name, version))
+
+
+async def _json(body: dict[str, Any]) -> Response:
+    return JSONResponse(body)
+
+
+async def _ready(model: LoadedModel) -> Response:
+    return JSONResponse({"name": model.name, "ready": model.warmed_up}, 200 if model.warmed_up else 503)
+
+
+async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest, binary: bytes) -> np.ndarray:
+    """The request's single input as model-ready pixels (N, 3, H, W)."""
+    if len(request.inputs) != 1:
+        raise BadRequest(
+            f"send exactly one input, {INPUT_NAME!r} (FP32) or {IMAGE_INPUT!r} (BYTES); "
+            f"got {[t.name for t in request.inputs]}"
+        )
+    tensor = request.inputs[0]
+    if tensor.name == IMAGE_INPUT:
+        if tensor.datatype != "BYTES":
+            raise BadRequest(f"input {IMAGE_INPUT!r} must be BYTES (encoded images), not {tensor.datatype}")
+        images, _ = codec.decode_input(tensor, binary, 0)
+        assert isinstance(images, list)
+        if not images:
+            raise BadRequest(f"input {IMAGE_INPUT!r} holds no images")
+        limit = state.settings.max_batch_files
+        if len(images) > limit:
+            raise BadRequest(f"{len(images)} images in one request; the limit is {limit}")
+        prepared = await asyncio.gather(
+            *(state.run_cpu(prepare, data, model.meta, max_pixels=state.settings.max_pixels) for data in images)
+        )
+        return np.stack([p.pixels for p in prepared])
+    if tensor.name != INPUT_NAME:
+        raise BadRequest(f"unknown input {tensor.name!r}; this model takes {INPUT_NAME!r} or {IMAGE_INPUT!r}")
+    want = [3, *model.meta.input_size]
+    if tensor.datatype != "FP32":
+        raise BadRequest(f"input {INPUT_NAME!r} must be FP32, not {tensor.datatype}")
+    if len(tensor.shape) != 4 or tensor.shape[1:] != want or tensor.shape[0] < 1:
+        raise BadRequest(
+            f"input {INPUT_NAME!r} has shape {tensor.shape}; this model takes [N, {', '.join(map(str, want))}]"
+        )
+    values, _ = codec.decode_input(tensor, binary, 0)
+    assert isinstance(values, np.ndarray)
+    if not np.isfinite(values).all():
+        raise BadRequest(f"input {INPUT_NAME!r} holds NaN or infinite values")
+    return values
+
+
+def _outputs(request: codec.InferRequest) -> list[codec.OutputRequest]:
+    outputs = request.outputs or [codec.OutputRequest(name=n) for n in DEFAULT_OUTPUTS]
+    known = {*DEFAULT_OUTPUTS, *ATTENTION_OUTPUTS, "attentions"}
+    for out in outputs:
+        if out.name not in known:
+            raise BadRequest(f"unknown output {out.name!r}; this model offers {sorted(known)}")
+        k = out.parameters.get("classification")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise BadRequest(f"output {out.name!r}: classification must be a positive integer, got {k!r}")
+    return outputs
+
+
+def _classification(values: np.ndarray, labels: list[str], k: int) -> list[bytes]:
+    """Triton's classification extension: "score:index:label", top k per row."""
+    rows = []
+    for row in values:
+        for i in np.argsort(-row, kind="stable")[: min(k, len(labels))]:
+            rows.append(f"{row[i]:f}:{i}:{labels[i]}".encode())
+    return rows
+
+
+async def _infer(state: State, request: Request, name: str, version: str | None) -> Response:
+    model = _model(state, name, version)
+    body = await request.body()
+    parsed, binary = codec.parse_request(body, request.headers.get(codec.HEADER_LENGTH))
+    outputs = _outputs(parsed)
+    pixels = await _pixels(state, model, parsed, binary)
+    with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
+    results = await asyncio.gather(*(state.infer(model, row, with_attention=with_attention) for row in pixels))
+    logits = np.stack([r.logits for r in results]).astype(np.float32)  # (N, C)
+    meta = model.meta
+
+    def tensor(out_name: str) -> np.ndarray:
+        if out_name == "logits":
+            return logits
+        if out_name == "probabilities":
+            return softmax(logits).astype(np.float32)
+        attentions = np.stack([r.attentions for r in results])  # (N, L, H, T, T)
+        if out_name == "attentions":
+            return attentions.astype(np.float32)
+        return np.stack(
+            [
+                attention_map(
+                    a, method=ATTENTION_OUTPUTS[out_name], num_prefix_tokens=meta.num_prefix_tokens, grid=meta.grid
+                )
+                for a in attentions
+            ]
+        ).astype(np.float32)
+
+    binary_all = bool(parsed.parameters.get("binary_data_output", False))
+    entries, chunks, any_binary = [], [], False
+    for out in outputs:
+        value: np.ndarray | list[bytes] = tensor(out.name)
+        shape = list(value.shape)
+        k = out.parameters.get("classification")
+        if k is not None:
+            value = _classification(value, meta.labels, k)  # type: ignore[arg-type]
+            shape = [len(pixels), min(k, len(meta.labels))]
+        binary_out = bool(out.parameters.get("binary_data", binary_all))
+        entry, raw = codec.encode_output(out.name, value, shape, binary_out)
+        any_binary = any_binary or binary_out
+        entries.append(entry)
+        chunks.append(raw)
+    header: dict[str, Any] = {"model_name": model.name, "model_version": meta.version, "outputs": entries}
+    if parsed.id is not None:
+        header["id"] = parsed.id
+    payload = json.dumps(header).encode()
+    if not any_binary:
+        return Response(payload, media_type="application/json")
+    return Response(
+        payload + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(payload))},
+    )

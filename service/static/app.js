@@ -1,0 +1,700 @@
+// vitserve demo page: a browser client of the public API (the routes the SDK uses), nothing more.
+//
+//   GET  /v1/models                         the model list and each model's facts
+//   POST /v1/models/{name}/classify         top-k predictions, once per image
+//   POST /v1/models/{name}/attention        the attention map as JSON (format=json), once per image and method
+//
+// The image stays in the page: changing the method, layer or head asks for the new map with the same bytes
+// (no re-upload by the user, no new classification), maps already fetched are cached, and the opacity
+// slider and patch grid only redraw the canvas.
+"use strict";
+
+(() => {
+  const VIEW_SIDE = 640; // the attention canvas' long side, in canvas pixels
+  const TOP_K = 5;
+  const PAD_BACKGROUND = "#000";
+  const PAD_INK = "#fff";
+  const DRAW_SETTLE_MS = 350; // classify a drawing this long after the pen lifts, unless it goes down again
+  // Inferno: the same anchors as service/overlay.py, so the page and the PNG overlay read alike.
+  const INFERNO = [
+    [0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99],
+    [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164],
+  ];
+  const LUT = buildLut(INFERNO, 256);
+  const ERROR_TITLES = {
+    bad_image: "Not a readable image",
+    bad_request: "Bad request",
+    not_found: "Not found",
+    payload_too_large: "Too large",
+    unsupported_media_type: "Not an accepted image type",
+    invalid_parameter: "Invalid parameter",
+    unavailable: "The server is not ready",
+    overloaded: "The server is busy",
+    internal_error: "Server error",
+    network: "Cannot reach the server",
+  };
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    main: $("main"),
+    model: $("model"),
+    message: $("message"),
+    messageTitle: $("message-title"),
+    messageText: $("message-text"),
+    messageClose: $("message-close"),
+    dropzone: $("dropzone"),
+    pick: $("pick"),
+    file: $("file"),
+    fileName: $("file-name"),
+    pad: $("pad"),
+    brush: $("brush"),
+    clear: $("clear"),
+    view: $("view"),
+    placeholder: $("placeholder"),
+    spinner: $("spinner"),
+    caption: $("map-caption"),
+    method: $("method"),
+    layer: $("layer"),
+    head: $("head"),
+    fusion: $("fusion"),
+    opacity: $("opacity"),
+    opacityValue: $("opacity-value"),
+    grid: $("grid"),
+    predictions: $("predictions"),
+    predictionsEmpty: $("predictions-empty"),
+    timing: $("timing"),
+    facts: $("facts"),
+  };
+
+  const state = {
+    models: [],
+    model: null, // the selected model's info from /v1/models
+    image: null, // { blob, name, source: "file" | "paste" | "drop" | "drawing" }
+    bitmap: null, // the decoded image for the canvas (null when this browser cannot decode it)
+    maps: new Map(), // attention query string -> response, for the current image and model
+    map: null, // the attention response drawn now
+    imageToken: 0, // bumps with every new image or model: late answers for an older one are dropped
+    mapToken: 0,
+  };
+
+  class ApiError extends Error {
+    constructor(status, code, message, retryAfter) {
+      super(message);
+      this.status = status;
+      this.code = code;
+      this.retryAfter = retryAfter;
+    }
+  }
+
+  // ---- talking to the API -------------------------------------------------------------------------------
+
+  async function api(path, options) {
+    let response;
+    try {
+      response = await fetch(path, options);
+    } catch (err) {
+      throw new ApiError(0, "network", `the request did not reach the server (${err.message})`, null);
+    }
+    if (response.ok) return response.json();
+    let error = null;
+    try {
+      error = (await response.json()).error;
+    } catch {
+      // not our JSON error body (a proxy's page, say): fall back to the status line
+    }
+    const message = (error && error.message) || `${response.status} ${response.statusText}`.trim();
+    throw new ApiError(response.status, error && error.code, message, response.headers.get("retry-after"));
+  }
+
+  function imageForm() {
+    const form = new FormData();
+    form.append("file", state.image.blob, state.image.name);
+    return form;
+  }
+
+  function modelPath(route) {
+    return `/v1/models/${encodeURIComponent(state.model.name)}/${route}`;
+  }
+
+  function classifyImage() {
+    const k = Math.min(TOP_K, state.model.labels_count);
+    return api(`${modelPath("classify")}?top_k=${k}`, { method: "POST", body: imageForm() });
+  }
+
+  function attentionQuery() {
+    const params = new URLSearchParams({ format: "json", top_k: "1", method: el.method.value });
+    const oneHead = el.method.value === "layer" && el.head.value !== "";
+    if (el.method.value === "layer") {
+      params.set("layer", el.layer.value);
+      if (oneHead) params.set("head", el.head.value);
+    }
+    if (!oneHead) params.set("head_fusion", el.fusion.value);
+    return params.toString();
+  }
+
+  async function fetchAttention(query) {
+    const body = await api(`${modelPath("attention")}?${query}`, { method: "POST", body: imageForm() });
+    body.query = query; // which controls it answers: the canvas says so in data-map
+    return body;
+  }
+
+  // ---- page state ---------------------------------------------------------------------------------------
+
+  function setState(name) {
+    el.main.dataset.state = name;
+    const busy = name === "busy" || name === "loading";
+    el.main.setAttribute("aria-busy", String(busy));
+    el.spinner.hidden = name !== "busy";
+  }
+
+  function showError(err) {
+    const title = ERROR_TITLES[err.code] || (err.status ? `Error ${err.status}` : "Error");
+    let text = err.message;
+    if (err.status) text += ` (HTTP ${err.status}${err.code ? `, ${err.code}` : ""})`;
+    if (err.retryAfter) text += ` Try again in ${err.retryAfter} s.`;
+    el.messageTitle.textContent = `${title}:`;
+    el.messageText.textContent = text;
+    el.message.dataset.status = String(err.status || 0);
+    el.message.hidden = false;
+  }
+
+  function hideMessage() {
+    el.message.hidden = true;
+  }
+
+  function fail(err) {
+    if (!(err instanceof ApiError)) {
+      console.error(err); // a bug in this page, not an answer from the server
+      err = new ApiError(0, null, String(err.message || err), null);
+    }
+    showError(err);
+    setState("error");
+  }
+
+  // ---- models -------------------------------------------------------------------------------------------
+
+  async function loadModels() {
+    setState("loading");
+    let list;
+    try {
+      list = await api("/v1/models");
+    } catch (err) {
+      el.model.replaceChildren(new Option("No models", ""));
+      fail(err);
+      return;
+    }
+    state.models = list.models;
+    el.model.replaceChildren(
+      ...list.models.map((m) => new Option(`${m.name} (${m.precision})`, m.name, false, m.name === list.default)),
+    );
+    el.model.disabled = list.models.length < 2;
+    selectModel(list.default);
+    setState("idle");
+  }
+
+  function selectModel(name) {
+    state.model = state.models.find((m) => m.name === name) || state.models[0];
+    el.model.value = state.model.name;
+    const m = state.model;
+    el.layer.replaceChildren(
+      ...Array.from({ length: m.layers }, (_, i) =>
+        new Option(i === m.layers - 1 ? `${i + 1} (last)` : String(i + 1), String(i)),
+      ),
+    );
+    el.layer.value = String(m.layers - 1);
+    el.head.replaceChildren(
+      new Option("all (fused)", ""),
+      ...Array.from({ length: m.heads }, (_, i) => new Option(String(i + 1), String(i))),
+    );
+    syncControls();
+    renderFacts(m);
+  }
+
+  function syncControls() {
+    const attention = Boolean(state.model && state.model.attention);
+    const layer = el.method.value === "layer";
+    el.method.disabled = !attention;
+    el.layer.disabled = !attention || !layer;
+    el.head.disabled = !attention || !layer;
+    el.fusion.disabled = !attention || (layer && el.head.value !== "");
+    el.opacity.disabled = !attention;
+    el.grid.disabled = !state.model;
+  }
+
+  // ---- an image: classify it and fetch its map ----------------------------------------------------------
+
+  async function setImage(blob, name, source) {
+    if (!state.model) return;
+    state.image = { blob, name, source };
+    el.fileName.textContent = source === "drawing" ? "" : `${name} · ${formatBytes(blob.size)}`;
+    const token = ++state.imageToken;
+    state.maps.clear();
+    state.map = null;
+    hideMessage();
+    setState("busy");
+    // The browser decodes only for the picture; whether the bytes are an image is the server's call.
+    const bitmap = createImageBitmap(blob).catch(() => null);
+    const query = attentionQuery();
+    try {
+      const [classified, attention, decoded] = await Promise.all([
+        classifyImage(),
+        state.model.attention ? fetchAttention(query) : null,
+        bitmap,
+      ]);
+      if (token !== state.imageToken) return;
+      state.bitmap = decoded;
+      if (attention) {
+        state.maps.set(query, attention);
+        state.map = attention;
+      }
+      renderPredictions(classified);
+      draw();
+      setState("ready");
+    } catch (err) {
+      if (token !== state.imageToken) return;
+      state.image = null;
+      state.bitmap = null;
+      clearResults();
+      fail(err);
+    }
+  }
+
+  async function updateMap() {
+    syncControls();
+    if (!state.image || !state.model.attention) return;
+    const query = attentionQuery();
+    const cached = state.maps.get(query);
+    if (cached) {
+      state.map = cached;
+      draw();
+      return;
+    }
+    const imageToken = state.imageToken;
+    const token = ++state.mapToken;
+    setState("busy");
+    try {
+      const attention = await fetchAttention(query);
+      state.maps.set(query, attention);
+      if (token !== state.mapToken || imageToken !== state.imageToken) return;
+      state.map = attention;
+      draw();
+      setState("ready");
+    } catch (err) {
+      if (token === state.mapToken && imageToken === state.imageToken) fail(err);
+    }
+  }
+
+  function clearResults() {
+    el.predictions.replaceChildren();
+    el.predictionsEmpty.hidden = false;
+    el.timing.textContent = "";
+    el.caption.textContent = "";
+    draw();
+  }
+
+  // ---- predictions and facts ----------------------------------------------------------------------------
+
+  function renderPredictions(body) {
+    el.predictions.replaceChildren(
+      ...body.predictions.map((p, i) => {
+        const row = document.createElement("li");
+        row.className = i === 0 ? "bar-row top" : "bar-row";
+        row.dataset.label = p.label;
+        row.dataset.probability = String(p.probability);
+        const label = span("bar-label", p.label);
+        label.title = p.label;
+        const track = span("bar-track");
+        track.setAttribute("aria-hidden", "true");
+        const fill = span("bar-fill");
+        track.append(fill);
+        row.append(label, track, span("bar-value", percent(p.probability)));
+        // Set after insertion so the bar grows (CSSOM: allowed under a CSP without 'unsafe-inline').
+        requestAnimationFrame(() => {
+          fill.style.width = `${(Math.max(0, Math.min(1, p.probability)) * 100).toFixed(2)}%`;
+        });
+        return row;
+      }),
+    );
+    el.predictionsEmpty.hidden = true;
+    const t = body.timings;
+    el.timing.textContent = `${t.total_ms.toFixed(1)} ms on the server (inference ${t.inference_ms.toFixed(1)} ms)`;
+  }
+
+  function renderFacts(m) {
+    const p = m.parity;
+    const parity = document.createDocumentFragment();
+    parity.append(badge(p.passed ? "passed" : "failed", p.passed ? "ok" : "bad"), ` against ${p.reference}`);
+    const checks = [`max |Δ logit| ${sci(p.max_abs_logit_diff)} (tolerance ${sci(p.tolerance)})`];
+    if (p.max_abs_attention_diff != null) checks.push(`max |Δ attention| ${sci(p.max_abs_attention_diff)}`);
+    if (p.top1_agreement != null) checks.push(`top-1 agreement ${percent(p.top1_agreement)}`);
+    if (p.accuracy_delta_points != null) checks.push(`accuracy Δ ${p.accuracy_delta_points.toFixed(2)} points`);
+    const list = document.createElement("ul");
+    list.className = "checks";
+    list.append(...checks.map((text) => Object.assign(document.createElement("li"), { textContent: text })));
+    parity.append(list);
+    const pre = m.preprocessing;
+    const rows = [
+      ["Model", `${m.name} v${m.version}`],
+      ["Input size", `${m.input_size[1]} × ${m.input_size[0]} px`],
+      ["Patches", `${m.patch_size} px → ${m.grid.width} × ${m.grid.height} grid`],
+      ["Layers", String(m.layers)],
+      ["Heads", String(m.heads)],
+      ["Classes", String(m.labels_count)],
+      ["Provider", m.provider],
+      ["Precision", m.precision],
+      ["Attention", m.attention ? "exported" : "not in this artifact"],
+      ["Preprocessing", `${pre.resize.replace("_", " ")} ${pre.resize_size[0]}, crop ${pre.crop_size[1]} × ${pre.crop_size[0]}, ${pre.interpolation}`],
+      ["Source", [m.source.framework, m.source.model].filter(Boolean).join(" · ")],
+      ["Parity", parity],
+    ];
+    el.facts.replaceChildren(
+      ...rows.flatMap(([term, value]) => {
+        const dt = document.createElement("dt");
+        dt.textContent = term;
+        const dd = document.createElement("dd");
+        dd.append(value);
+        return [dt, dd];
+      }),
+    );
+  }
+
+  // ---- the attention canvas -----------------------------------------------------------------------------
+
+  function draw() {
+    const canvas = el.view;
+    const ctx = canvas.getContext("2d");
+    const m = state.model;
+    if (!state.image || !m) {
+      canvas.classList.add("empty");
+      canvas.dataset.map = "";
+      el.placeholder.hidden = false;
+      return;
+    }
+    canvas.classList.remove("empty");
+    el.placeholder.hidden = true;
+    const bmp = state.bitmap;
+    const [w, h] = bmp ? [bmp.width, bmp.height] : [m.input_size[1], m.input_size[0]];
+    const scale = VIEW_SIDE / Math.max(w, h);
+    canvas.width = Math.max(1, Math.round(w * scale));
+    canvas.height = Math.max(1, Math.round(h * scale));
+    const W = canvas.width;
+    const H = canvas.height;
+    ctx.clearRect(0, 0, W, H);
+    if (bmp) {
+      ctx.imageSmoothingEnabled = scale < 1; // shrink smoothly, enlarge crisply: a 32 px digit stays sharp
+      ctx.imageSmoothingQuality = "high";
+      ctx.drawImage(bmp, 0, 0, W, H);
+    } else {
+      ctx.fillStyle = "#222";
+      ctx.fillRect(0, 0, W, H);
+    }
+    // The map covers the model's input: the part of the image that the preprocessing's crop keeps.
+    const [l, t, r, b] = cropBox(w, h, m.preprocessing).map((v) => v * scale);
+    const covers = l <= 0 && t <= 0 && r >= W && b >= H;
+    if (!covers) {
+      ctx.fillStyle = "rgba(0, 0, 0, 0.55)";
+      ctx.beginPath();
+      ctx.rect(0, 0, W, H);
+      ctx.rect(l, t, r - l, b - t);
+      ctx.fill("evenodd");
+    }
+    const map = state.map;
+    if (map) {
+      ctx.save();
+      ctx.globalAlpha = Number(el.opacity.value) / 100;
+      ctx.imageSmoothingEnabled = true; // the patch grid upsampled smoothly, as the PNG overlay does
+      ctx.imageSmoothingQuality = "high";
+      ctx.drawImage(heatmap(map.map), l, t, r - l, b - t);
+      ctx.restore();
+    }
+    if (el.grid.checked) drawGrid(ctx, [l, t, r, b], m.grid);
+    if (!covers) {
+      ctx.strokeStyle = "rgba(235, 235, 235, 0.9)";
+      ctx.lineWidth = 2;
+      ctx.strokeRect(l - 1, t - 1, r - l + 2, b - t + 2);
+    }
+    canvas.dataset.map = map ? map.query : "";
+    el.caption.textContent = map ? describe(map) : m.attention ? "" : "this model was exported without attention";
+    const top = map && map.predictions[0];
+    canvas.setAttribute(
+      "aria-label",
+      map ? `Attention map (${describe(map)}) over the image${top ? `; top prediction ${top.label}` : ""}` : "The image",
+    );
+  }
+
+  function heatmap(rows) {
+    const gh = rows.length;
+    const gw = rows[0].length;
+    const small = document.createElement("canvas");
+    small.width = gw;
+    small.height = gh;
+    const ctx = small.getContext("2d");
+    const pixels = ctx.createImageData(gw, gh);
+    for (let y = 0; y < gh; y++) {
+      for (let x = 0; x < gw; x++) {
+        const v = Math.max(0, Math.min(1, rows[y][x]));
+        const c = LUT[Math.round(v * (LUT.length - 1))];
+        const i = (y * gw + x) * 4;
+        pixels.data[i] = c[0];
+        pixels.data[i + 1] = c[1];
+        pixels.data[i + 2] = c[2];
+        pixels.data[i + 3] = 255;
+      }
+    }
+    ctx.putImageData(pixels, 0, 0);
+    return small;
+  }
+
+  function drawGrid(ctx, [l, t, r, b], grid) {
+    ctx.save();
+    ctx.strokeStyle = "rgba(255, 255, 255, 0.35)";
+    ctx.lineWidth = 1;
+    ctx.beginPath();
+    for (let i = 1; i < grid.width; i++) {
+      const x = Math.round(l + ((r - l) * i) / grid.width) + 0.5;
+      ctx.moveTo(x, t);
+      ctx.lineTo(x, b);
+    }
+    for (let i = 1; i < grid.height; i++) {
+      const y = Math.round(t + ((b - t) * i) / grid.height) + 0.5;
+      ctx.moveTo(l, y);
+      ctx.lineTo(r, y);
+    }
+    ctx.stroke();
+    ctx.restore();
+  }
+
+  function describe(map) {
+    const p = map.params;
+    const fusion = p.head_fusion || "mean";
+    if (map.method === "rollout") return `rollout over all layers, heads fused by ${fusion}`;
+    if (map.method === "cls") return `class-token attention, last layer, heads fused by ${fusion}`;
+    const layers = state.model.layers;
+    const layer = p.layer < 0 ? layers + p.layer : p.layer;
+    const head = p.head == null ? `heads fused by ${fusion}` : `head ${p.head + 1} of ${state.model.heads}`;
+    return `layer ${layer + 1} of ${layers}, ${head}`;
+  }
+
+  // The region of an image of w x h pixels that the model sees, in its pixels: service/preprocessing.py's
+  // crop_box (torchvision's truncating resize and round-half-even crop offset for "shortest_edge",
+  // transformers' floor offset for "squash").
+  function cropBox(w, h, pre) {
+    let rw;
+    let rh;
+    if (pre.resize === "squash") {
+      [rh, rw] = pre.resize_size;
+    } else {
+      const short = Math.min(w, h);
+      const long = Math.max(w, h);
+      const newShort = pre.resize_size[0];
+      const newLong = Math.trunc((newShort * long) / short);
+      [rw, rh] = w <= h ? [newShort, newLong] : [newLong, newShort];
+    }
+    const [ch, cw] = pre.crop_size;
+    const left = cropOffset(rw, cw, pre.resize);
+    const top = cropOffset(rh, ch, pre.resize);
+    return [(left * w) / rw, (top * h) / rh, ((left + cw) * w) / rw, ((top + ch) * h) / rh];
+  }
+
+  function cropOffset(length, crop, resize) {
+    if (resize === "squash") return Math.floor((length - crop) / 2);
+    if (crop > length) return -Math.floor((crop - length) / 2);
+    return roundHalfEven((length - crop) / 2);
+  }
+
+  function roundHalfEven(x) {
+    const f = Math.floor(x);
+    if (x - f !== 0.5) return Math.round(x);
+    return f % 2 === 0 ? f : f + 1;
+  }
+
+  function buildLut(anchors, size) {
+    const out = [];
+    for (let i = 0; i < size; i++) {
+      const pos = (i / (size - 1)) * (anchors.length - 1);
+      const k = Math.min(Math.floor(pos), anchors.length - 2);
+      const f = pos - k;
+      out.push(anchors[k].map((a, c) => Math.round(a + (anchors[k + 1][c] - a) * f)));
+    }
+    return out;
+  }
+
+  // ---- the drawing pad ----------------------------------------------------------------------------------
+
+  const pad = el.pad.getContext("2d");
+  let pen = null; // the last point while the pen is down
+  let settle = 0;
+  let padInked = false;
+
+  function clearPad() {
+    pad.fillStyle = PAD_BACKGROUND;
+    pad.fillRect(0, 0, el.pad.width, el.pad.height);
+    padInked = false;
+  }
+
+  function padPoint(event) {
+    const rect = el.pad.getBoundingClientRect();
+    return [
+      ((event.clientX - rect.left) * el.pad.width) / rect.width,
+      ((event.clientY - rect.top) * el.pad.height) / rect.height,
+    ];
+  }
+
+  function stroke(from, to) {
+    pad.strokeStyle = PAD_INK;
+    pad.lineWidth = Number(el.brush.value);
+    pad.lineCap = "round";
+    pad.lineJoin = "round";
+    pad.beginPath();
+    pad.moveTo(from[0], from[1]);
+    pad.lineTo(to[0], to[1]);
+    pad.stroke();
+  }
+
+  el.pad.addEventListener("pointerdown", (event) => {
+    if (event.pointerType === "mouse" && event.button !== 0) return;
+    event.preventDefault();
+    clearTimeout(settle);
+    el.pad.setPointerCapture(event.pointerId);
+    pen = padPoint(event);
+    stroke(pen, pen); // a dot for a tap
+    padInked = true;
+  });
+
+  el.pad.addEventListener("pointermove", (event) => {
+    if (!pen) return;
+    const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
+    for (const e of events.length ? events : [event]) {
+      const point = padPoint(e);
+      stroke(pen, point);
+      pen = point;
+    }
+  });
+
+  function penUp() {
+    if (!pen) return;
+    pen = null;
+    clearTimeout(settle);
+    settle = setTimeout(() => {
+      if (padInked) el.pad.toBlob((blob) => blob && setImage(blob, "drawing.png", "drawing"), "image/png");
+    }, DRAW_SETTLE_MS);
+  }
+
+  el.pad.addEventListener("pointerup", penUp);
+  el.pad.addEventListener("pointercancel", penUp);
+
+  el.clear.addEventListener("click", () => {
+    clearTimeout(settle);
+    clearPad();
+    if (state.image && state.image.source === "drawing") {
+      state.imageToken++;
+      state.image = null;
+      state.bitmap = null;
+      state.map = null;
+      clearResults();
+      hideMessage();
+      setState("idle");
+    }
+  });
+
+  // ---- files: pick, drop, paste -------------------------------------------------------------------------
+
+  el.pick.addEventListener("click", () => el.file.click());
+  el.file.addEventListener("change", () => {
+    const file = el.file.files[0];
+    if (file) setImage(file, file.name, "file");
+    el.file.value = ""; // picking the same file again is a new request
+  });
+
+  // The whole page takes a drop (a near miss must not navigate away); the drop zone shows it.
+  let dragDepth = 0;
+  document.addEventListener("dragenter", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    dragDepth++;
+    el.dropzone.classList.add("dragging");
+  });
+  document.addEventListener("dragover", (event) => {
+    if (hasFiles(event)) event.preventDefault();
+  });
+  document.addEventListener("dragleave", () => {
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (!dragDepth) el.dropzone.classList.remove("dragging");
+  });
+  document.addEventListener("drop", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    dragDepth = 0;
+    el.dropzone.classList.remove("dragging");
+    const file = event.dataTransfer.files[0];
+    if (file) setImage(file, file.name, "drop");
+  });
+
+  document.addEventListener("paste", (event) => {
+    const files = Array.from((event.clipboardData && event.clipboardData.files) || []);
+    const file = files.find((f) => f.type.startsWith("image/")) || files[0];
+    if (!file) return;
+    event.preventDefault();
+    setImage(file, file.name || "pasted image", "paste");
+  });
+
+  function hasFiles(event) {
+    return Boolean(event.dataTransfer && Array.from(event.dataTransfer.types).includes("Files"));
+  }
+
+  // ---- controls -----------------------------------------------------------------------------------------
+
+  el.model.addEventListener("change", () => {
+    selectModel(el.model.value);
+    state.map = null;
+    if (state.image) {
+      setImage(state.image.blob, state.image.name, state.image.source);
+    } else {
+      draw();
+    }
+  });
+  for (const control of [el.method, el.layer, el.head, el.fusion]) {
+    control.addEventListener("change", updateMap);
+  }
+  el.opacity.addEventListener("input", () => {
+    el.opacityValue.value = `${el.opacity.value}%`;
+    draw();
+  });
+  el.grid.addEventListener("change", draw);
+  el.messageClose.addEventListener("click", hideMessage);
+
+  // ---- small helpers ------------------------------------------------------------------------------------
+
+  function span(className, text) {
+    const s = document.createElement("span");
+    s.className = className;
+    if (text != null) s.textContent = text;
+    return s;
+  }
+
+  function badge(text, kind) {
+    const b = span(`badge ${kind}`, text);
+    return b;
+  }
+
+  function percent(p) {
+    if (p > 0 && p < 0.001) return "<0.1%";
+    return `${(p * 100).toFixed(1)}%`;
+  }
+
+  function sci(x) {
+    if (x == null) return "n/a";
+    return x === 0 ? "0" : x.toExponential(1);
+  }
+
+  function formatBytes(n) {
+    if (n < 1024) return `${n} B`;
+    if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+    return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+  }
+
+  clearPad();
+  el.opacityValue.value = `${el.opacity.value}%`;
+  draw();
+  loadModels();
+})();

@@ -1,0 +1,185 @@
+"""Tensors of the Open Inference Protocol (V2, as Triton and KServe define it), in JSON and binary form.
+
+JSON: `{"name", "shape", "datatype", "data": [...]}` with `data` flattened in row-major order (nested lists are
+accepted too). Binary tensor data extension: the body is a JSON header of `Inference-Header-Content-Length`
+bytes followed by raw tensor bytes, in input order, for each input whose `parameters.binary_data_size` is set;
+BYTES elements are each a 4-byte little-endian length and the bytes. In JSON, BYTES elements that carry images
+are base64 strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from service.errors import BadRequest
+
+HEADER_LENGTH = "inference-header-content-length"
+NUMPY_TYPES: dict[str, Any] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+
+
+class TensorIn(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: Any = None
+
+
+class OutputRequest(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[TensorIn]
+    outputs: list[OutputRequest] | None = None
+
+
+def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+    """Split the body into the JSON header and the binary part, and validate the header."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length {header_length!r} is not within the body's {len(body)} bytes"
+            )
+        cut = int(header_length)
+        header, binary = body[:cut], body[cut:]
+    else:
+        header, binary = body, b""
+    try:
+        return InferRequest.model_validate(json.loads(header)), binary
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the inference request is not valid JSON: {e}") from e
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise BadRequest(f"the inference request does not follow the V2 protocol: {problems}") from e
+
+
+def _count(shape: list[int]) -> int:
+    if any(d < 0 for d in shape):
+        raise BadRequest(f"shape {shape} has a negative dimension")
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def decode_bytes_elements(raw: bytes, expected: int, name: str) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise BadRequest(f"input {name!r}: BYTES data ends inside an element's 4-byte length")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise BadRequest(f"input {name!r}: a BYTES element claims {length} bytes; only {len(raw) - offset} remain")
+        items.append(raw[offset : offset + length])
+        offset += length
+    if len(items) != expected:
+        raise BadRequest(f"input {name!r}: shape asks for {expected} BYTES elements, the data holds {len(items)}")
+    return items
+
+
+def encode_bytes_elements(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def decode_input(tensor: TensorIn, binary: bytes, offset: int) -> tuple[np.ndarray | list[bytes], int]:
+    """The tensor's values (an array, or a list of byte strings for BYTES) and the new binary offset."""
+    count = _count(tensor.shape)
+    size = tensor.parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise BadRequest(
+                f"input {tensor.name!r}: binary_data_size {size} is beyond the {len(binary) - offset} "
+                "binary bytes that remain"
+            )
+        raw = binary[offset : offset + size]
+        offset += size
+        if tensor.datatype == "BYTES":
+            return decode_bytes_elements(raw, count, tensor.name), offset
+        dtype = _numpy_type(tensor)
+        if len(raw) != count * np.dtype(dtype).itemsize:
+            raise BadRequest(
+                f"input {tensor.name!r}: shape {tensor.shape} of {tensor.datatype} needs "
+                f"{count * np.dtype(dtype).itemsize} bytes, got {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype).reshape(tensor.shape), offset
+    if tensor.data is None:
+        raise BadRequest(f"input {tensor.name!r} has neither data nor parameters.binary_data_size")
+    if tensor.datatype == "BYTES":
+        flat = list(_flatten(tensor.data))
+        if len(flat) != count:
+            raise BadRequest(f"input {tensor.name!r}: shape asks for {count} elements, data holds {len(flat)}")
+        return [_b64(v, tensor.name) for v in flat], offset
+    try:
+        values = np.asarray(tensor.data, dtype=_numpy_type(tensor))
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"input {tensor.name!r}: data is not {tensor.datatype}: {e}") from e
+    if values.size != count:
+        raise BadRequest(f"input {tensor.name!r}: shape {tensor.shape} needs {count} values, data holds {values.size}")
+    return values.reshape(tensor.shape), offset
+
+
+def _numpy_type(tensor: TensorIn) -> Any:
+    dtype = NUMPY_TYPES.get(tensor.datatype)
+    if dtype is None:
+        raise BadRequest(f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}")
+    return dtype
+
+
+def _flatten(value: Any):  # type: ignore[no-untyped-def]
+    if isinstance(value, list):
+        for v in value:
+            yield from _flatten(v)
+    else:
+        yield value
+
+
+def _b64(value: Any, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise BadRequest(f"input {name!r}: BYTES elements in JSON must be base64 strings")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(
+            f"input {name!r}: a BYTES element is not valid base64 ({e}); send images base64-encoded in "
+            "JSON, or raw with the binary data extension"
+        ) from e
+
+
+def encode_output(name: str, value: np.ndarray | list[bytes], shape: list[int], binary: bool) -> tuple[dict, bytes]:
+    """One output tensor: its JSON entry, and its binary bytes when sent with the binary extension."""
+    if isinstance(value, list):  # BYTES
+        datatype = "BYTES"
+        raw = encode_bytes_elements(value) if binary else b""
+        data: Any = [v.decode() for v in value]
+    else:
+        datatype = next(k for k, t in NUMPY_TYPES.items() if np.dtype(t) == value.dtype)
+        raw = np.ascontiguousarray(value).tobytes() if binary else b""
+        data = value.reshape(-1).tolist()
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+    if binary:
+        entry["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        entry["data"] = data
+    return entry, raw

@@ -1,0 +1,82 @@
+"""Helpers for the HTTP tests: images made in memory, held-out digit canvases, and calls to a running server.
+
+The `server` and `client` fixtures (tests/conftest.py) run the real `python -m service` on the committed model
+repository; these helpers only build requests and read responses.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_export import digits
+
+HELD_OUT_SAMPLE = 30  # canvases per correctness check: enough to measure, few enough for a fast suite
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def post_image(
+    client: httpx.Client,
+    path: str,
+    data: bytes,
+    *,
+    content_type: str = "image/png",
+    params: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """POST the raw image bytes as the body, the way `curl --data-binary` does."""
+    return client.post(path, content=data, params=params, headers={"content-type": content_type, **(headers or {})})
+
+
+def classify(client: httpx.Client, data: bytes, *, path: str = "/v1/classify", **params: Any) -> dict[str, Any]:
+    """A successful classification of `data` (every class, unless `top_k` is given)."""
+    response = post_image(client, path, data, params={"top_k": 10, **params})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def probabilities(body: dict[str, Any]) -> dict[str, float]:
+    """label -> probability of a classification (or one batch item)."""
+    return {p["label"]: p["probability"] for p in body["predictions"]}
+
+
+def top_label(body: dict[str, Any]) -> str:
+    return str(body["predictions"][0]["label"])
+
+
+def assert_same_probabilities(actual: dict[str, Any], expected: dict[str, Any], atol: float = 1e-6) -> None:
+    got, want = probabilities(actual), probabilities(expected)
+    assert got.keys() == want.keys()
+    worst = max(abs(got[label] - want[label]) for label in want)
+    assert worst <= atol, f"probabilities differ by {worst:.2e}: {got} vs {want}"
+
+
+def canvas_image(canvas: np.ndarray, scale: int = 1) -> Image.Image:
+    """One (32, 32) uint8 canvas as an RGB image, optionally enlarged (nearest neighbour keeps it exact)."""
+    image = Image.fromarray(canvas).convert("RGB")
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image
+
+
+@pytest.fixture(scope="session")
+def held_out() -> digits.Canvases:
+    """`HELD_OUT_SAMPLE` held-out canvases spread over the whole set, so every digit appears."""
+    full = digits.held_out_set()
+    pick = np.linspace(0, len(full.labels) - 1, HELD_OUT_SAMPLE).round().astype(int)
+    return digits.Canvases(
+        images=full.images[pick], labels=full.labels[pick], boxes=full.boxes[pick], sources=full.sources[pick]
+    )
+
+
+@pytest.fixture(scope="session")
+def held_out_pngs(held_out: digits.Canvases) -> list[bytes]:
+    return [encode(canvas_image(c)) for c in held_out.images]
