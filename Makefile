@@ -7,23 +7,34 @@ CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vitserve
 key = $(shell cat $(1) | sha256sum | cut -c1-12)-py$(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])')
 DEV_VENV := $(CACHE)/venv-dev-$(call key,requirements/dev.txt)
 SERVE_VENV := $(CACHE)/venv-serve-$(call key,requirements/serve.txt)
-RUN = PYTHONPATH=$(CURDIR) PYTHONDONTWRITEBYTECODE=1
+RUN = PYTHONPATH=$(CURDIR):$(CURDIR)/client PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: serve test lint typecheck docs dev-env serve-env clean-cache default-model bench
+.PHONY: serve test lint typecheck docs dev-env serve-env clean-cache default-model bench browser
 serve: serve-env
 	$(RUN) $(SERVE_VENV)/bin/python -m service
 
-test: dev-env
+test: dev-env browser
 	$(RUN) $(DEV_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: dev-env
-	$(DEV_VENV)/bin/python -m ruff check service model_export tests benchmarks
+	$(DEV_VENV)/bin/python -m ruff check service model_export client tests benchmarks docs
 	$(RUN) $(DEV_VENV)/bin/python -m mypy
+
+docs: dev-env
+	$(RUN) $(DEV_VENV)/bin/python docs/make_docs.py
 
 default-model: dev-env
 	$(RUN) $(DEV_VENV)/bin/python -m model_export train-default --out models/digits-vit
 
 dev-env: $(DEV_VENV)/.ready
+
+# The demo page's tests drive Debian's Chromium through Playwright (never `playwright install`, which downloads
+# a browser of its own). Installed only where it is missing; where it cannot be (no root, no mirror), those
+# tests skip and say why, and `make test` goes on.
+browser:
+	@[ -x /usr/bin/chromium ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "could not install chromium: the browser tests will skip"
+
 serve-env: $(SERVE_VENV)/.ready
 
 # Built in a temporary folder and renamed into place under a lock, so two clones never share a half-built env.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         settings.port,
         repository.default,
     )
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; this handler turns that into
+    # exit code 0, so an orchestrator sees a clean shutdown.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         app,
         host=settings.host,

@@ -141,3 +141,19 @@ class MetricsMiddleware:
             route = getattr(scope.get("route"), "path", "unmatched")
             METRICS.requests.labels(route, scope["method"], str(status)).inc()
             METRICS.latency.labels(route, scope["method"]).observe(time.perf_counter() - started)
+            if route.endswith(INFERENCE_ROUTES):
+                _count_inference_request(scope, status)
+
+
+INFERENCE_ROUTES = ("/classify", "/classify/batch", "/attention", "/infer")
+
+
+def _count_inference_request(scope: Scope, status: int) -> None:
+    """Triton's per-model request counters, for the model the route served (unknown models are not counted)."""
+    from service.metrics import METRICS
+
+    repository = scope["app"].state.vitserve.repository
+    model = repository.get(scope.get("path_params", {}).get("name")) if repository else None
+    if model is not None:
+        counter = METRICS.request_success if status < 400 else METRICS.request_failure
+        counter.labels(model.name, model.meta.version).inc()

@@ -1,0 +1,131 @@
+"""Retries, backoff and connection reuse, against a scripted real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+from vitserve_client import Client
+from vitserve_client._core import retry_after_seconds
+from vitserve_client.errors import NotFoundError, OverloadedError, ServerError
+
+from tests.client.scripted import Reply
+
+UNAVAILABLE = {"error": {"code": "unavailable", "message": "models are still loading; retry shortly", "detail": None}}
+
+
+def test_503_with_retry_after_is_retried_then_succeeds(connect: Any, scripted: Any) -> None:
+    scripted.script(
+        Reply(503, UNAVAILABLE, {"Retry-After": "0"}),
+        Reply(503, UNAVAILABLE, {"Retry-After": "1"}),
+        Reply(200, {"status": "ok", "models": {"m": True}}),
+    )
+    sdk = connect(scripted.url, backoff=5.0)  # a large backoff: only Retry-After can explain short waits
+    started = time.monotonic()
+    health = sdk.health()
+    elapsed = time.monotonic() - started
+    assert health.models == {"m": True}
+    assert len(scripted.seen) == 3
+    gaps = [b.at - a.at for a, b in zip(scripted.seen, scripted.seen[1:], strict=False)]
+    assert gaps[0] < 0.5  # Retry-After: 0
+    assert 1.0 <= gaps[1] < 1.5  # Retry-After: 1, plus at most 10% jitter
+    assert elapsed < 2.5
+
+
+def test_503_forever_gives_up_after_max_retries(connect: Any, scripted: Any) -> None:
+    scripted.script(Reply(503, {"error": {"code": "overloaded", "message": "queue full", "detail": None}}))
+    sdk = connect(scripted.url, max_retries=2, backoff=0.01, max_backoff=0.02)
+    with pytest.raises(OverloadedError) as caught:
+        sdk.models()
+    assert len(scripted.seen) == 3  # the first attempt and two retries
+    assert (caught.value.status, caught.value.code, caught.value.message) == (503, "overloaded", "queue full")
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 413, 415, 422])
+def test_4xx_is_never_retried(connect: Any, scripted: Any, status: int) -> None:
+    scripted.script(Reply(status, {"error": {"code": "x", "message": "no", "detail": None}}, {"Retry-After": "0"}))
+    sdk = connect(scripted.url, backoff=0.01)
+    with pytest.raises(Exception) as caught:
+        sdk.models()
+    assert caught.value.status == status and len(scripted.seen) == 1
+
+
+def test_500_is_a_server_error_and_not_retried(connect: Any, scripted: Any) -> None:
+    scripted.script(Reply(500, {"error": {"code": "internal_error", "message": "quote id", "detail": None}}))
+    sdk = connect(scripted.url, backoff=0.01)
+    with pytest.raises(ServerError):
+        sdk.health()
+    assert len(scripted.seen) == 1
+
+
+def test_backoff_is_bounded(connect: Any, scripted: Any) -> None:
+    # No Retry-After: exponential backoff capped at max_backoff; a huge Retry-After is capped as well.
+    scripted.script(Reply(503, UNAVAILABLE), Reply(503, UNAVAILABLE, {"Retry-After": "3600"}), Reply(503, UNAVAILABLE))
+    sdk = connect(scripted.url, max_retries=5, backoff=0.05, max_backoff=0.1)
+    started = time.monotonic()
+    with pytest.raises(OverloadedError):
+        sdk.health()
+    assert len(scripted.seen) == 6
+    assert time.monotonic() - started < 1.0  # at most 5 waits of 0.1 s (+10%)
+    client = Client("http://x.test", backoff=0.5, max_backoff=4.0)
+    delays = [client._backoff(attempt) for attempt in range(30) for _ in range(20)]
+    assert all(0 < d <= 4.0 for d in delays) and max(delays) > 2.0  # grows, then stays under the cap
+    assert all(0.25 <= client._backoff(0) <= 0.5 for _ in range(50))
+    client.close()
+
+
+def test_no_retries_when_max_retries_is_zero(connect: Any, scripted: Any) -> None:
+    scripted.script(Reply(503, UNAVAILABLE, {"Retry-After": "0"}))
+    with pytest.raises(OverloadedError):
+        connect(scripted.url, max_retries=0).health()
+    assert len(scripted.seen) == 1
+
+
+def test_readiness_503_is_an_answer_not_a_retry(connect: Any, scripted: Any) -> None:
+    scripted.script(Reply(503, {"status": "not_ready", "models": {"m": False}}, {"Retry-After": "0"}))
+    ready = connect(scripted.url).ready()
+    assert not ready.ok and ready.models == {"m": False} and len(scripted.seen) == 1
+
+
+def test_connection_errors_are_retried(connect: Any) -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"status": "ok", "models": {}})
+
+    assert connect("http://vitserve.test", transport=httpx.MockTransport(handler), backoff=0.01).health().ok
+    assert calls == 3
+
+
+def test_one_connection_is_reused(connect: Any, scripted: Any) -> None:
+    sdk = connect(scripted.url)
+    for _ in range(5):
+        sdk.health()
+    assert len(scripted.seen) == 5 and len({s.client_port for s in scripted.seen}) == 1
+    assert scripted.seen[0].headers["User-Agent"].startswith("vitserve-client/")
+
+
+def test_retry_after_forms() -> None:
+    def after(value: str) -> float | None:
+        return retry_after_seconds(httpx.Response(503, headers={"Retry-After": value}))
+
+    assert after("2") == 2.0 and after("0") == 0.0 and after("-3") == 0.0 and after("soon") is None
+    in_a_minute = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
+    assert 55 < (after(in_a_minute) or 0) <= 61
+    assert retry_after_seconds(httpx.Response(503)) is None
+
+
+def test_not_found_on_the_scripted_server_keeps_its_fields(connect: Any, scripted: Any) -> None:
+    scripted.script(
+        Reply(404, {"error": {"code": "not_found", "message": "gone", "detail": {"a": 1}}}, {"X-Request-ID": "r1"})
+    )
+    with pytest.raises(NotFoundError) as caught:
+        connect(scripted.url).model("x")
+    assert (caught.value.detail, caught.value.request_id) == ({"a": 1}, "r1")
+    assert scripted.seen[0].path == "/v1/models/x"
