@@ -47,6 +47,7 @@
     file: $("file"),
     fileName: $("file-name"),
     pad: $("pad"),
+    padEmpty: $("pad-empty"),
     brush: $("brush"),
     clear: $("clear"),
     view: $("view"),
@@ -74,6 +75,7 @@
     maps: new Map(), // attention query string -> response, for the current image and model
     map: null, // the attention response drawn now
     imageToken: 0, // bumps with every new image or model: late answers for an older one are dropped
+    loadingImage: false, // classify + first map in flight: a control change waits for them (see setImage)
     mapToken: 0,
   };
 
@@ -230,6 +232,7 @@
     const token = ++state.imageToken;
     state.maps.clear();
     state.map = null;
+    state.loadingImage = true;
     hideMessage();
     setState("busy");
     // The browser decodes only for the picture; whether the bytes are an image is the server's call.
@@ -242,16 +245,21 @@
         bitmap,
       ]);
       if (token !== state.imageToken) return;
+      state.loadingImage = false;
       state.bitmap = decoded;
-      if (attention) {
-        state.maps.set(query, attention);
-        state.map = attention;
-      }
+      if (attention) state.maps.set(query, attention);
       renderPredictions(classified);
+      if (attention && attentionQuery() !== query) {
+        draw(); // the new image now, its map for the controls as they are next
+        updateMap(); // the controls changed while the first map was on its way
+        return;
+      }
+      state.map = attention;
       draw();
       setState("ready");
     } catch (err) {
       if (token !== state.imageToken) return;
+      state.loadingImage = false;
       state.image = null;
       state.bitmap = null;
       clearResults();
@@ -261,12 +269,14 @@
 
   async function updateMap() {
     syncControls();
-    if (!state.image || !state.model.attention) return;
+    if (!state.image || !state.model.attention || state.loadingImage) return;
     const query = attentionQuery();
     const cached = state.maps.get(query);
     if (cached) {
+      state.mapToken++; // an answer still on its way is for a choice already left
       state.map = cached;
       draw();
+      setState("ready");
       return;
     }
     const imageToken = state.imageToken;
@@ -530,6 +540,7 @@
     pad.fillStyle = PAD_BACKGROUND;
     pad.fillRect(0, 0, el.pad.width, el.pad.height);
     padInked = false;
+    el.padEmpty.hidden = false;
   }
 
   function padPoint(event) {
@@ -559,6 +570,7 @@
     pen = padPoint(event);
     stroke(pen, pen); // a dot for a tap
     padInked = true;
+    el.padEmpty.hidden = true;
   });
 
   el.pad.addEventListener("pointermove", (event) => {
@@ -588,6 +600,7 @@
     clearPad();
     if (state.image && state.image.source === "drawing") {
       state.imageToken++;
+      state.loadingImage = false;
       state.image = null;
       state.bitmap = null;
       state.map = null;
