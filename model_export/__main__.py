@@ -75,12 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _export(src: ExportSource, args: argparse.Namespace, **kwargs: object) -> ArtifactMetadata:
+def _export(src: ExportSource, args: argparse.Namespace) -> ArtifactMetadata:
     from .export import export_artifact
 
-    meta = export_artifact(
-        src, args.out, name=args.name, version=args.version, opset=args.opset, atol=args.atol, **kwargs
-    )  # type: ignore[arg-type]
+    meta = export_artifact(src, args.out, name=args.name, version=args.version, opset=args.opset, atol=args.atol)
     p = meta.parity
     print(
         f"exported {meta.name} -> {args.out}: max |logit diff| {p.max_abs_logit_diff:.2e}, "

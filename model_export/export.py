@@ -130,7 +130,7 @@ def build_metadata(
         num_prefix_tokens=src.num_prefix_tokens,
         precision=precision,
         preprocessing=src.preprocessing,
-        graphs=graphs,  # type: ignore[arg-type]
+        graphs=graphs,
         source=src.source,
         exporter=library_versions(),
         parity=parity,

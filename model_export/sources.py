@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from service.artifact import Preprocessing, Source
@@ -60,7 +61,7 @@ class LogitsOnly(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, pixel_values):  # type: ignore[no-untyped-def]
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         logits, _ = self.inner(pixel_values)
         return logits
 

@@ -12,7 +12,8 @@ from service.state import ServiceState
 # `async def` on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per dependency per
 # request that costs more than the lookup itself (and, under load, queues behind the pool's 40 threads).
 async def get_state(request: Request) -> ServiceState:
-    return request.app.state.vitserve  # type: ignore[no-any-return]
+    state: ServiceState = request.app.state.vitserve
+    return state
 
 
 async def get_request_id(request: Request) -> str:

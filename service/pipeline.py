@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from service.artifact import ArtifactMetadata
-from service.attention_maps import attention_map
+from service.attention_maps import Method, attention_map
 from service.imaging import decode_image
 from service.overlay import render_overlay
 from service.preprocessing import crop_box, preprocess
@@ -50,13 +50,15 @@ def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[Prediction]:
     return [Prediction(label=labels[i], index=int(i), probability=float(probs[i])) for i in order]
 
 
-def attention_grid(attentions: np.ndarray, meta: ArtifactMetadata, method: str, params: AttentionParams) -> np.ndarray:
+def attention_grid(
+    attentions: np.ndarray, meta: ArtifactMetadata, method: Method, params: AttentionParams
+) -> np.ndarray:
     """One image's (L, H, N, N) attention -> (grid_h, grid_w) map in [0, 1]."""
     return attention_map(
         attentions,
         method=method,
         layer=params.layer,
-        head=params.head,  # type: ignore[arg-type]
+        head=params.head,
         head_fusion=params.head_fusion,
         discard_ratio=params.discard_ratio,
         num_prefix_tokens=meta.num_prefix_tokens,

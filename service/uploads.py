@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -55,7 +55,7 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _form(request: Request, max_files: int):  # type: ignore[no-untyped-def]
+async def _form(request: Request, max_files: int) -> FormData:
     try:
         return await request.form(max_files=max_files + 1, max_fields=max_files + 16)
     except HTTPException as e:  # Starlette's multipart parser reports malformed or oversized forms this way

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
@@ -32,7 +32,7 @@ from service.uploads import BATCH_BODY, IMAGE_BODY, Upload, read_image, read_ima
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what}
     for code, what in [
         (400, "the image could not be decoded, or the request is malformed"),
@@ -193,7 +193,9 @@ class AttentionQuery:
         self.top_k = top_k
 
 
-async def _attention(name: str | None, request: Request, state: State, request_id: str, q: AttentionQuery):  # type: ignore[no-untyped-def]
+async def _attention(
+    name: str | None, request: Request, state: State, request_id: str, q: AttentionQuery
+) -> Response | AttentionResponse:
     started = time.perf_counter()
     model = state.model(name)
     if model.attention is None:
@@ -227,7 +229,7 @@ async def _attention(name: str | None, request: Request, state: State, request_i
     )
 
 
-ATTENTION_RESPONSES = {
+ATTENTION_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     200: {"content": {"image/png": {}}, "description": "JSON map, or PNG overlay"},
 }
@@ -243,7 +245,7 @@ ATTENTION_RESPONSES = {
 )
 async def attention(
     name: str, request: Request, state: State, request_id: RequestId, q: Annotated[AttentionQuery, Depends()]
-):  # type: ignore[no-untyped-def]
+) -> Response | AttentionResponse:
     return await _attention(name, request, state, request_id, q)
 
 
@@ -257,5 +259,5 @@ async def attention(
 )
 async def attention_default(
     request: Request, state: State, request_id: RequestId, q: Annotated[AttentionQuery, Depends()]
-):  # type: ignore[no-untyped-def]
+) -> Response | AttentionResponse:
     return await _attention(None, request, state, request_id, q)

@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse, Response
 
 from service import v2_codec as codec
 from service.artifact import INPUT_NAME
-from service.attention_maps import attention_map
+from service.attention_maps import Method, attention_map
 from service.deps import State
-from service.errors import BadRequest, NotFound, ServiceError
+from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
 from service.pipeline import prepare, softmax
 from service.runtime import LoadedModel
 
@@ -31,7 +31,7 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 IMAGE_INPUT = "image"
 DEFAULT_OUTPUTS = ["logits", "probabilities"]
-ATTENTION_OUTPUTS = {"attention_rollout": "rollout", "attention_cls": "cls"}
+ATTENTION_OUTPUTS: dict[str, Method] = {"attention_rollout": "rollout", "attention_cls": "cls"}
 INFER_BODY = {
     "requestBody": {
         "required": True,
@@ -168,7 +168,9 @@ async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest,
             raise BadRequest(f"input {IMAGE_INPUT!r} holds no images")
         limit = state.settings.max_batch_files
         if len(images) > limit:
-            raise BadRequest(f"{len(images)} images in one request; the limit is {limit}")
+            raise PayloadTooLarge(
+                f"{len(images)} images in one request; the limit is {limit} (VITSERVE_MAX_BATCH_FILES)"
+            )
         prepared = await asyncio.gather(
             *(state.run_cpu(prepare, data, model.meta, max_pixels=state.settings.max_pixels) for data in images)
         )
@@ -226,7 +228,7 @@ async def _infer(state: State, request: Request, name: str, version: str | None)
             return logits
         if out_name == "probabilities":
             return softmax(logits).astype(np.float32)
-        attentions = np.stack([r.attentions for r in results])  # (N, L, H, T, T)
+        attentions = np.stack([r.attentions for r in results if r.attentions is not None])  # (N, L, H, T, T)
         if out_name == "attentions":
             return attentions.astype(np.float32)
         return np.stack(
@@ -241,8 +243,9 @@ async def _infer(state: State, request: Request, name: str, version: str | None)
     binary_all = bool(parsed.parameters.get("binary_data_output", False))
     entries, chunks, any_binary = [], [], False
     for out in outputs:
-        value: np.ndarray | list[bytes] = tensor(out.name)
-        shape = list(value.shape)
+        array = tensor(out.name)
+        value: np.ndarray | list[bytes] = array
+        shape = list(array.shape)
         k = out.parameters.get("classification")
         if k is not None:
             value = _classification(value, meta.labels, k)  # type: ignore[arg-type]
