@@ -9,7 +9,7 @@ DEV_VENV := $(CACHE)/venv-dev-$(call key,requirements/dev.txt)
 SERVE_VENV := $(CACHE)/venv-serve-$(call key,requirements/serve.txt)
 RUN = PYTHONPATH=$(CURDIR):$(CURDIR)/client PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: serve test lint typecheck docs dev-env serve-env clean-cache default-model bench browser
+.PHONY: serve test lint typecheck docs dev-env serve-env clean-cache default-model bench browser docker-smoke k8s-validate gpu-check
 serve: serve-env
 	$(RUN) $(SERVE_VENV)/bin/python -m service
 
@@ -17,7 +17,7 @@ test: dev-env browser
 	$(RUN) $(DEV_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: dev-env
-	$(DEV_VENV)/bin/python -m ruff check service model_export client tests benchmarks docs
+	$(DEV_VENV)/bin/python -m ruff check service model_export client tests benchmarks docs docker
 	$(RUN) $(DEV_VENV)/bin/python -m mypy
 
 docs: dev-env
@@ -27,6 +27,21 @@ default-model: dev-env
 	$(RUN) $(DEV_VENV)/bin/python -m model_export train-default --out models/digits-vit
 
 dev-env: $(DEV_VENV)/.ready
+
+# The real image: docker/smoke.sh builds the root Dockerfile with podman (no Docker engine, no registry: a
+# debootstrap'd Debian base cached outside the clone), runs it with buildah and checks it from the host. Needs
+# root; installs podman, buildah and debootstrap where missing. `make test` runs the same test.
+docker-smoke: dev-env
+	$(RUN) $(DEV_VENV)/bin/python -m pytest -q -s tests/docker/test_image.py
+
+# Every kustomization in docker/k8s built (kubectl kustomize) and validated offline against the Kubernetes schemas.
+k8s-validate: dev-env
+	$(RUN) $(DEV_VENV)/bin/python -m pytest -q tests/docker/test_k8s.py tests/docker/test_container_files.py
+
+# On a machine with an NVIDIA GPU: the CUDA provider against the CPU provider, ViT-B/16 throughput.
+gpu-check: dev-env
+	@mkdir -p test-artifacts
+	$(RUN) $(DEV_VENV)/bin/python docker/gpu_check.py --report test-artifacts/gpu-check.json
 
 # The demo page's tests drive Debian's Chromium through Playwright (never `playwright install`, which downloads
 # a browser of its own). Installed only where it is missing; where it cannot be (no root, no mirror), those
