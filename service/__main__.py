@@ -2,19 +2,34 @@
 
 Flags override the `VITSERVE_*` environment. Models are loaded and warmed up before the port opens, so a
 missing or broken artifact is a clear message and exit code 2, not a server that half works.
+
+On SIGTERM (or Ctrl+C) readiness turns 503 at once; requests are still served for `VITSERVE_DRAIN_DELAY_S`, so a
+load balancer sees the pod go unready and stops sending before the listener closes; then uvicorn stops
+accepting, lets in-flight requests finish for up to `VITSERVE_SHUTDOWN_GRACE_S`, and the process exits 0. A
+second signal cuts the drain short.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import time
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+if TYPE_CHECKING:
+    import uvicorn
+
+    from service.state import ServiceState
+
 EXIT_CONFIG = 2
+STARTUP_FAILURE = 3  # as uvicorn: the port could not be opened
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +41,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], help="execution provider (VITSERVE_PROVIDER)")
     p.add_argument("--threads", type=int, help="intra-op threads per session (VITSERVE_THREADS)")
     return p
+
+
+def draining_server(config: uvicorn.Config, state: ServiceState, drain_delay_s: float) -> uvicorn.Server:
+    """A uvicorn server whose first SIGTERM/SIGINT turns readiness off and keeps serving `drain_delay_s`."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        drain_until: float | None = None
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            first = not state.shutting_down
+            state.shutting_down = True  # /readyz and /v2/health/ready answer 503 from now on
+            if first and drain_delay_s > 0:
+                logging.getLogger("vitserve").warning(
+                    "signal %d: readiness is off; serving %g s more before closing the listener", sig, drain_delay_s
+                )
+                self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does: exit code 0
+                self.drain_until = time.monotonic() + drain_delay_s
+                return
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_until is not None and time.monotonic() >= self.drain_until:
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer(config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as e:
-        problems = "; ".join(f"VITSERVE_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        # `msg` only: the input value could be an API key, and keys are never printed.
+        problems = "; ".join(
+            f"VITSERVE_{'_'.join(map(str, err['loc'])).upper() or 'SETTINGS'}: {err['msg']}" for err in e.errors()
+        )
         print(f"error: invalid configuration: {problems}", file=sys.stderr)
         return EXIT_CONFIG
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -57,23 +102,28 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     app = create_app(settings, repository)
     logging.getLogger("vitserve").info(
-        "serving %s on http://%s:%d (default model %s)",
+        "serving %s on http://%s:%d (default model %s%s%s)",
         sorted(repository.models),
         settings.host,
         settings.port,
         repository.default,
+        f"; unavailable: {sorted(repository.unavailable)}" if repository.unavailable else "",
+        f"; {len(settings.api_keys)} API key(s) required" if settings.api_keys else "",
     )
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; this handler turns that into
     # exit code 0, so an orchestrator sees a clean shutdown.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works (wait_for)
     )
-    return 0
+    server = draining_server(config, app.state.vitserve, settings.drain_delay_s)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, re-raised by uvicorn after a graceful shutdown
+        server.run()
+    return 0 if server.started else STARTUP_FAILURE
 
 
 if __name__ == "__main__":

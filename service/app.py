@@ -3,46 +3,78 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
+from service.batching import BatchPolicy
 from service.errors import ServiceError
 from service.metrics import METRICS
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
+from service.middleware import (
+    REQUEST_ID_HEADER,
+    SECURITY_HEADERS,
+    BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    MetricsMiddleware,
+    RequestContextMiddleware,
+    is_v2,
+)
+from service.reload import RepositoryWatcher
 from service.routes import demo, health, inference, metrics, models, v2
-from service.runtime import ModelRepository, resolve_providers
+from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
+from service.security import APIKeyMiddleware, cors_options
 from service.settings import Settings
-from service.state import ServiceState
+from service.state import ServiceState, batch_policy
 
 log = logging.getLogger("vitserve")
 
 
 def load_repository(settings: Settings) -> ModelRepository:
+    """Every model, loaded and warmed up, with its batching policy checked: all a start can fail on."""
     providers = resolve_providers(settings.provider)
     log.info("execution providers: %s", providers)
-    return ModelRepository.load(
+    repository = ModelRepository.load(
         settings.model_dir,
         default=settings.default_model,
         providers=providers,
         threads=settings.threads,
         only=settings.models,
+        on_error=settings.on_model_error,
     )
+    for model in repository.models.values():
+        batch_policy(settings, model)
+    return repository
 
 
-def _error(status: int, code: str, message: str, detail: object = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "detail": detail}}, status, headers=headers)
+def _load_version(settings: Settings, providers: list[str], directory: Path) -> tuple[LoadedModel, BatchPolicy]:
+    model = load_model(directory, providers=providers, threads=settings.threads)
+    return model, batch_policy(settings, model)
+
+
+def _error(
+    request: Request, status: int, code: str, message: str, detail: object = None, headers: dict | None = None
+) -> JSONResponse:
+    # The Open Inference Protocol's error body is `{"error": "message"}`; the REST API's carries code and detail.
+    body = (
+        {"error": message}
+        if is_v2(request.url.path)
+        else {"error": {"code": code, "message": message, "detail": detail}}
+    )
+    return JSONResponse(body, status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+        return _error(request, exc.status, exc.code, exc.message, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -50,13 +82,14 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")} for e in exc.errors()
         ]
         message = "; ".join(f"{p['where']}: {p['problem']}" for p in problems) or "invalid request"
-        return _error(422, "invalid_parameter", message, problems)
+        return _error(request, 422, "invalid_parameter", message, problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         return _error(
+            request,
             exc.status_code,
             codes.get(exc.status_code, "http_error"),
             message,
@@ -65,9 +98,26 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback goes to the log only; the body names the request, never a file, line or exception text.
+        # This handler answers from outside every middleware (Starlette's ServerErrorMiddleware), so it adds the
+        # request id and the safe headers itself.
         request_id = getattr(request.state, "request_id", "?")
         log.exception("request %s failed", request_id)
-        return _error(500, "internal_error", f"internal error; quote request id {request_id} when reporting it")
+        headers = {REQUEST_ID_HEADER: request_id, **{k.decode(): v.decode() for k, v in SECURITY_HEADERS}}
+        message = f"internal error; quote request id {request_id} when reporting it"
+        return _error(request, 500, "internal_error", message, headers=headers)
+
+
+def _install_middleware(app: FastAPI, settings: Settings) -> None:
+    # Added innermost first; the last added runs first on a request.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests)
+    if settings.api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, open_routes=settings.open_routes)
+    app.add_middleware(MetricsMiddleware)
+    if settings.cors_origins:  # outside the key check: a preflight carries no key, and a 401 must be readable
+        app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
+    app.add_middleware(RequestContextMiddleware)  # outermost: every response gets an id and the safe headers
 
 
 def create_app(settings: Settings | None = None, repository: ModelRepository | None = None) -> FastAPI:
@@ -82,8 +132,16 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         for model in state.repository.models.values():
             METRICS.load_seconds.labels(model.name, model.meta.version).set(model.load_seconds)
         state.start_batchers()
+        watcher = None
+        if settings.reload_interval_s > 0:
+            load = functools.partial(_load_version, settings, resolve_providers(settings.provider))
+            watcher = RepositoryWatcher(state, load, settings.reload_interval_s)
+            watcher.start()
+        app.state.watcher = watcher
         yield
         state.shutting_down = True
+        if watcher is not None:
+            await watcher.stop()
         await state.stop_batchers()
         state.close()
 
@@ -96,9 +154,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     )
     app.state.vitserve = state
     _install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware)
-    app.add_middleware(RequestContextMiddleware)  # added last = outermost: every response gets an id
+    _install_middleware(app, settings)
     for module in (health, models, inference, v2, metrics, demo):
         app.include_router(module.router)
     return app

@@ -68,6 +68,18 @@ class Metrics:
             "vitserve_rejected", "Requests refused because the queue was full (503)", ["model"], registry=r
         )
         self.load_seconds = Gauge("vitserve_model_load_seconds", "Time to load and warm up a model", model, registry=r)
+        self.refused = Counter(
+            "vitserve_http_refused",
+            "Requests refused before routing: unauthorized (401), concurrency limit (503)",
+            ["reason"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "vitserve_model_reload",
+            "Model (re)loads found by the repository poll: loaded (swapped in) or rejected (old version kept)",
+            ["model", "outcome"],
+            registry=r,
+        )
 
     def observe_batch(self, model: str, version: str, size: int, compute_ms: float, queue_ms: list[float]) -> None:
         self.inference_count.labels(model, version).inc(size)

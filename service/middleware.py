@@ -1,20 +1,26 @@
-"""Pure-ASGI middleware: request ids and safe headers on every response, and the request body limit.
+"""Pure-ASGI middleware: request ids and safe headers on every response, the request body limit, and the limit
+on inference requests in progress.
 
 The body limit is enforced while the body is read: a `Content-Length` over the limit is refused before a byte
 of the body is read, and a chunked body is cut off as soon as it passes the limit, so nothing is buffered
-beyond it.
+beyond it. Errors answered here take the shape of the API they were addressed to: `{"error": {"code",
+"message", "detail"}}`, or the Open Inference Protocol's `{"error": "message"}` under `/v2`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, ServiceError
+from service.errors import Overloaded, PayloadTooLarge, ServiceError, Unavailable
+
+log = logging.getLogger("vitserve")
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -25,15 +31,24 @@ SECURITY_HEADERS = [
 ]
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key == name:
             return value.decode("latin-1")
     return None
 
 
-async def send_error(send: Send, error: ServiceError, request_id: str | None = None) -> None:
-    body = json.dumps(error.body()).encode()
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_body(path: str, error: ServiceError) -> dict:
+    """The REST API's error body, or the Open Inference Protocol's under `/v2`."""
+    return {"error": error.message} if is_v2(path) else error.body()
+
+
+async def send_error(send: Send, error: ServiceError, request_id: str | None = None, path: str = "") -> None:
+    body = json.dumps(error_body(path, error)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if request_id:
         headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
@@ -43,7 +58,11 @@ async def send_error(send: Send, error: ServiceError, request_id: str | None = N
 
 
 class RequestContextMiddleware:
-    """Give each request an id (the client's `X-Request-ID` if it is sane), echo it, add security headers."""
+    """Give each request an id (the client's `X-Request-ID` if it is sane), echo it, add security headers.
+
+    A request still running when the shutdown grace period ends is cancelled by uvicorn; it answers 503 with
+    `Retry-After` (retry elsewhere), not uvicorn's bare 500.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -52,19 +71,32 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = _header(scope, REQUEST_ID_HEADER.encode())
+        incoming = header(scope, REQUEST_ID_HEADER.encode())
         request_id = incoming if incoming and _VALID_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [h for h in message.get("headers", []) if h[0].lower() != REQUEST_ID_HEADER.encode()]
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
                 headers += [h for h in SECURITY_HEADERS if h[0] not in {k.lower() for k, _ in headers}]
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            log.warning("request %s was cut off by the shutdown (VITSERVE_SHUTDOWN_GRACE_S)", request_id)
+            error = Unavailable(
+                "the server shut down before this request finished; retry", headers={"Retry-After": "1"}
+            )
+            await send_error(send_with_headers, error, request_id, scope["path"])
 
 
 class BodyLimitMiddleware:
@@ -84,9 +116,9 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id")
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_error(send, self._too_large(int(declared)), request_id)
+            await send_error(send, self._too_large(int(declared)), request_id, scope["path"])
             return
         received = 0
         started = False
@@ -109,7 +141,45 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except PayloadTooLarge as e:  # raised inside body reading that no handler turned into a response
             if not started:
-                await send_error(send, e, request_id)
+                await send_error(send, e, request_id, scope["path"])
+
+
+def is_inference(scope: Scope) -> bool:
+    """Every POST under /v1 and /v2 runs a model (classify, attention, V2 infer); nothing else does."""
+    return scope["method"] == "POST" and scope["path"].startswith(("/v1/", "/v2/"))
+
+
+class ConcurrencyLimitMiddleware:
+    """At most `limit` inference requests in progress (reading the body to sending the answer); one more is
+    refused at once with 503 + Retry-After instead of queueing without bound. Probes and metrics never count.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_progress = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_inference(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit:
+            from service.metrics import METRICS
+
+            METRICS.refused.labels(reason="concurrency").inc()
+            error = Overloaded(
+                f"the server has {self.limit} inference requests in progress "
+                "(VITSERVE_MAX_CONCURRENT_REQUESTS); retry shortly",
+                detail={"limit": self.limit},
+                headers={"Retry-After": "1"},
+            )
+            await send_error(send, error, scope.get("state", {}).get("request_id"), scope["path"])
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
 
 
 class MetricsMiddleware:

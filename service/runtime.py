@@ -7,10 +7,13 @@ batches: `infer(pixels (B, 3, H, W), with_attention)` -> logits (B, C) and, when
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -29,6 +32,7 @@ log = logging.getLogger("vitserve.runtime")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+SERVING_FILE = "serving.json"  # optional per-model batching policy beside artifact.json, like Triton's config
 
 
 class ProviderError(Exception):
@@ -40,6 +44,8 @@ def resolve_providers(choice: str) -> list[str]:
     available = ort.get_available_providers()
     if choice == "cpu":
         return [CPU]
+    if choice == "cuda" and CUDA in available:
+        return [CUDA]  # no CPU fallback asked for: `load_model` checks the session really got the GPU
     if CUDA in available:
         return [CUDA, CPU]
     if choice == "cuda":
@@ -55,6 +61,9 @@ def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSes
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # Idle pool threads sleep instead of spinning: the cores are shared with the event loop, the decode threads
+    # and the other pool threads, and a spinning thread takes its core from them (benchmarks/serving.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for bad files
@@ -71,6 +80,7 @@ class LoadedModel:
     load_seconds: float
     warmed_up: bool = False
     extra: dict = field(default_factory=dict)
+    fingerprint: str = ""  # of the directory when loading began (see `fingerprint`); the reload poll compares it
 
     @property
     def name(self) -> str:
@@ -106,6 +116,7 @@ class LoadedModel:
 
 def load_model(directory: Path, *, providers: list[str], threads: int) -> LoadedModel:
     started = time.perf_counter()
+    seen = fingerprint(directory)  # before reading: a change made while loading shows up at the next poll
     meta = read_metadata(directory)
     if meta.name != directory.name:
         log.warning("artifact in %s is named %r; serving it as %r", directory, meta.name, directory.name)
@@ -114,6 +125,12 @@ def load_model(directory: Path, *, providers: list[str], threads: int) -> Loaded
     graph = meta.graphs.get("attention")
     attention = _session(directory / graph.file, providers, threads) if graph else None
     provider = classify.get_providers()[0]
+    if providers == [CUDA] and provider != CUDA:
+        # onnxruntime-gpu lists CUDA whenever it is installed, and falls back to the CPU when no GPU is usable.
+        raise ProviderError(
+            f"VITSERVE_PROVIDER=cuda but onnxruntime could not use a GPU for {meta.name} (it fell back to "
+            f"{provider}); check the NVIDIA driver and CUDA_VISIBLE_DEVICES, or use VITSERVE_PROVIDER=auto|cpu"
+        )
     model = LoadedModel(
         meta=meta,
         directory=directory,
@@ -121,16 +138,58 @@ def load_model(directory: Path, *, providers: list[str], threads: int) -> Loaded
         attention=attention,
         provider=provider,
         load_seconds=0.0,
+        fingerprint=seen,
     )
-    model.warm_up()
+    try:
+        model.warm_up()
+    except ArtifactError:
+        raise
+    except Exception as e:  # onnxruntime refuses the input the metadata describes: the two disagree
+        shape = (1, 3, *meta.input_size)
+        raise ArtifactError(
+            f"model {meta.name}: the graphs do not take the input {artifact_path(directory)} describes, {shape}: "
+            f"{str(e).splitlines()[0][:300]}"
+        ) from e
     model.load_seconds = time.perf_counter() - started
     log.info("loaded %s (%s, %s) in %.2f s", meta.name, meta.precision, provider, model.load_seconds)
     return model
 
 
+def artifact_path(directory: Path) -> Path:
+    return directory / METADATA_FILE
+
+
+def fingerprint(directory: Path) -> str:
+    """What the reload poll compares: the bytes of artifact.json and serving.json, and every file's name, size
+    and modification time (so a graph still being copied changes it too). Empty if the directory is in flux."""
+    digest = hashlib.sha256()
+    try:
+        for path in sorted(directory.iterdir()):
+            if not path.is_file():
+                continue
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+            if path.name in (METADATA_FILE, SERVING_FILE):
+                digest.update(path.read_bytes())
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+def public_message(error: Exception, directory: Path) -> str:
+    """An artifact error as clients may see it: paths relative to the model repository, never the server's."""
+    message = str(error)
+    for prefix in {str(directory), str(directory.resolve())}:
+        message = message.replace(prefix + os.sep, directory.name + "/")
+    return message
+
+
 def discover(model_dir: Path, only: list[str] | None = None) -> list[Path]:
-    """Artifact directories in the repository: sub-directories holding an `artifact.json`."""
-    found = sorted(p for p in model_dir.iterdir() if p.is_dir() and (p / METADATA_FILE).is_file())
+    """Artifact directories in the repository: sub-directories holding an `artifact.json`. Hidden ones
+    (`.name`) are skipped: that is where a new version is written before it is renamed into place."""
+    found = sorted(
+        p for p in model_dir.iterdir() if not p.name.startswith(".") and p.is_dir() and (p / METADATA_FILE).is_file()
+    )
     if only is not None:
         names = {p.name for p in found}
         missing = [n for n in only if n not in names]
@@ -140,12 +199,23 @@ def discover(model_dir: Path, only: list[str] | None = None) -> list[Path]:
     return found
 
 
-class ModelRepository:
-    """Every model in the model directory, by name."""
+@dataclass(frozen=True)
+class LoadFailure:
+    """A model that could not be loaded (VITSERVE_ON_MODEL_ERROR=skip): why, as clients may read it."""
 
-    def __init__(self, models: dict[str, LoadedModel], default: str) -> None:
+    error: str
+    fingerprint: str
+
+
+class ModelRepository:
+    """Every model in the model directory, by name; with `on_error="skip"`, also those that failed to load."""
+
+    def __init__(
+        self, models: dict[str, LoadedModel], default: str, unavailable: dict[str, LoadFailure] | None = None
+    ) -> None:
         self.models = models
         self.default = default
+        self.unavailable = unavailable or {}
 
     @classmethod
     def load(
@@ -156,14 +226,31 @@ class ModelRepository:
         providers: list[str],
         threads: int,
         only: list[str] | None = None,
+        on_error: Literal["fail", "skip"] = "fail",
     ) -> ModelRepository:
+        """Load every artifact. A failure stops the start, unless `on_error="skip"` and it is not the default
+        model: then that model is listed as unavailable and the others are served."""
         paths = discover(model_dir, only)
         if not paths:
             raise ArtifactError(f"no artifacts in {model_dir}; export one with `python -m model_export`")
-        models = {p.name: load_model(p, providers=providers, threads=threads) for p in paths}
-        if default not in models:
-            raise ArtifactError(f"default model {default!r} is not among the loaded models {sorted(models)}")
-        return cls(models, default)
+        if default not in {p.name for p in paths}:
+            raise ArtifactError(f"default model {default!r} is not among the models {sorted(p.name for p in paths)}")
+        models: dict[str, LoadedModel] = {}
+        unavailable: dict[str, LoadFailure] = {}
+        for path in paths:
+            seen = fingerprint(path)
+            try:
+                models[path.name] = load_model(path, providers=providers, threads=threads)
+            except ArtifactError as e:
+                if on_error == "fail":
+                    raise
+                if path.name == default:
+                    raise ArtifactError(
+                        f"{e} (the default model must load, even with VITSERVE_ON_MODEL_ERROR=skip)"
+                    ) from e
+                log.error("model %s is unavailable, serving the others: %s", path.name, e)
+                unavailable[path.name] = LoadFailure(public_message(e, path), seen)
+        return cls(models, default, unavailable)
 
     def get(self, name: str | None) -> LoadedModel | None:
         return self.models.get(name or self.default)

@@ -109,6 +109,14 @@ class ModelInfo(BaseModel):
     default: bool = Field(description="served by the routes without a model name")
 
 
+class UnavailableModel(BaseModel):
+    name: str
+    error: str = Field(description="why it failed to load; its routes answer 503 with this message")
+
+
 class ModelList(BaseModel):
     default: str
     models: list[ModelInfo]
+    unavailable: list[UnavailableModel] = Field(
+        default_factory=list, description="models that failed to load (VITSERVE_ON_MODEL_ERROR=skip)"
+    )

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+# Probes, scrapes and the demo page's own files answer without a key; the page's API calls still need one.
+DEFAULT_OPEN_ROUTES = ["/healthz", "/readyz", "/v2/health/*", "/metrics", "/", "/static/*"]
+
+# A comma-separated environment value ("a,b"); a JSON list is accepted too.
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -31,9 +46,82 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Security. Keys are never logged: `repr=False` keeps them out of the settings' repr and error messages.
+    api_keys: CommaList = Field(
+        default_factory=list, repr=False, description="accepted API keys (comma-separated); none: no key needed"
+    )
+    api_keys_file: Path | None = Field(None, description="a file of API keys, one a line (# comments)")
+    open_routes: CommaList = Field(
+        default_factory=lambda: list(DEFAULT_OPEN_ROUTES),
+        description="paths answered without a key when keys are set; `/prefix/*` matches below the prefix",
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list, description="origins allowed to call the API from a browser; `*` for any; none: closed"
+    )
+    max_concurrent_requests: int = Field(
+        256, gt=0, description="inference requests in progress at once; beyond it 503 + Retry-After at once"
+    )
+
+    # Reliability.
+    on_model_error: Literal["fail", "skip"] = Field(
+        "fail", description="a model that fails to load: fail the start, or serve the others (the default must load)"
+    )
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="on SIGTERM, readiness turns 503 at once and requests are served this long before closing",
+    )
+    reload_interval_s: float = Field(
+        0.0, ge=0, description="poll the model directory this often for new versions and models; 0: off"
+    )
+
     @field_validator("model_dir")
     @classmethod
     def _model_dir_exists(cls, value: Path) -> Path:
         if not value.is_dir():
             raise ValueError(f"model directory {value} does not exist; set VITSERVE_MODEL_DIR")
         return value
+
+    @field_validator("api_keys", "open_routes", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_header_safe(cls, value: list[str]) -> list[str]:
+        for key in value:
+            _check_key(key)
+        return value
+
+    @field_validator("open_routes")
+    @classmethod
+    def _routes_are_paths(cls, value: list[str]) -> list[str]:
+        for route in value:
+            if not route.startswith("/") or "*" in route[:-1]:
+                raise ValueError(f"open route {route!r} must be a path (`/metrics`) or a prefix (`/v2/health/*`)")
+        return value
+
+    @model_validator(mode="after")
+    def _read_keys_file(self) -> Settings:
+        if self.api_keys_file is not None:
+            path = self.api_keys_file
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as e:
+                raise ValueError(f"cannot read the API keys file {path}: {e.strerror}") from None
+            keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            if not keys:
+                raise ValueError(f"the API keys file {path} holds no keys")
+            for key in keys:
+                _check_key(key)
+            self.api_keys = [*self.api_keys, *keys]
+        return self
+
+
+def _check_key(key: str) -> None:
+    # Printable ASCII without spaces or commas: sendable in a header and unambiguous in a list. The key itself is
+    # never quoted in the message.
+    if not key or not all(33 <= ord(c) < 127 and c != "," for c in key):
+        raise ValueError("an API key must be printable ASCII without spaces or commas")

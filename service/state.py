@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
@@ -13,27 +16,55 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from service.artifact import ArtifactError
 from service.batching import BatchPolicy, DynamicBatcher, Result
 from service.errors import NotFound, Unavailable
-from service.runtime import LoadedModel, ModelRepository
+from service.runtime import SERVING_FILE, LoadedModel, ModelRepository
 from service.settings import Settings
 
 log = logging.getLogger("vitserve")
-SERVING_FILE = "serving.json"  # optional per-model batching policy beside artifact.json, like Triton's config
 
 T = TypeVar("T")
+
+
+def batch_policy(settings: Settings, model: LoadedModel) -> BatchPolicy:
+    """The settings' batching policy, with the model's `serving.json` overrides; a bad file is an ArtifactError."""
+    s = settings
+    values: dict[str, Any] = {
+        "max_batch_size": s.max_batch_size if s.batching else 1,
+        "max_queue_delay_ms": s.max_queue_delay_ms,
+        "max_queue_size": s.max_queue_size,
+        "timeout_s": s.request_timeout_s,
+        "enabled": s.batching,
+    }
+    path = model.directory / SERVING_FILE
+    if path.is_file() and s.batching:
+        known = {f.name for f in fields(BatchPolicy)}
+        try:
+            overrides = json.loads(path.read_text())
+            unknown = set(overrides) - known
+        except (ValueError, TypeError) as e:
+            raise ArtifactError(f"{path}: not a JSON object of batching settings: {e}") from e
+        if unknown:
+            raise ArtifactError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+        values.update(overrides)
+    return BatchPolicy(**values)
 
 
 class ServiceState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.repository: ModelRepository | None = None
-        self.shutting_down = False
+        self.shutting_down = False  # set on SIGTERM (readiness turns 503 at once) and at shutdown
         # Decode and preprocess run here, off the event loop and overlapping with inference.
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="prep")
         # One runtime call at a time per process: onnxruntime already spreads one call over its intra-op threads.
         self.runtime_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime")
         self.batchers: dict[str, DynamicBatcher] = {}
+        # Batchers of replaced versions, kept until no request waits on them; and how many requests each has.
+        self._retiring: set[DynamicBatcher] = set()
+        self._waiting: Counter[DynamicBatcher] = Counter()
+        self._tasks: set[asyncio.Task] = set()
 
     @property
     def ready(self) -> bool:
@@ -48,6 +79,12 @@ class ServiceState:
         repository = self.models()
         model = repository.get(name)
         if model is None:
+            failure = repository.unavailable.get(name or repository.default)
+            if failure is not None:
+                raise Unavailable(
+                    f"model {name!r} is unavailable: it failed to load: {failure.error}",
+                    detail={"available": sorted(repository.models)},
+                )
             raise NotFound(
                 f"model {name!r} is not loaded; GET /v1/models lists the models this server has",
                 detail={"available": sorted(repository.models)},
@@ -58,37 +95,79 @@ class ServiceState:
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, lambda: fn(*args, **kwargs))
 
     def policy(self, model: LoadedModel) -> BatchPolicy:
-        s = self.settings
-        values: dict[str, Any] = {
-            "max_batch_size": s.max_batch_size if s.batching else 1,
-            "max_queue_delay_ms": s.max_queue_delay_ms,
-            "max_queue_size": s.max_queue_size,
-            "timeout_s": s.request_timeout_s,
-            "enabled": s.batching,
-        }
-        path = model.directory / SERVING_FILE
-        if path.is_file() and s.batching:
-            known = {f.name for f in fields(BatchPolicy)}
-            overrides = json.loads(path.read_text())
-            unknown = set(overrides) - known
-            if unknown:
-                raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
-            values.update(overrides)
-        return BatchPolicy(**values)
+        return batch_policy(self.settings, model)
+
+    def _start_batcher(self, model: LoadedModel, policy: BatchPolicy) -> DynamicBatcher:
+        batcher = DynamicBatcher(model, policy, self.runtime_pool)
+        batcher.start()
+        log.info("batching %s (version %s): %s", model.name, model.meta.version, policy)
+        return batcher
 
     def start_batchers(self) -> None:
         for name, model in self.models().models.items():
-            policy = self.policy(model)
-            self.batchers[name] = DynamicBatcher(model, policy, self.runtime_pool)
-            self.batchers[name].start()
-            log.info("batching %s: %s", name, policy)
+            self.batchers[name] = self._start_batcher(model, self.policy(model))
 
     async def infer(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
-        """One image (3, H, W) through the model's dynamic batcher."""
-        return await self.batchers[model.name].submit(pixels, with_attention=with_attention)
+        """One image (3, H, W) through the dynamic batcher of the version the request looked up."""
+        batcher = self.batchers.get(model.name)
+        if batcher is None or batcher.model is not model:  # replaced by a reload since the lookup
+            batcher = next((b for b in self._retiring if b.model is model), None)
+            if batcher is None:
+                return await self._infer_alone(model, pixels, with_attention=with_attention)
+        self._waiting[batcher] += 1
+        try:
+            return await batcher.submit(pixels, with_attention=with_attention)
+        finally:
+            self._waiting[batcher] -= 1
+            if not self._waiting[batcher]:
+                del self._waiting[batcher]
+
+    async def _infer_alone(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
+        """A request that began on a version whose batcher is already retired finishes on that version."""
+        started = time.perf_counter()
+        run = functools.partial(model.infer, pixels[None], with_attention=with_attention)
+        logits, attentions = await asyncio.get_running_loop().run_in_executor(self.runtime_pool, run)
+        return Result(
+            logits=logits[0],
+            attentions=None if attentions is None else attentions[0],
+            queue_ms=0.0,
+            compute_ms=(time.perf_counter() - started) * 1e3,
+            batch_size=1,
+        )
+
+    def swap(self, model: LoadedModel, policy: BatchPolicy) -> LoadedModel | None:
+        """Serve `model` from now on, under its name; returns the version it replaces.
+
+        Runs on the event loop with no await, so every request sees either the old version or the new one.
+        Requests that looked up the old version finish on it: its batcher keeps running until none waits on it.
+        """
+        repository = self.models()
+        old_model = repository.models.get(model.name)
+        old_batcher = self.batchers.get(model.name)
+        self.batchers[model.name] = self._start_batcher(model, policy)
+        repository.models[model.name] = model
+        repository.unavailable.pop(model.name, None)
+        if old_batcher is not None:
+            self._retiring.add(old_batcher)
+            task = asyncio.get_running_loop().create_task(self._retire(old_batcher), name=f"retire-{model.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return old_model
+
+    async def _retire(self, batcher: DynamicBatcher) -> None:
+        # Every submit ends within the batcher's timeout, so the wait is bounded; a request that looks the old
+        # version up later still finishes on it (`_infer_alone`).
+        deadline = time.monotonic() + batcher.policy.timeout_s + 1.0
+        while self._waiting[batcher] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._retiring.discard(batcher)
+        await batcher.stop()
+        log.info("retired the batcher of %s version %s", batcher.model.name, batcher.model.meta.version)
 
     async def stop_batchers(self) -> None:
-        for batcher in self.batchers.values():
+        for task in list(self._tasks):
+            task.cancel()
+        for batcher in [*self.batchers.values(), *self._retiring]:
             await batcher.stop()
 
     def close(self) -> None:

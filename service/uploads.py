@@ -68,10 +68,17 @@ async def read_image(request: Request) -> Upload:
     media = _media_type(request)
     if media == "multipart/form-data":
         form = await _form(request, 1)
-        upload = form.get("file")
+        parts = form.getlist("file")
+        if not parts:
+            raise BadRequest(f"multipart field 'file' is missing (got fields {sorted(form.keys())}); {HOW}")
+        if len(parts) > 1:  # answering for one of them would leave the client guessing which
+            raise BadRequest(
+                f"multipart field 'file' holds {len(parts)} parts; send one image per request, or several to "
+                "the batch route in repeated field 'files'"
+            )
+        upload = parts[0]
         if not isinstance(upload, UploadFile):
-            fields = sorted(form.keys())
-            raise BadRequest(f"multipart field 'file' is missing (got fields {fields}); {HOW}")
+            raise BadRequest(f"multipart field 'file' is text, not a file; {HOW}")
         return Upload(await upload.read(), upload.filename)
     if media.startswith("image/") or media in RAW_TYPES:
         return Upload(await request.body(), None)
@@ -87,7 +94,13 @@ async def read_images(request: Request, max_files: int) -> list[Upload]:
             "repeated field 'files'"
         )
     form = await _form(request, max_files)
-    uploads = [u for u in form.getlist("files") if isinstance(u, UploadFile)]
+    parts = form.getlist("files")
+    texts = [i for i, part in enumerate(parts) if not isinstance(part, UploadFile)]
+    if texts:  # skipping them would shift every later result's index against the client's list
+        raise BadRequest(
+            f"multipart field 'files' holds text, not a file, in part(s) {texts}; send each image as a file"
+        )
+    uploads = [u for u in parts if isinstance(u, UploadFile)]
     if not uploads:
         raise BadRequest(
             f"multipart field 'files' is missing (got fields {sorted(form.keys())}); send one or more "

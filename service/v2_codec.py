@@ -12,7 +12,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,6 +24,8 @@ from pydantic import BaseModel, Field, ValidationError
 from service.errors import BadRequest
 
 HEADER_LENGTH = "inference-header-content-length"
+# ASCII digits only: str.isdigit() also accepts "²", which int() refuses; 19 digits keep it within int64.
+_HEADER_LENGTH_VALUE = re.compile(r"[0-9]{1,19}")
 NUMPY_TYPES: dict[str, Any] = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,
@@ -60,7 +65,7 @@ class InferRequest(BaseModel):
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
     """Split the body into the JSON header and the binary part, and validate the header."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not _HEADER_LENGTH_VALUE.fullmatch(header_length) or int(header_length) > len(body):
             raise BadRequest(
                 f"Inference-Header-Content-Length {header_length!r} is not within the body's {len(body)} bytes"
             )
@@ -72,6 +77,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
         return InferRequest.model_validate(json.loads(header)), binary
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"the inference request is not valid JSON: {e}") from e
+    except RecursionError:  # json's parser gives up on arrays nested about a thousand deep
+        raise BadRequest("the inference request nests JSON arrays or objects too deeply") from None
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise BadRequest(f"the inference request does not follow the V2 protocol: {problems}") from e
@@ -80,7 +87,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
 def _count(shape: list[int]) -> int:
     if any(d < 0 for d in shape):
         raise BadRequest(f"shape {shape} has a negative dimension")
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # Python integers: numpy's int64 product would overflow (or wrap to 0) on a hostile shape.
+    return math.prod(shape)
 
 
 def decode_bytes_elements(raw: bytes, expected: int, name: str) -> list[bytes]:
@@ -127,13 +135,13 @@ def decode_input(tensor: TensorIn, binary: bytes, offset: int) -> tuple[np.ndarr
     if tensor.data is None:
         raise BadRequest(f"input {tensor.name!r} has neither data nor parameters.binary_data_size")
     if tensor.datatype == "BYTES":
-        flat = list(_flatten(tensor.data))
+        flat = _flatten(tensor.data)
         if len(flat) != count:
             raise BadRequest(f"input {tensor.name!r}: shape asks for {count} elements, data holds {len(flat)}")
         return [_b64(v, tensor.name) for v in flat], offset
     try:
         values = np.asarray(tensor.data, dtype=_numpy_type(tensor))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: an integer beyond the datatype
         raise BadRequest(f"input {tensor.name!r}: data is not {tensor.datatype}: {e}") from e
     if values.size != count:
         raise BadRequest(f"input {tensor.name!r}: shape {tensor.shape} needs {count} values, data holds {values.size}")
@@ -147,12 +155,19 @@ def _numpy_type(tensor: TensorIn) -> Any:
     return dtype
 
 
-def _flatten(value: Any):  # type: ignore[no-untyped-def]
-    if isinstance(value, list):
-        for v in value:
-            yield from _flatten(v)
-    else:
-        yield value
+def _flatten(value: Any) -> list[Any]:
+    """Nested lists -> their leaves in row-major order; iterative, so no nesting depth exhausts the stack."""
+    leaves: list[Any] = []
+    stack: list[Iterator[Any]] = [iter([value])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            leaves.append(item)
+        else:
+            stack.pop()
+    return leaves
 
 
 def _b64(value: Any, name: str) -> bytes:

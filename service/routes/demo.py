@@ -42,8 +42,9 @@ HEADERS = {"content-security-policy": CONTENT_SECURITY_POLICY, "cache-control": 
 
 
 def _static_file(name: str) -> FileResponse:
-    # Only files that are in the folder, by name: no path from the URL ever reaches the filesystem.
-    served = {p.name: p for p in STATIC.iterdir() if p.is_file() and p.suffix in CONTENT_TYPES}
+    # Only regular files that are in the folder, by name: no path from the URL ever reaches the filesystem, and a
+    # symlink placed there (to a file elsewhere) is never followed.
+    served = {p.name: p for p in STATIC.iterdir() if not p.is_symlink() and p.is_file() and p.suffix in CONTENT_TYPES}
     path = served.get(name)
     if path is None:
         raise NotFound(f"no static file {name!r}; the demo page is at /")

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from service.deps import State
 from service.runtime import LoadedModel
-from service.schemas import ErrorResponse, Grid, ModelInfo, ModelList
+from service.schemas import ErrorResponse, Grid, ModelInfo, ModelList, UnavailableModel
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -37,7 +37,11 @@ def model_info(model: LoadedModel, default: str) -> ModelInfo:
 @router.get("/models", response_model=ModelList, operation_id="list_models", summary="Loaded models")
 async def list_models(state: State) -> ModelList:
     repo = state.models()
-    return ModelList(default=repo.default, models=[model_info(m, repo.default) for m in repo.models.values()])
+    return ModelList(
+        default=repo.default,
+        models=[model_info(m, repo.default) for m in repo.models.values()],
+        unavailable=[UnavailableModel(name=n, error=f.error) for n, f in sorted(repo.unavailable.items())],
+    )
 
 
 @router.get(
@@ -45,7 +49,7 @@ async def list_models(state: State) -> ModelList:
     response_model=ModelInfo,
     operation_id="get_model",
     summary="One model's facts",
-    responses={404: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse, "description": "it failed to load"}},
 )
 async def get_model(name: str, state: State) -> ModelInfo:
     return model_info(state.model(name), state.models().default)

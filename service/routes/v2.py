@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from service import v2_codec as codec
 from service.artifact import INPUT_NAME
@@ -44,6 +45,28 @@ INFER_BODY = {
         },
     }
 }
+
+
+class V2Error(BaseModel):
+    """The protocol's error body."""
+
+    error: str
+
+
+_ERROR_CAUSES = {
+    400: "a malformed request, or inputs this model cannot take",
+    404: "unknown model or version",
+    413: "more images than VITSERVE_MAX_BATCH_FILES, or an image over VITSERVE_MAX_PIXELS",
+    503: "not ready, or overloaded (see Retry-After)",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the statuses a route can answer with `{"error": "message"}`."""
+    return {status: {"model": V2Error, "description": _ERROR_CAUSES[status]} for status in statuses}
+
+
+NOT_READY: dict[int | str, dict[str, Any]] = {503: {"description": "not ready: loading, or draining before shutdown"}}
 
 
 def _v2_error(e: ServiceError) -> JSONResponse:
@@ -99,36 +122,50 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", operation_id="v2_ready", summary="Server ready")
+@router.get("/health/ready", operation_id="v2_ready", summary="Server ready", responses=NOT_READY)
 async def ready(state: State) -> JSONResponse:
     return JSONResponse({"ready": state.ready}, 200 if state.ready else 503)
 
 
-@router.get("/models/{name}", operation_id="v2_model_metadata", summary="Model metadata")
+@router.get("/models/{name}", operation_id="v2_model_metadata", summary="Model metadata", responses=_errors(404))
 async def model_metadata(name: str, state: State) -> Response:
     return await _guard(lambda: _json(_metadata(_model(state, name, None))))
 
 
 @router.get(
-    "/models/{name}/versions/{version}", operation_id="v2_model_version_metadata", summary="Model metadata (version)"
+    "/models/{name}/versions/{version}",
+    operation_id="v2_model_version_metadata",
+    summary="Model metadata (version)",
+    responses=_errors(404),
 )
 async def model_version_metadata(name: str, version: str, state: State) -> Response:
     return await _guard(lambda: _json(_metadata(_model(state, name, version))))
 
 
-@router.get("/models/{name}/ready", operation_id="v2_model_ready", summary="Model ready")
+@router.get(
+    "/models/{name}/ready", operation_id="v2_model_ready", summary="Model ready", responses=_errors(404) | NOT_READY
+)
 async def model_ready(name: str, state: State) -> Response:
     return await _guard(lambda: _ready(_model(state, name, None)))
 
 
 @router.get(
-    "/models/{name}/versions/{version}/ready", operation_id="v2_model_version_ready", summary="Model ready (version)"
+    "/models/{name}/versions/{version}/ready",
+    operation_id="v2_model_version_ready",
+    summary="Model ready (version)",
+    responses=_errors(404) | NOT_READY,
 )
 async def model_version_ready(name: str, version: str, state: State) -> Response:
     return await _guard(lambda: _ready(_model(state, name, version)))
 
 
-@router.post("/models/{name}/infer", operation_id="v2_infer", summary="Inference", openapi_extra=INFER_BODY)
+@router.post(
+    "/models/{name}/infer",
+    operation_id="v2_infer",
+    summary="Inference",
+    openapi_extra=INFER_BODY,
+    responses=_errors(400, 404, 413, 503),
+)
 async def infer(name: str, request: Request, state: State) -> Response:
     return await _guard(lambda: _infer(state, request, name, None))
 
@@ -138,6 +175,7 @@ async def infer(name: str, request: Request, state: State) -> Response:
     operation_id="v2_infer_version",
     summary="Inference (version)",
     openapi_extra=INFER_BODY,
+    responses=_errors(400, 404, 413, 503),
 )
 async def infer_version(name: str, version: str, request: Request, state: State) -> Response:
     return await _guard(lambda: _infer(state, request, name, version))
@@ -149,6 +187,14 @@ async def _json(body: dict[str, Any]) -> Response:
 
 async def _ready(model: LoadedModel) -> Response:
     return JSONResponse({"name": model.name, "ready": model.warmed_up}, 200 if model.warmed_up else 503)
+
+
+def _check_count(count: int, state: State) -> None:
+    """Refuse more images than VITSERVE_MAX_BATCH_FILES up front (413): each image waits in the model's bounded
+    queue, and a request larger than the queue would get a 503 that no retry can cure."""
+    limit = state.settings.max_batch_files
+    if count > limit:
+        raise PayloadTooLarge(f"{count} images in one request; the limit is {limit} (VITSERVE_MAX_BATCH_FILES)")
 
 
 async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest, binary: bytes) -> np.ndarray:
@@ -166,11 +212,7 @@ async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest,
         assert isinstance(images, list)
         if not images:
             raise BadRequest(f"input {IMAGE_INPUT!r} holds no images")
-        limit = state.settings.max_batch_files
-        if len(images) > limit:
-            raise PayloadTooLarge(
-                f"{len(images)} images in one request; the limit is {limit} (VITSERVE_MAX_BATCH_FILES)"
-            )
+        _check_count(len(images), state)
         prepared = await asyncio.gather(
             *(state.run_cpu(prepare, data, model.meta, max_pixels=state.settings.max_pixels) for data in images)
         )
@@ -184,6 +226,7 @@ async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest,
         raise BadRequest(
             f"input {INPUT_NAME!r} has shape {tensor.shape}; this model takes [N, {', '.join(map(str, want))}]"
         )
+    _check_count(tensor.shape[0], state)
     values, _ = codec.decode_input(tensor, binary, 0)
     assert isinstance(values, np.ndarray)
     if not np.isfinite(values).all():

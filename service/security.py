@@ -1,0 +1,87 @@
+"""Who may call the service: optional API keys, and which browser origins may read its answers (CORS).
+
+API keys are off until `VITSERVE_API_KEYS` or `VITSERVE_API_KEYS_FILE` names at least one. Then every route
+except the open ones (`VITSERVE_OPEN_ROUTES`: probes, metrics, the demo page's own files) needs
+`Authorization: Bearer <key>` or `X-API-Key: <key>`; anything else is 401 with `WWW-Authenticate: Bearer`,
+decided before routing, so an unknown path without a key is 401 too and routes cannot be enumerated.
+
+A presented key's SHA-256 is compared with every configured key's by `hmac.compare_digest`, all of them every
+time, so the answer's timing says nothing about how much of a key (or its length) was right. Keys are never
+logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import Unauthorized
+from service.metrics import METRICS
+from service.middleware import header, send_error
+
+AUTH_HEADERS = ["Authorization", "X-API-Key"]
+
+
+def is_open(path: str, open_routes: list[str]) -> bool:
+    """`/metrics` matches itself only; `/v2/health/*` matches every path below `/v2/health/`."""
+    return any(path.startswith(r[:-1]) if r.endswith("*") else path == r for r in open_routes)
+
+
+def presented_key(scope: Scope) -> bytes | None:
+    authorization = header(scope, b"authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip().encode("latin-1")
+    api_key = header(scope, b"x-api-key")
+    return api_key.strip().encode("latin-1") if api_key else None
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[str], open_routes: list[str]) -> None:
+        self.app = app
+        # Digests, compared digest to digest: equal lengths, so not even a key's length shows in the timing.
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self.open_routes = open_routes
+
+    def accepts(self, candidate: bytes | None) -> bool:
+        if candidate is None:
+            return False
+        digest = hashlib.sha256(candidate).digest()
+        matched = False
+        for key in self.digests:  # no early exit: every key is compared every time
+            matched |= hmac.compare_digest(digest, key)
+        return matched
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A CORS preflight (OPTIONS, never with credentials) does not get here: the CORS middleware outside
+        # answers it.
+        if scope["type"] != "http" or is_open(scope["path"], self.open_routes):
+            await self.app(scope, receive, send)
+            return
+        candidate = presented_key(scope)
+        if self.accepts(candidate):
+            await self.app(scope, receive, send)
+            return
+        METRICS.refused.labels(reason="unauthorized").inc()
+        problem = "no API key was sent" if candidate is None else "the API key is not valid"
+        error = Unauthorized(
+            f"{problem}; send it as `Authorization: Bearer <key>` (or `X-API-Key: <key>`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await send_error(send, error, scope.get("state", {}).get("request_id"), scope["path"])
+
+
+def cors_options(origins: list[str]) -> dict[str, Any]:
+    """Starlette CORSMiddleware arguments: the given origins may call the API and read its answers (no cookies)."""
+    return {
+        "allow_origins": origins,
+        "allow_methods": ["GET", "POST"],
+        "allow_headers": [*AUTH_HEADERS, "Content-Type", "X-Request-ID", "Inference-Header-Content-Length"],
+        "expose_headers": ["X-Request-ID", "Retry-After", "Inference-Header-Content-Length"],
+        "allow_credentials": False,
+        "max_age": 600,
+    }
