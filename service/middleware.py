@@ -23,6 +23,7 @@ from service.errors import Overloaded, PayloadTooLarge, ServiceError, Unavailabl
 log = logging.getLogger("vitserve")
 
 REQUEST_ID_HEADER = "x-request-id"
+_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit() accepts "²", which int() refuses
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -117,7 +118,7 @@ class BodyLimitMiddleware:
             return
         request_id = scope.get("state", {}).get("request_id")
         declared = header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and _DIGITS.fullmatch(declared) and int(declared) > self.max_bytes:
             await send_error(send, self._too_large(int(declared)), request_id, scope["path"])
             return
         received = 0

@@ -104,6 +104,16 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _batch_fits_the_queue(self) -> Settings:
+        # Each image of a batch request takes a queue slot: a batch larger than the queue could never be served.
+        if self.max_batch_files > self.max_queue_size:
+            raise ValueError(
+                f"VITSERVE_MAX_BATCH_FILES ({self.max_batch_files}) exceeds VITSERVE_MAX_QUEUE_SIZE "
+                f"({self.max_queue_size}); a full batch request could never be queued"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _read_keys_file(self) -> Settings:
         if self.api_keys_file is not None:
             path = self.api_keys_file

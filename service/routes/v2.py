@@ -258,7 +258,8 @@ def _classification(values: np.ndarray, labels: list[str], k: int) -> list[bytes
 async def _infer(state: State, request: Request, name: str, version: str | None) -> Response:
     model = _model(state, name, version)
     body = await request.body()
-    parsed, binary = codec.parse_request(body, request.headers.get(codec.HEADER_LENGTH))
+    # JSON tensors of several MB take long enough to parse that the event loop must not do it.
+    parsed, binary = await state.run_cpu(codec.parse_request, body, request.headers.get(codec.HEADER_LENGTH))
     outputs = _outputs(parsed)
     pixels = await _pixels(state, model, parsed, binary)
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
