@@ -1,7 +1,7 @@
 """Soak: a long mixed load over loopback; no unexpected error, honest 503s, and memory that stays put.
 
     PYTHONPATH=. python benchmarks/soak.py                               # 20,000 requests, 64 clients
-    PYTHONPATH=. python benchmarks/soak.py --requests 1500 --concurrency 32 --env VITSERVE_MAX_QUEUE_SIZE=16
+    PYTHONPATH=. python benchmarks/soak.py --requests 1500 --concurrency 32 --env VITSERVE_MAX_QUEUE_SIZE=16 --env VITSERVE_MAX_BATCH_FILES=8
     PYTHONPATH=. python benchmarks/soak.py --url http://127.0.0.1:8000 --pid 1234   # a server already running
 
 Starts `python -m service` on the default model (unless `--url`), then `--concurrency` closed-loop clients send

@@ -77,6 +77,7 @@ def test_full_queue_answers_503_with_retry_after(tmp_path, held_out):
         tmp_path / "server.log",
         VITSERVE_MAX_BATCH_SIZE="1",
         VITSERVE_MAX_QUEUE_SIZE="1",
+        VITSERVE_MAX_BATCH_FILES="1",
         VITSERVE_MAX_QUEUE_DELAY_MS="0",
     ).wait_ready()
     try:

@@ -23,6 +23,7 @@ def test_short_soak_has_no_unexpected_error_and_no_memory_growth(tmp_path):
         VITSERVE_MODELS=f'["{MODEL}"]',
         VITSERVE_DEFAULT_MODEL=MODEL,
         VITSERVE_MAX_QUEUE_SIZE=str(QUEUE),
+        VITSERVE_MAX_BATCH_FILES="8",  # the largest batch in the mix; must not exceed the queue
     ).wait_ready()
     try:
         result = run_soak(
