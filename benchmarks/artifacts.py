@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def export_key() -> str:
     return digest.hexdigest()[:12]
 
 
-def vit_b16_repository(log: callable = print) -> Repository:  # type: ignore[valid-type]
+def vit_b16_repository(log: Callable[[str], object] = print) -> Repository:
     """The cached ViT-B/16 FP32 + INT8 artifacts; exported through the CLI on the first run."""
     base = CACHE / "bench-artifacts" / export_key()
     models = base / "models"
@@ -77,7 +78,7 @@ def _save_hf_vit_b16(directory: Path) -> None:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(num_labels=1000)).eval()  # ViT-B/16, 224x224
+    model = ViTForImageClassification(ViTConfig(num_labels=1000)).eval()  # type: ignore[call-arg]  # ViT-B/16, 224x224
     model.save_pretrained(directory)
     ViTImageProcessor().save_pretrained(directory)
 

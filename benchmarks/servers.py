@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -176,7 +177,7 @@ def torch_eager(source: str, log: Path, *, hf_checkpoint: Path | None = None, ar
     )
 
 
-def bentoml_env(log: callable = print) -> Path:  # type: ignore[valid-type]
+def bentoml_env(log: Callable[[str], object] = print) -> Path:
     """The BentoML virtual environment (created and filled from PyPI on first use); returns its python."""
     key = hashlib.sha256("\n".join(BENTOML_REQUIREMENTS).encode()).hexdigest()[:12]
     venv = CACHE / f"bench-bentoml-{key}"

@@ -32,7 +32,7 @@ log = logging.getLogger("vitserve.batching")
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch_size: int = 16
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0
     max_queue_size: int = 256
     timeout_s: float = 30.0
     enabled: bool = True

@@ -41,7 +41,12 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(32, gt=0, description="images allowed in one batch request")
     batching: bool = Field(True, description="coalesce concurrent requests into one runtime call")
     max_batch_size: int = Field(16, gt=0, description="images per runtime call (a model's serving.json may override)")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="how long the first request waits for company")
+    max_queue_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="how long the first request waits for company; 0: none, a batch is what queued while the "
+        "previous one ran (benchmarks/batching_sweep.py: 2 ms halved one client's throughput, helped no load)",
+    )
     max_queue_size: int = Field(256, gt=0, description="queued requests per model before 503 + Retry-After")
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
