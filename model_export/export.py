@@ -2,8 +2,9 @@
 
 Graph design (why two): ViT-B/16 at batch 8 has 8 x 12 x 12 x 197 x 197 attention probabilities, 179 MB,
 that the classify path does not need. The classify graph (`model.onnx`) is traced with the attention output
-dropped and then optimised by onnxruntime's transformer optimizer, which fuses attention into one kernel; the
-attention graph (`attention.onnx`) keeps the explicit softmax and returns the probabilities. A mixed batch of
+dropped, so it is exactly a logits-only export (onnxruntime optimises it at load); the attention graph
+(`attention.onnx`) also returns the probabilities. Measured (benchmarks/attention_cost.py): an offline pass of
+onnxruntime's transformer optimizer made the classify graph 6% slower than the plain export, so there is none. A mixed batch of
 classify and attention requests runs on the attention graph (it returns logits too).
 """
 
@@ -58,27 +59,6 @@ def _trace(module: torch.nn.Module, dummy: torch.Tensor, path: Path, outputs: li
     onnx.checker.check_model(str(path))
 
 
-def _fuse_attention(path: Path, *, num_heads: int, hidden_size: int) -> bool:
-    """Rewrite the classify graph with onnxruntime's fusions (attention, LayerNorm, GELU). True if it fused."""
-    from onnxruntime.transformers import optimizer
-
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    model = optimizer.optimize_model(
-        str(path), model_type="vit", num_heads=num_heads, hidden_size=hidden_size, opt_level=0, use_gpu=False
-    )
-    fused = any(node.op_type in ("Attention", "MultiHeadAttention") for node in model.model.graph.node)
-    model.save_model_to_file(str(path))
-    return fused
-
-
-def hidden_size(module: torch.nn.Module) -> int:
-    """Token width, read off the first LayerNorm (every ViT normalises its tokens)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.LayerNorm):
-            return int(m.normalized_shape[0])
-    raise ValueError("model has no LayerNorm; is it a Vision Transformer?")
-
-
 def export_graphs(src: ExportSource, out_dir: Path, *, opset: int = DEFAULT_OPSET) -> dict[str, GraphFile]:
     out_dir.mkdir(parents=True, exist_ok=True)
     dummy = torch.randn(TRACE_BATCH, 3, *src.input_size, generator=torch.Generator().manual_seed(0))
@@ -86,8 +66,6 @@ def export_graphs(src: ExportSource, out_dir: Path, *, opset: int = DEFAULT_OPSE
     with torch.no_grad(), src.patches():
         _trace(LogitsOnly(src.model), dummy, out_dir / CLASSIFY_FILE, [LOGITS], opset)
         _trace(src.model, dummy, out_dir / ATTENTION_FILE, [LOGITS, ATTENTIONS], opset)
-    fused = _fuse_attention(out_dir / CLASSIFY_FILE, num_heads=src.num_heads, hidden_size=hidden_size(src.model))
-    log.info("classify graph: attention %s", "fused" if fused else "not fused (pattern not recognised)")
     return {
         "classify": GraphFile(file=CLASSIFY_FILE, sha256=sha256_file(out_dir / CLASSIFY_FILE), outputs=[LOGITS]),
         "attention": GraphFile(

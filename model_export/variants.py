@@ -41,8 +41,7 @@ LOW_TOP1_AGREEMENT = 0.9  # worth a warning; refusal is for a measured accuracy 
 def _quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # The classify graph is already ORT-optimized (fused ops without full type info): the quantizer needs a
-    # default tensor type for what it cannot infer.
+    # For a graph with ops whose types the quantizer cannot infer (e.g. an ORT-optimized one), it needs a default.
     logging.disable(logging.WARNING)  # the quantizer logs advice and per-tensor notes through the root logger
     try:
         quantize_dynamic(
