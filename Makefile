@@ -24,7 +24,7 @@ docs: dev-env
 	$(RUN) $(DEV_VENV)/bin/python docs/make_docs.py
 
 default-model: dev-env
-	$(RUN) $(DEV_VENV)/bin/python -m model_export train-default --out models/digits-vit
+	$(RUN) $(DEV_VENV)/bin/python -m model_export train-default --out models/digits-vit --int8
 
 dev-env: $(DEV_VENV)/.ready
 
