@@ -117,7 +117,7 @@ def _train_default(args: argparse.Namespace) -> None:
     )
     _record_score(args.out, meta, {**score.as_dict(), **report})
 
-    x, held = held_out_inputs(args.out)
+    x, held = held_out_inputs(meta)
     _variants(args, meta, inputs=x[:256], accuracy=lambda graph: classify_accuracy(graph, x, held.labels))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.artifact import ATTENTIONS, LOGITS, read_metadata
+from service.artifact import ATTENTIONS, LOGITS, ArtifactMetadata, read_metadata
 from service.attention_maps import rollout
 from service.preprocessing import preprocess_batch
 
@@ -30,8 +30,8 @@ class DigitsScore:
         return {"accuracy": self.accuracy, "pointing_game": self.pointing_game, "held_out_images": self.n}
 
 
-def held_out_inputs(directory: Path) -> tuple[np.ndarray, digits.Canvases]:
-    meta = read_metadata(directory)
+def held_out_inputs(meta: ArtifactMetadata) -> tuple[np.ndarray, digits.Canvases]:
+    """The held-out canvases, preprocessed with the artifact's own record."""
     held = digits.held_out_set()
     images = [Image.fromarray(c).convert("RGB") for c in held.images]
     return preprocess_batch(images, meta.preprocessing), held
@@ -39,7 +39,7 @@ def held_out_inputs(directory: Path) -> tuple[np.ndarray, digits.Canvases]:
 
 def score_digits(directory: Path, *, graph: str = "attention") -> DigitsScore:
     meta = read_metadata(directory)
-    x, held = held_out_inputs(directory)
+    x, held = held_out_inputs(meta)
     sess = session(directory / meta.graphs[graph].file)  # type: ignore[index]
     logits, attentions = run_in_batches(sess, x, [LOGITS, ATTENTIONS], batch=64)
     maps = np.stack(
