@@ -30,10 +30,11 @@ RUN groupadd --gid 10001 vitserve \
         --shell /usr/sbin/nologin vitserve
 COPY --from=build /opt/venv /opt/venv
 COPY models /models
+COPY vit_artifact /app/vit_artifact
 COPY service /app/service
 # Bytecode now, as root, because the running container cannot write next to its read-only sources: without
 # it every start would compile the service again (pip already compiled the virtual environment).
-RUN /opt/venv/bin/python -m compileall -q /app/service
+RUN /opt/venv/bin/python -m compileall -q /app/vit_artifact /app/service
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -17,7 +17,7 @@ test: dev-env browser
 	$(RUN) $(DEV_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: dev-env
-	$(DEV_VENV)/bin/python -m ruff check service model_export client tests benchmarks docs docker
+	$(DEV_VENV)/bin/python -m ruff check vit_artifact service model_export client tests benchmarks docs docker
 	$(RUN) $(DEV_VENV)/bin/python -m mypy
 
 docs: dev-env

@@ -22,8 +22,8 @@ import torch
 
 from model_export.export import export_artifact
 from model_export.from_hf import load_hf
-from service.artifact import read_metadata
-from service.attention_maps import rollout
+from vit_artifact.metadata import read_metadata
+from vit_artifact.attention import rollout
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -169,8 +169,8 @@ def check_api(url: str) -> str | None:
     from vitserve_client import Client
 
     from model_export.digits import held_out_set
-    from service.artifact import read_metadata
-    from service.preprocessing import preprocess_batch
+    from vit_artifact.metadata import read_metadata
+    from vit_artifact.preprocessing import preprocess_batch
 
     model_dir = ROOT / "models" / "digits-vit"
     meta = read_metadata(model_dir)

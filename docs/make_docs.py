@@ -29,8 +29,8 @@ from model_export.complexity import STANDARD, count, crossover_tokens
 from model_export.digits import held_out_set
 from model_export.train import DIGITS_CONFIG
 from model_export.vit import ViTConfig
-from service.artifact import read_metadata
-from service.attention_maps import per_layer_cls_maps, rollout
+from vit_artifact.metadata import read_metadata
+from vit_artifact.attention import per_layer_cls_maps, rollout
 
 DOCS = Path(__file__).parent
 ROOT = DOCS.parent
@@ -125,7 +125,7 @@ def position_figure(out: Path) -> None:
 
 def attention_figure(out: Path, image: np.ndarray, label: int) -> None:
     meta = read_metadata(MODEL)
-    from service.preprocessing import preprocess
+    from vit_artifact.preprocessing import preprocess
 
     x = preprocess(Image.fromarray(image).convert("RGB"), meta.preprocessing)[None]
     sess = ort.InferenceSession(str(MODEL / "attention.onnx"), providers=["CPUExecutionProvider"])

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from service.artifact import ArtifactMetadata
+from vit_artifact.metadata import ArtifactMetadata
 
 from .sources import ExportError, ExportSource, ParityError
 
@@ -122,7 +122,7 @@ def _train_default(args: argparse.Namespace) -> None:
 
 
 def _record_score(directory: Path, meta: ArtifactMetadata, score: dict) -> None:
-    from service.artifact import write_metadata
+    from vit_artifact.metadata import write_metadata
 
     write_metadata(directory, meta.model_copy(update={"extra": {**meta.extra, **score}}))
 

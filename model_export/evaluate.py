@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.artifact import ATTENTIONS, LOGITS, ArtifactMetadata, read_metadata
-from service.attention_maps import rollout
-from service.preprocessing import preprocess_batch
+from vit_artifact.metadata import ATTENTIONS, LOGITS, ArtifactMetadata, read_metadata
+from vit_artifact.attention import rollout
+from vit_artifact.preprocessing import preprocess_batch
 
 from . import digits
 from .verify import run_in_batches, session

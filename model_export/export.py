@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from service.artifact import (
+from vit_artifact.metadata import (
     ATTENTIONS,
     INPUT_NAME,
     LOGITS,

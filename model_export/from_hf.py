@@ -35,7 +35,7 @@ from transformers import (
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.processing_utils import ImagesKwargs
 
-from service.artifact import Interpolation, Preprocessing, Source
+from vit_artifact.metadata import Interpolation, Preprocessing, Source
 
 from .sources import CheckpointError, ExportSource, UnsupportedModelError, read_labels
 

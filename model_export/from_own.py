@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from service.artifact import Preprocessing, Source, sha256_file
+from vit_artifact.metadata import Preprocessing, Source, sha256_file
 
 from .sources import CheckpointError, ExportSource, UnsupportedModelError, read_labels
 from .vit import VisionTransformer, ViTConfig

@@ -31,7 +31,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from service.artifact import Interpolation, Preprocessing, Source, sha256_file
+from vit_artifact.metadata import Interpolation, Preprocessing, Source, sha256_file
 
 from .sources import CheckpointError, ExportSource, UnsupportedModelError, read_labels
 

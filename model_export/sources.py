@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from service.artifact import Preprocessing, Source
+from vit_artifact.metadata import Preprocessing, Source
 
 
 class ExportError(Exception):

@@ -1,6 +1,6 @@
 """`train-default`: train the project's own ViT on digits placed on cluttered canvases, deterministically.
 
-Training tensors go through `service.preprocessing` with the very record the artifact will carry, so what the
+Training tensors go through `vit_artifact.preprocessing` with the very record the artifact will carry, so what the
 model learned from and what the service feeds it are made by the same code: no train/serve skew.
 """
 
@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from service.artifact import Preprocessing
-from service.preprocessing import preprocess_batch
+from vit_artifact.metadata import Preprocessing
+from vit_artifact.preprocessing import preprocess_batch
 
 from . import digits
 from .vit import VisionTransformer, ViTConfig, save_checkpoint

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service.artifact import (
+from vit_artifact.metadata import (
     LOGITS,
     ArtifactMetadata,
     GraphFile,

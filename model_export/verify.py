@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from service.artifact import ATTENTIONS, INPUT_NAME, LOGITS, GraphFile, Parity, Preprocessing
+from vit_artifact.metadata import ATTENTIONS, INPUT_NAME, LOGITS, GraphFile, Parity, Preprocessing
 
 from .sources import ExportSource, ParityError
 
@@ -32,7 +32,7 @@ def sample_photos(spec: Preprocessing) -> np.ndarray | None:
         return None
     from PIL import Image
 
-    from service.preprocessing import preprocess_batch
+    from vit_artifact.preprocessing import preprocess_batch
 
     images = []
     for name in PHOTOS:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from service.artifact import Preprocessing
+from vit_artifact.metadata import Preprocessing
 
 
 @dataclass(frozen=True)

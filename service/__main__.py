@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             os.environ[f"VITSERVE_{name.upper()}"] = str(value)
 
-    from service.artifact import ArtifactError
+    from vit_artifact.metadata import ArtifactError
     from service.runtime import ProviderError
     from service.settings import Settings
 

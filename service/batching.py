@@ -7,7 +7,7 @@ each future gets its own row back. While a batch runs, new requests queue up, so
 without waiting. A full queue is refused at once (503 + Retry-After), never an unbounded wait.
 
 Classify and attention requests share the queue: a batch holding any attention request runs on the attention
-graph, which returns logits too (see service/artifact.py).
+graph, which returns logits too (see vit_artifact/metadata.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Attention maps drawn over the user's photo, as a PNG a person can read.
 
-The heat map (from `service.attention_maps`, e.g. attention rollout, Abnar & Zuidema 2020, arXiv:2005.00928)
+The heat map (from `vit_artifact.attention`, e.g. attention rollout, Abnar & Zuidema 2020, arXiv:2005.00928)
 covers the model input, which is only part of the photo when preprocessing centre-crops. So the caller gives
 the photo and the `box` the input was cut from; the map is upsampled smoothly (bicubic) onto that box and
 blended with a perceptual colour map, the rest of the photo is dimmed, and a colour bar (low to high) and an

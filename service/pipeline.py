@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from service.artifact import ArtifactMetadata
-from service.attention_maps import Method, attention_map
+from vit_artifact.metadata import ArtifactMetadata
+from service.errors import InvalidParameter, NotFound
+from vit_artifact.attention import Method, NoSuchIndex, AttentionArgumentError, attention_map
 from service.imaging import decode_image
 from service.overlay import render_overlay
-from service.preprocessing import crop_box, preprocess
+from vit_artifact.preprocessing import crop_box, preprocess
 from service.schemas import AttentionParams, Prediction
 
 
@@ -53,17 +54,22 @@ def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[Prediction]:
 def attention_grid(
     attentions: np.ndarray, meta: ArtifactMetadata, method: Method, params: AttentionParams
 ) -> np.ndarray:
-    """One image's (L, H, N, N) attention -> (grid_h, grid_w) map in [0, 1]."""
-    return attention_map(
-        attentions,
-        method=method,
-        layer=params.layer,
-        head=params.head,
-        head_fusion=params.head_fusion,
-        discard_ratio=params.discard_ratio,
-        num_prefix_tokens=meta.num_prefix_tokens,
-        grid=meta.grid,
-    )
+    """One image's (L, H, N, N) attention -> (grid_h, grid_w) map in [0, 1]; bad arguments are client errors."""
+    try:
+        return attention_map(
+            attentions,
+            method=method,
+            layer=params.layer,
+            head=params.head,
+            head_fusion=params.head_fusion,
+            discard_ratio=params.discard_ratio,
+            num_prefix_tokens=meta.num_prefix_tokens,
+            grid=meta.grid,
+        )
+    except NoSuchIndex as e:
+        raise NotFound(e.message, detail=e.detail) from e
+    except AttentionArgumentError as e:
+        raise InvalidParameter(e.message, detail=e.detail) from e
 
 
 def overlay_png(prepared: Prepared, heatmap: np.ndarray, meta: ArtifactMetadata, *, alpha: float, title: str) -> bytes:

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from service.artifact import (
+from vit_artifact.metadata import (
     ATTENTIONS,
     INPUT_NAME,
     LOGITS,
@@ -27,12 +27,12 @@ from service.artifact import (
     ArtifactMetadata,
     read_metadata,
 )
+from vit_artifact.serving import SERVING_FILE
 
 log = logging.getLogger("vitserve.runtime")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-SERVING_FILE = "serving.json"  # optional per-model batching policy beside artifact.json, like Triton's config
 
 
 class ProviderError(Exception):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from service.artifact import Parity, Preprocessing, Source
+from vit_artifact.metadata import Parity, Preprocessing, Source
 
 AttentionMethod = Literal["rollout", "cls", "layer"]
 HeadFusion = Literal["mean", "max", "min"]

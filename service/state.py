@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from typing import Any, TypeVar
 
 import numpy as np
 
-from service.artifact import ArtifactError
 from service.batching import BatchPolicy, DynamicBatcher, Result
 from service.errors import NotFound, Unavailable
-from service.runtime import SERVING_FILE, LoadedModel, ModelRepository
+from service.runtime import LoadedModel, ModelRepository
 from service.settings import Settings
+from vit_artifact.serving import read_serving_config
 
 log = logging.getLogger("vitserve")
 
@@ -37,16 +35,8 @@ def batch_policy(settings: Settings, model: LoadedModel) -> BatchPolicy:
         "timeout_s": s.request_timeout_s,
         "enabled": s.batching,
     }
-    path = model.directory / SERVING_FILE
-    if path.is_file() and s.batching:
-        known = {f.name for f in fields(BatchPolicy)}
-        try:
-            overrides = json.loads(path.read_text())
-            unknown = set(overrides) - known
-        except (ValueError, TypeError) as e:
-            raise ArtifactError(f"{path}: not a JSON object of batching settings: {e}") from e
-        if unknown:
-            raise ArtifactError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    overrides = read_serving_config(model.directory).overrides()  # read even when batching is off: a bad file fails
+    if s.batching:
         values.update(overrides)
     return BatchPolicy(**values)
 

@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from service.artifact import ArtifactMetadata
+from vit_artifact.metadata import ArtifactMetadata
 from service.batching import Result
 from service.deps import RequestId, State
 from service.errors import InvalidParameter, ServiceError

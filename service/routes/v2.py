@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from service import v2_codec as codec
-from service.artifact import INPUT_NAME
-from service.attention_maps import Method, attention_map
+from vit_artifact.metadata import INPUT_NAME
+from vit_artifact.attention import Method, attention_map
 from service.deps import State
 from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
 from service.pipeline import prepare, softmax

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model_export.evaluate import score_digits
-from service.artifact import read_metadata
+from vit_artifact.metadata import read_metadata
 from tests.conftest import DEFAULT_MODEL, MODELS
 
 INT8_MODEL = MODELS / "digits-vit-int8"

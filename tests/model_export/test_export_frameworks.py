@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.artifact import read_metadata
-from service.preprocessing import preprocess_batch
+from vit_artifact.metadata import read_metadata
+from vit_artifact.preprocessing import preprocess_batch
 from tests.conftest import run_cli
 from tests.frameworks import LABELS, TIMM_KWARGS
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model_export.vit import VisionTransformer, ViTConfig, save_checkpoint
-from service.artifact import ATTENTIONS, LOGITS, ArtifactError, Preprocessing, read_metadata
-from service.preprocessing import preprocess_batch
+from vit_artifact.metadata import ATTENTIONS, LOGITS, ArtifactError, Preprocessing, read_metadata
+from vit_artifact.preprocessing import preprocess_batch
 from tests.conftest import run_cli
 
 SPEC = Preprocessing(

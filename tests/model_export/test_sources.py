@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocessing import preprocess
+from vit_artifact.preprocessing import preprocess
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

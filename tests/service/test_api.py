@@ -21,9 +21,9 @@ from PIL import Image
 
 import service.routes
 from model_export import digits
-from service.artifact import ATTENTIONS, INPUT_NAME, LOGITS, METADATA_FILE, read_metadata
-from service.attention_maps import attention_map
-from service.preprocessing import preprocess
+from vit_artifact.metadata import ATTENTIONS, INPUT_NAME, LOGITS, METADATA_FILE, read_metadata
+from vit_artifact.attention import attention_map
+from vit_artifact.preprocessing import preprocess
 from tests.conftest import DEFAULT_MODEL, MODELS
 from tests.service.conftest import (
     assert_same_probabilities,

@@ -23,7 +23,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from service.artifact import METADATA_FILE, sha256_file
+from vit_artifact.metadata import METADATA_FILE, sha256_file
 from tests.conftest import DEFAULT_MODEL, MODELS, Server, free_port, run_cli
 from tests.service.conftest import encode, post_image
 

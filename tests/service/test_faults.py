@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import load_repository
-from service.artifact import METADATA_FILE, ArtifactError, sha256_file
+from vit_artifact.metadata import METADATA_FILE, ArtifactError, sha256_file
 from service.settings import Settings
 from tests.conftest import DEFAULT_MODEL, MODELS, Server, free_port, run_cli
 from tests.service import inprocess

@@ -18,10 +18,10 @@ import pytest
 import skimage.data
 from PIL import ExifTags, Image, ImageSequence
 
-from service.artifact import Preprocessing
+from vit_artifact.metadata import Preprocessing
 from service.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.imaging import decode_image, original_size
-from service.preprocessing import preprocess
+from vit_artifact.preprocessing import preprocess
 
 LIMIT = 40_000_000
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)

@@ -23,7 +23,7 @@ import skimage.data
 from PIL import Image
 
 from service.app import _load_version, create_app, load_repository
-from service.artifact import METADATA_FILE, sha256_file
+from vit_artifact.metadata import METADATA_FILE, sha256_file
 from service.reload import RepositoryWatcher
 from service.runtime import CPU
 from service.settings import Settings

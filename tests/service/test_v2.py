@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from model_export.digits import held_out_set
-from service.artifact import read_metadata
-from service.preprocessing import preprocess_batch
+from vit_artifact.metadata import read_metadata
+from vit_artifact.preprocessing import preprocess_batch
 from tests.conftest import DEFAULT_MODEL
 
 MODEL = "digits-vit"

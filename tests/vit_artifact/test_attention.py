@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.attention_maps import (
+from vit_artifact.attention import (
     attention_map,
     cls_attention,
     discard_lowest,
@@ -18,7 +18,6 @@ from service.attention_maps import (
     rollout,
     rollout_matrix,
 )
-from service.errors import InvalidParameter, NotFound
 
 GRID = (2, 2)
 N = 5  # c, p0, p1, p2, p3
@@ -63,7 +62,7 @@ def test_fuse_heads_keeps_the_layer_axis() -> None:
 
 
 def test_fuse_heads_rejects_unknown_fusion() -> None:
-    with pytest.raises(InvalidParameter, match="median"):
+    with pytest.raises(BadArguments, match="median"):
         fuse_heads(TWO_LAYERS, "median")  # type: ignore[arg-type]
 
 
@@ -252,22 +251,22 @@ def call(**kwargs: object) -> np.ndarray:
 
 
 def test_missing_layer_is_not_found_with_a_useful_message() -> None:
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(NoSuchIndex) as info:
         call(method="layer", layer=14)
     assert info.value.message == "layer 14 does not exist; this model has 12 layers (0-11)"
-    assert info.value.status == 404
-    with pytest.raises(NotFound, match="layer -13 does not exist"):
+    assert info.value.detail == {"layer": 14, "num_layers": 12}
+    with pytest.raises(NoSuchIndex, match="layer -13 does not exist"):
         call(method="layer", layer=-13)
 
 
 def test_missing_head_is_not_found() -> None:
-    with pytest.raises(NotFound, match=r"head 12 does not exist; this model has 12 heads \(0-11\)"):
+    with pytest.raises(NoSuchIndex, match=r"head 12 does not exist; this model has 12 heads \(0-11\)"):
         call(method="layer", layer=0, head=12)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
 def test_discard_ratio_outside_unit_interval_is_invalid(ratio: float) -> None:
-    with pytest.raises(InvalidParameter, match="discard_ratio"):
+    with pytest.raises(BadArguments, match="discard_ratio"):
         call(method="rollout", discard_ratio=ratio)
 
 
@@ -287,9 +286,9 @@ def test_discard_ratio_outside_unit_interval_is_invalid(ratio: float) -> None:
     ],
 )
 def test_bad_argument_combinations_are_invalid(kwargs: dict[str, object], match: str) -> None:
-    with pytest.raises(InvalidParameter, match=match) as info:
+    with pytest.raises(BadArguments, match=match) as info:
         call(**kwargs)
-    assert info.value.status == 422
+    assert info.value.message
 
 
 def test_attention_that_does_not_match_the_grid_is_a_server_fault() -> None:
@@ -297,3 +296,20 @@ def test_attention_that_does_not_match_the_grid_is_a_server_fault() -> None:
         attention_map(TWELVE, method="cls", num_prefix_tokens=2, grid=GRID)
     with pytest.raises(ValueError, match="one image"):
         attention_map(TWELVE[None], method="cls", num_prefix_tokens=1, grid=GRID)
+
+
+def test_the_service_answers_bad_map_arguments_as_client_errors() -> None:
+    from service.errors import InvalidParameter, NotFound
+    from service.pipeline import attention_grid
+    from service.schemas import AttentionParams
+
+    class Meta:  # the two facts attention_grid reads from an artifact's metadata
+        num_prefix_tokens = 1
+        grid = GRID
+
+    with pytest.raises(NotFound) as missing:
+        attention_grid(TWELVE, Meta(), "layer", AttentionParams(layer=14))  # type: ignore[arg-type]
+    assert missing.value.status == 404 and missing.value.detail == {"layer": 14, "num_layers": 12}
+    with pytest.raises(InvalidParameter) as invalid:
+        attention_grid(TWELVE, Meta(), "cls", AttentionParams(discard_ratio=0.5))  # type: ignore[arg-type]
+    assert invalid.value.status == 422

@@ -16,9 +16,10 @@ Three methods, all returning a map normalised to [0, 1] (min subtracted, then di
 - ``cls``: the class token's attention to the patches in the last layer, heads fused.
 - ``layer``: the same for any layer, heads fused or one head.
 
-Layer and head indices are Python-style: -1 is the last layer. Out-of-range indices raise `NotFound`, bad
-combinations of arguments raise `InvalidParameter` (both client errors). An attention array that does not
-match the artifact's grid and prefix tokens is a server fault and raises `ValueError`.
+Layer and head indices are Python-style: -1 is the last layer. Out-of-range indices raise `NoSuchIndex`, bad
+combinations of arguments raise `BadArguments` (both `AttentionArgumentError`: the caller's mistake, which the
+service answers with 404 and 422). An attention array that does not match the artifact's grid and prefix tokens
+is a fault of the artifact and raises `ValueError`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,30 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from service.errors import InvalidParameter, NotFound
 
 HeadFusion = Literal["mean", "max", "min"]
 Method = Literal["rollout", "cls", "layer"]
 HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)
 METHODS: tuple[str, ...] = get_args(Method)
+
+
+
+class AttentionArgumentError(Exception):
+    """The arguments name no map: a caller's mistake, not the artifact's. `detail` is machine-readable."""
+
+    def __init__(self, message: str, detail: dict | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class BadArguments(AttentionArgumentError):
+    """A method given arguments it does not take, or a value out of range."""
+
+
+class NoSuchIndex(AttentionArgumentError):
+    """A layer or head index beyond what the model has."""
+
 
 # A map whose spread is below this fraction of its magnitude is constant up to rounding: stretching it to
 # [0, 1] would only show float noise, so it becomes all zeros.
@@ -47,7 +66,7 @@ def fuse_heads(attn: np.ndarray, how: HeadFusion = "mean") -> np.ndarray:
         return attn.max(axis=-3)
     if how == "min":
         return attn.min(axis=-3)
-    raise InvalidParameter(f"head_fusion {how!r} is not one of {', '.join(HEAD_FUSIONS)}")
+    raise BadArguments(f"head_fusion {how!r} is not one of {', '.join(HEAD_FUSIONS)}")
 
 
 def normalize_map(values: np.ndarray) -> np.ndarray:
@@ -153,7 +172,7 @@ def attention_map(
 
     `None` means "not given". rollout takes `head_fusion` (default "mean") and `discard_ratio` in [0, 1)
     (default 0); cls takes `head_fusion`; layer needs `layer` and takes `head` or `head_fusion` (not both).
-    Anything given to a method that does not take it raises `InvalidParameter` rather than being ignored.
+    Anything given to a method that does not take it raises `BadArguments` rather than being ignored.
     """
     _check_arguments(method, layer, head, head_fusion, discard_ratio)
     fusion: HeadFusion = head_fusion or "mean"
@@ -172,13 +191,13 @@ def attention_map(
 
 
 def check_index(index: int, count: int, what: Literal["layer", "head"]) -> int:
-    """Resolve a Python-style index (-1 = last) into `range(count)`; `NotFound` when there is no such one."""
+    """Resolve a Python-style index (-1 = last) into `range(count)`; `NoSuchIndex` when there is no such one."""
     if isinstance(index, bool) or not isinstance(index, int | np.integer):
-        raise InvalidParameter(f"{what} must be an integer, got {index!r}")
+        raise BadArguments(f"{what} must be an integer, got {index!r}")
     if not -count <= index < count:
-        raise NotFound(
+        raise NoSuchIndex(
             f"{what} {index} does not exist; this model has {count} {what}s (0-{count - 1})",
-            detail={what: int(index), f"num_{what}s": count},
+            {what: int(index), f"num_{what}s": count},
         )
     return int(index) % count
 
@@ -187,27 +206,27 @@ def _check_arguments(
     method: str, layer: int | None, head: int | None, head_fusion: str | None, discard_ratio: float | None
 ) -> None:
     if method not in METHODS:
-        raise InvalidParameter(f"method {method!r} is not one of {', '.join(METHODS)}")
+        raise BadArguments(f"method {method!r} is not one of {', '.join(METHODS)}")
     if head_fusion is not None and head_fusion not in HEAD_FUSIONS:
-        raise InvalidParameter(f"head_fusion {head_fusion!r} is not one of {', '.join(HEAD_FUSIONS)}")
+        raise BadArguments(f"head_fusion {head_fusion!r} is not one of {', '.join(HEAD_FUSIONS)}")
     if discard_ratio is not None:
         if method != "rollout":
-            raise InvalidParameter(f"discard_ratio applies to method 'rollout', not {method!r}; leave it out")
+            raise BadArguments(f"discard_ratio applies to method 'rollout', not {method!r}; leave it out")
         _check_discard_ratio(discard_ratio)
     if method == "layer":
         if layer is None:
-            raise InvalidParameter("method 'layer' needs a layer index, e.g. layer=-1 for the last layer")
+            raise BadArguments("method 'layer' needs a layer index, e.g. layer=-1 for the last layer")
         if head is not None and head_fusion is not None:
-            raise InvalidParameter("give either head (one head) or head_fusion (all heads fused), not both")
+            raise BadArguments("give either head (one head) or head_fusion (all heads fused), not both")
         return
     for name, value in (("layer", layer), ("head", head)):
         if value is not None:
-            raise InvalidParameter(f"{name} applies to method 'layer', not {method!r}; use method=layer")
+            raise BadArguments(f"{name} applies to method 'layer', not {method!r}; use method=layer")
 
 
 def _check_discard_ratio(discard_ratio: float) -> None:
     if not 0.0 <= discard_ratio < 1.0:
-        raise InvalidParameter(
+        raise BadArguments(
             f"discard_ratio {discard_ratio} is outside [0, 1); it is the fraction of weakest attention "
             "entries to drop per layer, e.g. 0.9"
         )

@@ -1,7 +1,7 @@
 """The preprocessing math: one implementation of `artifact.Preprocessing`, used by export and service alike.
 
 Pillow and numpy only, so serving needs no torch. Each step reproduces its source framework's arithmetic
-(tests/service/test_preprocessing.py checks it against transformers and timm on photos):
+(tests/vit_artifact/test_preprocessing.py checks it against transformers and timm on photos):
 
 - "squash" is Hugging Face's ViT/DeiT image processors: resize to (height, width) exactly, then centre-crop
   at offset floor((size - crop) / 2).
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from service.artifact import Interpolation, Preprocessing
+from vit_artifact.metadata import Interpolation, Preprocessing
 
 RESAMPLING: dict[Interpolation, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,

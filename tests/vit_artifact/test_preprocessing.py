@@ -1,4 +1,4 @@
-"""service.preprocessing against the frameworks it stands in for, on scikit-image's sample photos.
+"""vit_artifact.preprocessing against the frameworks it stands in for, on scikit-image's sample photos.
 
 The reference processors are built locally (no hub): transformers' ViT and DeiT image processors and timm's
 eval transform for a random-init model. Parity is checked twice: on [0, 1]-scale pixels before normalisation,
@@ -16,8 +16,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from service.artifact import Interpolation, Preprocessing
-from service.preprocessing import crop_box, preprocess, preprocess_batch, resize_and_crop, to_tensor
+from vit_artifact.metadata import Interpolation, Preprocessing
+from vit_artifact.preprocessing import crop_box, preprocess, preprocess_batch, resize_and_crop, to_tensor
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
