@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from service import __version__
 from service.batching import BatchPolicy
 from service.errors import ServiceError
 from service.metrics import METRICS
@@ -148,7 +149,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     app = FastAPI(
         title="vitserve",
         summary="Vision Transformers over HTTP: classification and attention maps from verified ONNX artifacts.",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
         responses={500: {"description": "a server fault (never caused by client input)"}},
     )

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from service import __version__
 from service import v2_codec as codec
 from vit_artifact.metadata import INPUT_NAME
 from vit_artifact.attention import Method, attention_map
@@ -114,7 +115,7 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
 
 @router.get("", operation_id="v2_server_metadata", summary="Server metadata")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "vitserve", "version": "0.1.0", "extensions": ["classification", "binary_tensor_data"]}
+    return {"name": "vitserve", "version": __version__, "extensions": ["classification", "binary_tensor_data"]}
 
 
 @router.get("/health/live", operation_id="v2_live", summary="Server live")
