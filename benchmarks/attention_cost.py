@@ -22,8 +22,8 @@ import torch
 
 from model_export.export import export_artifact
 from model_export.from_hf import load_hf
-from vit_artifact.metadata import read_metadata
 from vit_artifact.attention import rollout
+from vit_artifact.metadata import read_metadata
 
 RESULTS = Path(__file__).parent / "results"
 

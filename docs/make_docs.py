@@ -29,8 +29,8 @@ from model_export.complexity import STANDARD, count, crossover_tokens
 from model_export.digits import held_out_set
 from model_export.train import DIGITS_CONFIG
 from model_export.vit import ViTConfig
-from vit_artifact.metadata import read_metadata
 from vit_artifact.attention import per_layer_cls_maps, rollout
+from vit_artifact.metadata import read_metadata
 
 DOCS = Path(__file__).parent
 ROOT = DOCS.parent

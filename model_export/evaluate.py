@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vit_artifact.metadata import ATTENTIONS, LOGITS, ArtifactMetadata, read_metadata
 from vit_artifact.attention import rollout
+from vit_artifact.metadata import ATTENTIONS, LOGITS, ArtifactMetadata, read_metadata
 from vit_artifact.preprocessing import preprocess_batch
 
 from . import digits

@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             os.environ[f"VITSERVE_{name.upper()}"] = str(value)
 
-    from vit_artifact.metadata import ArtifactError
     from service.runtime import ProviderError
     from service.settings import Settings
+    from vit_artifact.metadata import ArtifactError
 
     try:
         settings = Settings()

@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from service import __version__
 from service.batching import BatchPolicy
-from service.errors import ServiceError
+from service.errors import InvalidParameter, ServiceError, error_response
 from service.metrics import METRICS
 from service.middleware import (
     REQUEST_ID_HEADER,
@@ -26,7 +26,6 @@ from service.middleware import (
     ConcurrencyLimitMiddleware,
     MetricsMiddleware,
     RequestContextMiddleware,
-    is_v2,
 )
 from service.reload import RepositoryWatcher
 from service.routes import demo, health, inference, metrics, models, v2
@@ -60,22 +59,12 @@ def _load_version(settings: Settings, providers: list[str], directory: Path) -> 
     return model, batch_policy(settings, model)
 
 
-def _error(
-    request: Request, status: int, code: str, message: str, detail: object = None, headers: dict | None = None
-) -> JSONResponse:
-    # The Open Inference Protocol's error body is `{"error": "message"}`; the REST API's carries code and detail.
-    body = (
-        {"error": message}
-        if is_v2(request.url.path)
-        else {"error": {"code": code, "message": message, "detail": detail}}
-    )
-    return JSONResponse(body, status, headers=headers)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
+    """Every exception becomes a `ServiceError`, rendered by `error_response` like the middleware's."""
+
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return _error(request, exc.status, exc.code, exc.message, exc.detail, exc.headers)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -83,19 +72,19 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")} for e in exc.errors()
         ]
         message = "; ".join(f"{p['where']}: {p['problem']}" for p in problems) or "invalid request"
-        return _error(request, 422, "invalid_parameter", message, problems)
+        return error_response(InvalidParameter(message, detail=problems), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return _error(
-            request,
-            exc.status_code,
-            codes.get(exc.status_code, "http_error"),
+        error = ServiceError(
             message,
+            status=exc.status_code,
+            code=codes.get(exc.status_code, "http_error"),
             headers=getattr(exc, "headers", None),
         )
+        return error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -106,7 +95,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.exception("request %s failed", request_id)
         headers = {REQUEST_ID_HEADER: request_id, **{k.decode(): v.decode() for k, v in SECURITY_HEADERS}}
         message = f"internal error; quote request id {request_id} when reporting it"
-        return _error(request, 500, "internal_error", message, headers=headers)
+        return error_response(ServiceError(message, headers=headers), request.url.path)
 
 
 def _install_middleware(app: FastAPI, settings: Settings) -> None:

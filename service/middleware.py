@@ -3,14 +3,12 @@ on inference requests in progress.
 
 The body limit is enforced while the body is read: a `Content-Length` over the limit is refused before a byte
 of the body is read, and a chunked body is cut off as soon as it passes the limit, so nothing is buffered
-beyond it. Errors answered here take the shape of the API they were addressed to: `{"error": {"code",
-"message", "detail"}}`, or the Open Inference Protocol's `{"error": "message"}` under `/v2`.
+beyond it. Errors answered here are rendered by `service.errors.error_response`, like every other error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -18,7 +16,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Overloaded, PayloadTooLarge, ServiceError, Unavailable
+from service.errors import Overloaded, PayloadTooLarge, ServiceError, Unavailable, error_response
 
 log = logging.getLogger("vitserve")
 
@@ -39,23 +37,14 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def is_v2(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
+async def send_error(scope: Scope, send: Send, error: ServiceError) -> None:
+    """Answer with `error` from inside a middleware, before or instead of the app. Every caller runs inside
+    `RequestContextMiddleware`, which adds the request id and the safe headers."""
+    await error_response(error, scope["path"])(scope, _no_body, send)
 
 
-def error_body(path: str, error: ServiceError) -> dict:
-    """The REST API's error body, or the Open Inference Protocol's under `/v2`."""
-    return {"error": error.message} if is_v2(path) else error.body()
-
-
-async def send_error(send: Send, error: ServiceError, request_id: str | None = None, path: str = "") -> None:
-    body = json.dumps(error_body(path, error)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if request_id:
-        headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers + SECURITY_HEADERS})
-    await send({"type": "http.response.body", "body": body})
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}  # a Response never reads the request; this is only its signature
 
 
 class RequestContextMiddleware:
@@ -97,7 +86,7 @@ class RequestContextMiddleware:
             error = Unavailable(
                 "the server shut down before this request finished; retry", headers={"Retry-After": "1"}
             )
-            await send_error(send_with_headers, error, request_id, scope["path"])
+            await send_error(scope, send_with_headers, error)
 
 
 class BodyLimitMiddleware:
@@ -116,10 +105,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = scope.get("state", {}).get("request_id")
         declared = header(scope, b"content-length")
         if declared is not None and _DIGITS.fullmatch(declared) and int(declared) > self.max_bytes:
-            await send_error(send, self._too_large(int(declared)), request_id, scope["path"])
+            await send_error(scope, send, self._too_large(int(declared)))
             return
         received = 0
         started = False
@@ -142,7 +130,7 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except PayloadTooLarge as e:  # raised inside body reading that no handler turned into a response
             if not started:
-                await send_error(send, e, request_id, scope["path"])
+                await send_error(scope, send, e)
 
 
 def is_inference(scope: Scope) -> bool:
@@ -174,7 +162,7 @@ class ConcurrencyLimitMiddleware:
                 detail={"limit": self.limit},
                 headers={"Retry-After": "1"},
             )
-            await send_error(send, error, scope.get("state", {}).get("request_id"), scope["path"])
+            await send_error(scope, send, error)
             return
         self.in_progress += 1
         try:

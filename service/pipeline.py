@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from vit_artifact.metadata import ArtifactMetadata
 from service.errors import InvalidParameter, NotFound
-from vit_artifact.attention import Method, NoSuchIndex, AttentionArgumentError, attention_map
 from service.imaging import decode_image
 from service.overlay import render_overlay
-from vit_artifact.preprocessing import crop_box, preprocess
 from service.schemas import AttentionParams, Prediction
+from vit_artifact.attention import AttentionArgumentError, Method, NoSuchIndex, attention_map
+from vit_artifact.metadata import ArtifactMetadata
+from vit_artifact.preprocessing import crop_box, preprocess
 
 
 @dataclass

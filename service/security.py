@@ -72,7 +72,7 @@ class APIKeyMiddleware:
             f"{problem}; send it as `Authorization: Bearer <key>` (or `X-API-Key: <key>`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-        await send_error(send, error, scope.get("state", {}).get("request_id"), scope["path"])
+        await send_error(scope, send, error)
 
 
 def cors_options(origins: list[str]) -> dict[str, Any]:

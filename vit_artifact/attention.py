@@ -28,7 +28,6 @@ from typing import Literal, get_args
 
 import numpy as np
 
-
 HeadFusion = Literal["mean", "max", "min"]
 Method = Literal["rollout", "cls", "layer"]
 HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)

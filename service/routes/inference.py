@@ -10,7 +10,6 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from vit_artifact.metadata import ArtifactMetadata
 from service.batching import Result
 from service.deps import RequestId, State
 from service.errors import InvalidParameter, ServiceError
@@ -29,6 +28,7 @@ from service.schemas import (
     Timings,
 )
 from service.uploads import BATCH_BODY, IMAGE_BODY, Upload, read_image, read_images, require_bytes
+from vit_artifact.metadata import ArtifactMetadata
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 

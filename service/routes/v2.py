@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -22,12 +21,12 @@ from pydantic import BaseModel
 
 from service import __version__
 from service import v2_codec as codec
-from vit_artifact.metadata import INPUT_NAME
-from vit_artifact.attention import Method, attention_map
 from service.deps import State
-from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
+from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.pipeline import prepare, softmax
 from service.runtime import LoadedModel
+from vit_artifact.attention import Method, attention_map
+from vit_artifact.metadata import INPUT_NAME
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
@@ -68,17 +67,6 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 NOT_READY: dict[int | str, dict[str, Any]] = {503: {"description": "not ready: loading, or draining before shutdown"}}
-
-
-def _v2_error(e: ServiceError) -> JSONResponse:
-    return JSONResponse({"error": e.message}, e.status, headers=e.headers)
-
-
-async def _guard(call: Callable[[], Awaitable[Response]]) -> Response:
-    try:
-        return await call()
-    except ServiceError as e:
-        return _v2_error(e)
 
 
 def _model(state: State, name: str, version: str | None) -> LoadedModel:
@@ -130,7 +118,7 @@ async def ready(state: State) -> JSONResponse:
 
 @router.get("/models/{name}", operation_id="v2_model_metadata", summary="Model metadata", responses=_errors(404))
 async def model_metadata(name: str, state: State) -> Response:
-    return await _guard(lambda: _json(_metadata(_model(state, name, None))))
+    return JSONResponse(_metadata(_model(state, name, None)))
 
 
 @router.get(
@@ -140,14 +128,14 @@ async def model_metadata(name: str, state: State) -> Response:
     responses=_errors(404),
 )
 async def model_version_metadata(name: str, version: str, state: State) -> Response:
-    return await _guard(lambda: _json(_metadata(_model(state, name, version))))
+    return JSONResponse(_metadata(_model(state, name, version)))
 
 
 @router.get(
     "/models/{name}/ready", operation_id="v2_model_ready", summary="Model ready", responses=_errors(404) | NOT_READY
 )
 async def model_ready(name: str, state: State) -> Response:
-    return await _guard(lambda: _ready(_model(state, name, None)))
+    return _ready(_model(state, name, None))
 
 
 @router.get(
@@ -157,7 +145,7 @@ async def model_ready(name: str, state: State) -> Response:
     responses=_errors(404) | NOT_READY,
 )
 async def model_version_ready(name: str, version: str, state: State) -> Response:
-    return await _guard(lambda: _ready(_model(state, name, version)))
+    return _ready(_model(state, name, version))
 
 
 @router.post(
@@ -168,7 +156,7 @@ async def model_version_ready(name: str, version: str, state: State) -> Response
     responses=_errors(400, 404, 413, 503),
 )
 async def infer(name: str, request: Request, state: State) -> Response:
-    return await _guard(lambda: _infer(state, request, name, None))
+    return await _infer(state, request, name, None)
 
 
 @router.post(
@@ -179,14 +167,10 @@ async def infer(name: str, request: Request, state: State) -> Response:
     responses=_errors(400, 404, 413, 503),
 )
 async def infer_version(name: str, version: str, request: Request, state: State) -> Response:
-    return await _guard(lambda: _infer(state, request, name, version))
+    return await _infer(state, request, name, version)
 
 
-async def _json(body: dict[str, Any]) -> Response:
-    return JSONResponse(body)
-
-
-async def _ready(model: LoadedModel) -> Response:
+def _ready(model: LoadedModel) -> Response:
     return JSONResponse({"name": model.name, "ready": model.warmed_up}, 200 if model.warmed_up else 503)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from model_export.evaluate import score_digits
-from vit_artifact.metadata import read_metadata
 from tests.conftest import DEFAULT_MODEL, MODELS
+from vit_artifact.metadata import read_metadata
 
 INT8_MODEL = MODELS / "digits-vit-int8"
 

@@ -7,10 +7,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from vit_artifact.metadata import read_metadata
-from vit_artifact.preprocessing import preprocess_batch
 from tests.conftest import run_cli
 from tests.frameworks import LABELS, TIMM_KWARGS
+from vit_artifact.metadata import read_metadata
+from vit_artifact.preprocessing import preprocess_batch
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from model_export.vit import VisionTransformer, ViTConfig, save_checkpoint
+from tests.conftest import run_cli
 from vit_artifact.metadata import ATTENTIONS, LOGITS, ArtifactError, Preprocessing, read_metadata
 from vit_artifact.preprocessing import preprocess_batch
-from tests.conftest import run_cli
 
 SPEC = Preprocessing(
     resize="shortest_edge",

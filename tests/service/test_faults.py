@@ -25,11 +25,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import load_repository
-from vit_artifact.metadata import METADATA_FILE, ArtifactError, sha256_file
 from service.settings import Settings
 from tests.conftest import DEFAULT_MODEL, MODELS, Server, free_port, run_cli
 from tests.service import inprocess
 from tests.service.conftest import encode
+from vit_artifact.metadata import METADATA_FILE, ArtifactError, sha256_file
 
 PNG = encode(Image.fromarray(skimage.data.camera()).resize((32, 32)))
 INT8 = MODELS / "digits-vit-int8"

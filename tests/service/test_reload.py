@@ -23,7 +23,6 @@ import skimage.data
 from PIL import Image
 
 from service.app import _load_version, create_app, load_repository
-from vit_artifact.metadata import METADATA_FILE, sha256_file
 from service.reload import RepositoryWatcher
 from service.runtime import CPU
 from service.settings import Settings
@@ -31,6 +30,7 @@ from service.state import ServiceState
 from tests.conftest import DEFAULT_MODEL, MODELS, Server
 from tests.service import inprocess
 from tests.service.conftest import encode
+from vit_artifact.metadata import METADATA_FILE, sha256_file
 
 PNG = encode(Image.fromarray(skimage.data.camera()).resize((32, 32)))
 INT8 = MODELS / "digits-vit-int8"
