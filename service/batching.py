@@ -31,11 +31,14 @@ log = logging.getLogger("vitserve.batching")
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    max_batch_size: int = 16
-    max_queue_delay_ms: float = 0.0
-    max_queue_size: int = 256
-    timeout_s: float = 30.0
-    enabled: bool = True
+    """One model's batching, from the settings and its `serving.json` (`service.state.batch_policy`): no
+    defaults here, so the settings stay the one home of every default."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    timeout_s: float
+    enabled: bool
 
 
 @dataclass

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.runtime import LoadedModel
 from service.state import ServiceState
 
 
@@ -22,3 +23,10 @@ async def get_request_id(request: Request) -> str:
 
 State = Annotated[ServiceState, Depends(get_state)]
 RequestId = Annotated[str, Depends(get_request_id)]
+
+
+def served_model(request: Request, state: ServiceState, name: str | None) -> LoadedModel:
+    """The model a request names (or the default), noted on the request for the per-model request counters."""
+    model = state.model(name)
+    request.state.model = model
+    return model

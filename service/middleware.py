@@ -17,6 +17,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Overloaded, PayloadTooLarge, ServiceError, Unavailable, error_response
+from service.metrics import METRICS
 
 log = logging.getLogger("vitserve")
 
@@ -153,8 +154,6 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_progress >= self.limit:
-            from service.metrics import METRICS
-
             METRICS.refused.labels(reason="concurrency").inc()
             error = Overloaded(
                 f"the server has {self.limit} inference requests in progress "
@@ -171,8 +170,14 @@ class ConcurrencyLimitMiddleware:
             self.in_progress -= 1
 
 
+# Label values come from fixed sets, whatever a client sends: an invented method is "other", a path is its route
+# template or "unmatched" (Prometheus keeps one series per label value, forever).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class MetricsMiddleware:
-    """Count and time every HTTP request by route template (not raw path: bounded label values)."""
+    """Count and time every HTTP request by route template, and each inference request by the model it served
+    (`service.deps.served_model` notes it on the request)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -181,8 +186,6 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        from service.metrics import METRICS
-
         status = 500
         started = time.perf_counter()
 
@@ -198,21 +201,10 @@ class MetricsMiddleware:
         finally:
             METRICS.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
-            METRICS.requests.labels(route, scope["method"], str(status)).inc()
-            METRICS.latency.labels(route, scope["method"]).observe(time.perf_counter() - started)
-            if route.endswith(INFERENCE_ROUTES):
-                _count_inference_request(scope, status)
-
-
-INFERENCE_ROUTES = ("/classify", "/classify/batch", "/attention", "/infer")
-
-
-def _count_inference_request(scope: Scope, status: int) -> None:
-    """Triton's per-model request counters, for the model the route served (unknown models are not counted)."""
-    from service.metrics import METRICS
-
-    repository = scope["app"].state.vitserve.repository
-    model = repository.get(scope.get("path_params", {}).get("name")) if repository else None
-    if model is not None:
-        counter = METRICS.request_success if status < 400 else METRICS.request_failure
-        counter.labels(model.name, model.meta.version).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            METRICS.requests.labels(route, method, str(status)).inc()
+            METRICS.latency.labels(route, method).observe(time.perf_counter() - started)
+            model = scope.get("state", {}).get("model")
+            if model is not None:
+                counter = METRICS.request_success if status < 400 else METRICS.request_failure
+                counter.labels(model.name, model.meta.version).inc()

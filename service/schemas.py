@@ -6,10 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from vit_artifact.attention import HeadFusion
+from vit_artifact.attention import Method as AttentionMethod
 from vit_artifact.metadata import Parity, Preprocessing, Source
-
-AttentionMethod = Literal["rollout", "cls", "layer"]
-HeadFusion = Literal["mean", "max", "min"]
 
 
 class ErrorInfo(BaseModel):

@@ -20,7 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import Unauthorized
 from service.metrics import METRICS
-from service.middleware import header, send_error
+from service.middleware import REQUEST_ID_HEADER, header, send_error
+from service.v2_codec import HEADER_LENGTH
 
 AUTH_HEADERS = ["Authorization", "X-API-Key"]
 
@@ -80,8 +81,8 @@ def cors_options(origins: list[str]) -> dict[str, Any]:
     return {
         "allow_origins": origins,
         "allow_methods": ["GET", "POST"],
-        "allow_headers": [*AUTH_HEADERS, "Content-Type", "X-Request-ID", "Inference-Header-Content-Length"],
-        "expose_headers": ["X-Request-ID", "Retry-After", "Inference-Header-Content-Length"],
+        "allow_headers": [*AUTH_HEADERS, "Content-Type", REQUEST_ID_HEADER, HEADER_LENGTH],
+        "expose_headers": [REQUEST_ID_HEADER, "Retry-After", HEADER_LENGTH],
         "allow_credentials": False,
         "max_age": 600,
     }

@@ -8,7 +8,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from service.errors import BadImage, BadRequest, PayloadTooLarge, UnsupportedMediaType
+from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 RAW_TYPES = ("application/octet-stream",)
 HOW = "send multipart/form-data with the image in field 'file', or the raw image bytes with an image/* content type"
@@ -112,9 +112,3 @@ async def read_images(request: Request, max_files: int) -> list[Upload]:
             detail={"limit": max_files},
         )
     return [Upload(await u.read(), u.filename) for u in uploads]
-
-
-def require_bytes(upload: Upload) -> bytes:
-    if not upload.data:
-        raise BadImage("the image is empty (0 bytes)")
-    return upload.data

@@ -16,6 +16,7 @@ import math
 import re
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -198,3 +199,31 @@ def encode_output(name: str, value: np.ndarray | list[bytes], shape: list[int], 
     else:
         entry["data"] = data
     return entry, raw
+
+
+@dataclass
+class OutputTensor:
+    """One computed output: what was asked for, its values (BYTES as a list of byte strings) and its shape."""
+
+    request: OutputRequest
+    value: np.ndarray | list[bytes]
+    shape: list[int]
+
+
+def encode_response(header: dict[str, Any], outputs: list[OutputTensor], binary_all: bool) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when any output travels in binary (None: all JSON).
+
+    `header` carries the response's other fields (model name and version, id); `binary_all` is the request's
+    `binary_data_output`, which an output's own `binary_data` parameter overrides.
+    """
+    entries, chunks, any_binary = [], [], False
+    for out in outputs:
+        binary = bool(out.request.parameters.get("binary_data", binary_all))
+        entry, raw = encode_output(out.request.name, out.value, out.shape, binary)
+        any_binary = any_binary or binary
+        entries.append(entry)
+        chunks.append(raw)
+    payload = json.dumps({**header, "outputs": entries}).encode()
+    if not any_binary:
+        return payload, None
+    return payload + b"".join(chunks), len(payload)

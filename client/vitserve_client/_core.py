@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from vitserve_client._images import PNG_SIGNATURE, ImageInput, to_upload
 from vitserve_client._version import __version__
-from vitserve_client.errors import TransportError, UnexpectedResponseError, error_from_response
+from vitserve_client.errors import REQUEST_ID_HEADER, TransportError, UnexpectedResponseError, error_from_response
 from vitserve_client.models import (
     AttentionMethod,
     AttentionPNG,
@@ -103,7 +103,7 @@ def _json(model: type[M]) -> Callable[[httpx.Response], M]:
 def _png(response: httpx.Response) -> AttentionPNG:
     if not response.content.startswith(PNG_SIGNATURE):
         raise _unexpected(response, f"{response.headers.get('content-type', 'no content type')}, not a PNG")
-    return AttentionPNG(data=response.content, request_id=response.headers.get("x-request-id"))
+    return AttentionPNG(data=response.content, request_id=response.headers.get(REQUEST_ID_HEADER))
 
 
 def _route(model: str | None, action: str) -> str:
@@ -180,7 +180,7 @@ class BaseClient:
     def _model(self, name: str) -> Call[ModelInfo]:
         return Call("GET", f"/v1/models/{quote(name, safe='')}", _json(ModelInfo))
 
-    def _classify(self, image: ImageInput, model: str | None, top_k: int) -> Call[ClassifyResponse]:
+    def _classify(self, image: ImageInput, model: str | None, top_k: int | None) -> Call[ClassifyResponse]:
         return Call(
             "POST",
             _route(model, "classify"),
@@ -189,7 +189,7 @@ class BaseClient:
             files=[("file", to_upload(image))],
         )
 
-    def _classify_batch(self, images: Iterable[ImageInput], model: str | None, top_k: int) -> Call[BatchResponse]:
+    def _classify_batch(self, images: Iterable[ImageInput], model: str | None, top_k: int | None) -> Call[BatchResponse]:
         files = [("files", to_upload(image)) for image in images]
         if not files:
             raise ValueError("classify_batch needs at least one image")

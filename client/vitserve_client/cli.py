@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = commands.add_parser("classify", help="top-k predictions for images and folders of images")
     classify.add_argument("images", nargs="+", metavar="IMG", help="image files, or folders of them")
-    classify.add_argument("--top-k", type=_positive_int, default=5, help="predictions per image (default: 5)")
+    classify.add_argument("--top-k", type=_positive_int, help="predictions per image (default: the server's, 5)")
     classify.add_argument("--model", help="model name (default: the server's default model)")
     classify.add_argument("--json", action="store_true", help="JSON lines, one per image, instead of a table")
     classify.add_argument(

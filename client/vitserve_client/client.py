@@ -132,7 +132,7 @@ class Client(BaseClient):
         return self._send(self._model(name), timeout)
 
     def classify(
-        self, image: ImageInput, *, model: str | None = None, top_k: int = 5, timeout: Timeout = USE_CLIENT_DEFAULT
+        self, image: ImageInput, *, model: str | None = None, top_k: int | None = None, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> ClassifyResponse:
         """Top-`top_k` predictions for one image (path, bytes, binary file, PIL image or uint8 array)."""
         return self._send(self._classify(image, model, top_k), timeout)
@@ -142,7 +142,7 @@ class Client(BaseClient):
         images: Iterable[ImageInput],
         *,
         model: str | None = None,
-        top_k: int = 5,
+        top_k: int | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> BatchResponse:
         """Several images in one request; one result per image, in order, with `.error` set where one failed."""
@@ -293,7 +293,7 @@ class AsyncClient(BaseClient):
         return await self._send(self._model(name), timeout)
 
     async def classify(
-        self, image: ImageInput, *, model: str | None = None, top_k: int = 5, timeout: Timeout = USE_CLIENT_DEFAULT
+        self, image: ImageInput, *, model: str | None = None, top_k: int | None = None, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> ClassifyResponse:
         """Top-`top_k` predictions for one image (path, bytes, binary file, PIL image or uint8 array)."""
         return await self._send(self._classify(image, model, top_k), timeout)
@@ -303,7 +303,7 @@ class AsyncClient(BaseClient):
         images: Iterable[ImageInput],
         *,
         model: str | None = None,
-        top_k: int = 5,
+        top_k: int | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> BatchResponse:
         """Several images in one request; one result per image, in order, with `.error` set where one failed."""

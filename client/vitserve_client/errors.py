@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+REQUEST_ID_HEADER = "x-request-id"  # the server echoes or assigns one per request
+
 __all__ = [
     "APIError",
     "AuthenticationError",
@@ -184,7 +186,7 @@ def error_from_response(response: httpx.Response) -> APIError:
         status=status,
         code=code,
         detail=detail,
-        request_id=str(request_id or response.headers.get("x-request-id") or "") or None,
+        request_id=str(request_id or response.headers.get(REQUEST_ID_HEADER) or "") or None,
         request=_request_of(response),
         response=response,
     )

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from service.batching import Result
-from service.deps import RequestId, State
+from service.deps import RequestId, State, served_model
 from service.errors import InvalidParameter, ServiceError
 from service.pipeline import Prepared, attention_grid, describe, overlay_png, prepare, top_k
 from service.schemas import (
@@ -27,7 +27,7 @@ from service.schemas import (
     HeadFusion,
     Timings,
 )
-from service.uploads import BATCH_BODY, IMAGE_BODY, Upload, read_image, read_images, require_bytes
+from service.uploads import BATCH_BODY, IMAGE_BODY, Upload, read_image, read_images
 from vit_artifact.metadata import ArtifactMetadata
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -43,6 +43,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "not ready, or overloaded (see Retry-After)"),
     ]
 }
+DEFAULT_TOP_K = 5  # the one home of this default: the SDK and CLI send no top_k unless asked
 TopK = Annotated[int, Query(ge=1, le=1000, description="how many predictions to return")]
 
 
@@ -64,8 +65,8 @@ def _timings(prepared: list[Prepared], results: list[Result], started: float) ->
 
 async def _classify(name: str | None, request: Request, state: State, request_id: str, k: int) -> ClassifyResponse:
     started = time.perf_counter()
-    model = state.model(name)
-    data = require_bytes(await read_image(request))
+    model = served_model(request, state, name)
+    data = (await read_image(request)).data
     prepared = await state.run_cpu(prepare, data, model.meta, max_pixels=state.settings.max_pixels)
     result = await state.infer(model, prepared.pixels, with_attention=False)
     return ClassifyResponse(
@@ -86,7 +87,7 @@ async def _classify(name: str | None, request: Request, state: State, request_id
     openapi_extra=IMAGE_BODY,
 )
 async def classify(
-    name: str, request: Request, state: State, request_id: RequestId, top_k: TopK = 5
+    name: str, request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
 ) -> ClassifyResponse:
     return await _classify(name, request, state, request_id, top_k)
 
@@ -99,20 +100,20 @@ async def classify(
     responses=ERRORS,
     openapi_extra=IMAGE_BODY,
 )
-async def classify_default(request: Request, state: State, request_id: RequestId, top_k: TopK = 5) -> ClassifyResponse:
+async def classify_default(request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K) -> ClassifyResponse:
     return await _classify(None, request, state, request_id, top_k)
 
 
 async def _prepare_or_error(state: State, upload: Upload, meta: ArtifactMetadata) -> Prepared | ErrorInfo:
     try:
-        return await state.run_cpu(prepare, require_bytes(upload), meta, max_pixels=state.settings.max_pixels)
+        return await state.run_cpu(prepare, upload.data, meta, max_pixels=state.settings.max_pixels)
     except ServiceError as e:  # a bad image is that image's error, not the batch's
         return ErrorInfo(code=e.code, message=e.message, detail=e.detail)
 
 
 async def _batch(name: str | None, request: Request, state: State, request_id: str, k: int) -> BatchResponse:
     started = time.perf_counter()
-    model = state.model(name)
+    model = served_model(request, state, name)
     uploads = await read_images(request, state.settings.max_batch_files)
     outcomes = await asyncio.gather(*(_prepare_or_error(state, u, model.meta) for u in uploads))
     good = [(i, p) for i, p in enumerate(outcomes) if isinstance(p, Prepared)]
@@ -142,7 +143,7 @@ async def _batch(name: str | None, request: Request, state: State, request_id: s
     openapi_extra=BATCH_BODY,
 )
 async def classify_batch(
-    name: str, request: Request, state: State, request_id: RequestId, top_k: TopK = 5
+    name: str, request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
 ) -> BatchResponse:
     return await _batch(name, request, state, request_id, top_k)
 
@@ -156,7 +157,7 @@ async def classify_batch(
     openapi_extra=BATCH_BODY,
 )
 async def classify_batch_default(
-    request: Request, state: State, request_id: RequestId, top_k: TopK = 5
+    request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
 ) -> BatchResponse:
     return await _batch(None, request, state, request_id, top_k)
 
@@ -184,7 +185,7 @@ class AttentionQuery:
         ] = None,
         format: Annotated[str, Query(pattern="^(json|png)$", description="json map, or a PNG overlay")] = "json",
         alpha: Annotated[float, Query(ge=0.0, le=1.0, description="PNG overlay opacity")] = 0.5,
-        top_k: TopK = 5,
+        top_k: TopK = DEFAULT_TOP_K,
     ) -> None:
         self.method = method
         self.params = AttentionParams(layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio)
@@ -197,11 +198,11 @@ async def _attention(
     name: str | None, request: Request, state: State, request_id: str, q: AttentionQuery
 ) -> Response | AttentionResponse:
     started = time.perf_counter()
-    model = state.model(name)
+    model = served_model(request, state, name)
     if model.attention is None:
         raise InvalidParameter(f"model {model.name} was exported without the attention graph")
     meta = model.meta
-    data = require_bytes(await read_image(request))
+    data = (await read_image(request)).data
     prepared = await state.run_cpu(prepare, data, meta, max_pixels=state.settings.max_pixels)
     result = await state.infer(model, prepared.pixels, with_attention=True)
     heatmap = await state.run_cpu(attention_grid, result.attentions, meta, q.method, q.params)

@@ -11,7 +11,6 @@ Inputs: `pixel_values`, FP32 [N, 3, H, W] already preprocessed as the model's me
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import numpy as np
@@ -21,12 +20,13 @@ from pydantic import BaseModel
 
 from service import __version__
 from service import v2_codec as codec
+from service.batching import Result
 from service.deps import State
 from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.pipeline import prepare, softmax
 from service.runtime import LoadedModel
 from vit_artifact.attention import Method, attention_map
-from vit_artifact.metadata import INPUT_NAME
+from vit_artifact.metadata import INPUT_NAME, ArtifactMetadata
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
@@ -242,6 +242,7 @@ def _classification(values: np.ndarray, labels: list[str], k: int) -> list[bytes
 
 async def _infer(state: State, request: Request, name: str, version: str | None) -> Response:
     model = _model(state, name, version)
+    request.state.model = model  # for the per-model request counters, as `service.deps.served_model` does
     body = await request.body()
     # JSON tensors of several MB take long enough to parse that the event loop must not do it.
     parsed, binary = await state.run_cpu(codec.parse_request, body, request.headers.get(codec.HEADER_LENGTH))
@@ -249,8 +250,22 @@ async def _infer(state: State, request: Request, name: str, version: str | None)
     pixels = await _pixels(state, model, parsed, binary)
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
     results = await asyncio.gather(*(state.infer(model, row, with_attention=with_attention) for row in pixels))
+    tensors = await state.run_cpu(_output_tensors, outputs, results, model.meta)
+    header: dict[str, Any] = {"model_name": model.name, "model_version": model.meta.version}
+    if parsed.id is not None:
+        header["id"] = parsed.id
+    binary_all = bool(parsed.parameters.get("binary_data_output", False))
+    payload, header_length = await state.run_cpu(codec.encode_response, header, tensors, binary_all)
+    if header_length is None:
+        return Response(payload, media_type="application/json")
+    return Response(payload, media_type="application/octet-stream", headers={codec.HEADER_LENGTH: str(header_length)})
+
+
+def _output_tensors(
+    outputs: list[codec.OutputRequest], results: list[Result], meta: ArtifactMetadata
+) -> list[codec.OutputTensor]:
+    """The requested outputs of a batch of results, in request order (CPU work: runs off the event loop)."""
     logits = np.stack([r.logits for r in results]).astype(np.float32)  # (N, C)
-    meta = model.meta
 
     def tensor(out_name: str) -> np.ndarray:
         if out_name == "logits":
@@ -260,38 +275,21 @@ async def _infer(state: State, request: Request, name: str, version: str | None)
         attentions = np.stack([r.attentions for r in results if r.attentions is not None])  # (N, L, H, T, T)
         if out_name == "attentions":
             return attentions.astype(np.float32)
-        return np.stack(
-            [
-                attention_map(
-                    a, method=ATTENTION_OUTPUTS[out_name], num_prefix_tokens=meta.num_prefix_tokens, grid=meta.grid
-                )
-                for a in attentions
-            ]
-        ).astype(np.float32)
+        method = ATTENTION_OUTPUTS[out_name]
+        maps = [
+            attention_map(a, method=method, num_prefix_tokens=meta.num_prefix_tokens, grid=meta.grid)
+            for a in attentions
+        ]
+        return np.stack(maps).astype(np.float32)
 
-    binary_all = bool(parsed.parameters.get("binary_data_output", False))
-    entries, chunks, any_binary = [], [], False
+    tensors = []
     for out in outputs:
         array = tensor(out.name)
-        value: np.ndarray | list[bytes] = array
-        shape = list(array.shape)
         k = out.parameters.get("classification")
-        if k is not None:
-            value = _classification(value, meta.labels, k)  # type: ignore[arg-type]
-            shape = [len(pixels), min(k, len(meta.labels))]
-        binary_out = bool(out.parameters.get("binary_data", binary_all))
-        entry, raw = codec.encode_output(out.name, value, shape, binary_out)
-        any_binary = any_binary or binary_out
-        entries.append(entry)
-        chunks.append(raw)
-    header: dict[str, Any] = {"model_name": model.name, "model_version": meta.version, "outputs": entries}
-    if parsed.id is not None:
-        header["id"] = parsed.id
-    payload = json.dumps(header).encode()
-    if not any_binary:
-        return Response(payload, media_type="application/json")
-    return Response(
-        payload + b"".join(chunks),
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(payload))},
-    )
+        if k is None:
+            tensors.append(codec.OutputTensor(out, array, list(array.shape)))
+        else:
+            tensors.append(
+                codec.OutputTensor(out, _classification(array, meta.labels, k), [len(array), min(k, len(meta.labels))])
+            )
+    return tensors
