@@ -21,6 +21,7 @@ lint: dev-env
 	$(RUN) $(DEV_VENV)/bin/python -m mypy
 
 docs: dev-env
+	$(RUN) $(DEV_VENV)/bin/python docs/settings_table.py
 	$(RUN) $(DEV_VENV)/bin/python docs/make_docs.py
 
 default-model: dev-env

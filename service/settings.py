@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -15,6 +16,11 @@ DEFAULT_OPEN_ROUTES = ["/healthz", "/readyz", "/v2/health/*", "/metrics", "/", "
 
 # A comma-separated environment value ("a,b"); a JSON list is accepted too.
 CommaList = Annotated[list[str], NoDecode]
+
+
+def _shown(text: str) -> JsonDict:
+    """How the configuration table shows a default that reads badly as a value."""
+    return {"shown_default": text}
 
 
 def _split(value: object) -> object:
@@ -29,56 +35,95 @@ def _split(value: object) -> object:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VITSERVE_", protected_namespaces=(), extra="ignore")
 
-    model_dir: Path = Field(REPO_MODELS, description="model repository: one sub-directory per exported artifact")
-    default_model: str = Field("digits-vit", description="model served by the routes without a model name")
-    models: list[str] | None = Field(None, description="load only these models (JSON list); default: all")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime execution provider")
-    threads: int = Field(0, ge=0, description="intra-op threads per session; 0 lets onnxruntime choose")
-    max_body_bytes: int = Field(20 * 2**20, gt=0, description="request bodies above this get 413 while reading")
-    max_pixels: int = Field(40_000_000, gt=0, description="images above this get 413 before decoding")
-    max_batch_files: int = Field(32, gt=0, description="images allowed in one batch request")
-    batching: bool = Field(True, description="coalesce concurrent requests into one runtime call")
-    max_batch_size: int = Field(16, gt=0, description="images per runtime call (a model's serving.json may override)")
+    model_dir: Path = Field(
+        REPO_MODELS,
+        description="model repository: one sub-directory per artifact (Triton-style)",
+        json_schema_extra=_shown("`models/`"),
+    )
+    default_model: str = Field("digits-vit", description="model for the routes without a name")
+    models: list[str] | None = Field(
+        None, description="JSON list of model names to load", json_schema_extra=_shown("all")
+    )
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port")
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="`auto` (CUDA where `onnxruntime-gpu` sees a GPU, else CPU), `cpu`, `cuda` (fails at start "
+        "without a GPU)",
+    )
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: onnxruntime's choice)")
+    max_body_bytes: int = Field(
+        20 * 2**20, gt=0, description="request body limit: 413 while reading", json_schema_extra=_shown("20 MiB")
+    )
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="decoded image size limit: 413 from the header, before decoding"
+    )
+    max_batch_files: int = Field(
+        32,
+        gt=0,
+        description="images per batch request, and per V2 request (`image` or `pixel_values` N): 413 beyond; at "
+        "most `VITSERVE_MAX_QUEUE_SIZE`",
+    )
+    batching: bool = Field(True, description="dynamic batching: coalesce concurrent requests into one runtime call")
+    max_batch_size: int = Field(16, gt=0, description="images per runtime call (a model's `serving.json` may override)")
     max_queue_delay_ms: float = Field(
         0.0,
         ge=0,
-        description="how long the first request waits for company; 0: none, a batch is what queued while the "
-        "previous one ran (benchmarks/batching_sweep.py: 2 ms halved one client's throughput, helped no load)",
+        description="longest the first request of a batch waits for others (0: none; a batch is what queued while "
+        "the previous one ran; README's benchmark section measures why)",
     )
-    max_queue_size: int = Field(256, gt=0, description="queued requests per model before 503 + Retry-After")
-    request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_queue_size: int = Field(256, gt=0, description="queued requests per model before 503 + `Retry-After`")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served (503 after)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="`debug`, `info`, `warning`, `error`"
+    )
 
     # Security. Keys are never logged: `repr=False` keeps them out of the settings' repr and error messages.
     api_keys: CommaList = Field(
-        default_factory=list, repr=False, description="accepted API keys (comma-separated); none: no key needed"
+        default_factory=list,
+        repr=False,
+        description="comma-separated API keys; when any is set, every route except the open ones needs "
+        "`Authorization: Bearer <key>` or `X-API-Key: <key>`",
     )
-    api_keys_file: Path | None = Field(None, description="a file of API keys, one a line (# comments)")
+    api_keys_file: Path | None = Field(
+        None,
+        description="a file of keys, one a line (`#` comments), added to `VITSERVE_API_KEYS`: mount a Kubernetes "
+        "Secret here",
+    )
     open_routes: CommaList = Field(
         default_factory=lambda: list(DEFAULT_OPEN_ROUTES),
-        description="paths answered without a key when keys are set; `/prefix/*` matches below the prefix",
+        description="routes answered without a key; `/prefix/*` matches below the prefix; empty: every route needs a key",
     )
     cors_origins: CommaList = Field(
-        default_factory=list, description="origins allowed to call the API from a browser; `*` for any; none: closed"
+        default_factory=list,
+        description="origins whose pages may call the API (`https://a.example,https://b.example`, or `*`)",
+        json_schema_extra=_shown("none (closed)"),
     )
     max_concurrent_requests: int = Field(
-        256, gt=0, description="inference requests in progress at once; beyond it 503 + Retry-After at once"
+        256,
+        gt=0,
+        description="inference requests (every POST under `/v1` and `/v2`) in progress at once; beyond it 503 + "
+        "`Retry-After` at once",
     )
 
     # Reliability.
     on_model_error: Literal["fail", "skip"] = Field(
-        "fail", description="a model that fails to load: fail the start, or serve the others (the default must load)"
+        "fail",
+        description="a model that fails to load: `fail` the start, or `skip` it and serve the others (the default "
+        "model must always load)",
     )
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     drain_delay_s: float = Field(
         0.0,
         ge=0,
-        description="on SIGTERM, readiness turns 503 at once and requests are served this long before closing",
+        description="on SIGTERM, readiness turns 503 at once and requests are still served this long before the "
+        "listener closes",
     )
     reload_interval_s: float = Field(
-        0.0, ge=0, description="poll the model directory this often for new versions and models; 0: off"
+        0.0,
+        ge=0,
+        description="poll the model directory this often for new versions and new models",
+        json_schema_extra=_shown("0 (off)"),
     )
 
     @field_validator("model_dir")
@@ -140,3 +185,25 @@ def _check_key(key: str) -> None:
     # never quoted in the message.
     if not key or not all(33 <= ord(c) < 127 and c != "," for c in key):
         raise ValueError("an API key must be printable ASCII without spaces or commas")
+
+
+def settings_table() -> str:
+    """README's configuration table, made from the fields above (tests/service/test_settings_doc.py checks it)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        shown = extra.get("shown_default")
+        if shown is None:
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, bool):
+                shown = f"`{str(default).lower()}`"
+            elif isinstance(default, list):
+                shown = f"`{','.join(default)}`" if default else "none"
+            elif default is None:
+                shown = "none"
+            elif isinstance(default, int | float):
+                shown = f"{default:g}" if isinstance(default, float) else f"{default:,}" if default >= 10_000 else str(default)
+            else:
+                shown = f"`{default}`"
+        rows.append(f"| `VITSERVE_{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows) + "\n"
