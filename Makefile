@@ -10,8 +10,10 @@ SERVE_VENV := $(CACHE)/venv-serve-$(call key,requirements/serve.txt)
 RUN = PYTHONPATH=$(CURDIR):$(CURDIR)/client PYTHONDONTWRITEBYTECODE=1
 
 .PHONY: serve test lint typecheck docs dev-env serve-env clean-cache default-model bench browser docker-smoke k8s-validate gpu-check
+# exec: the server is make's own child, and VITSERVE_EXIT_WITH_PARENT makes it drain and exit when make is
+# stopped (a supervisor's SIGTERM to make is not passed on to children).
 serve: serve-env
-	$(RUN) $(SERVE_VENV)/bin/python -m service
+	exec env $(RUN) VITSERVE_EXIT_WITH_PARENT=1 $(SERVE_VENV)/bin/python -m service
 
 test: dev-env browser
 	$(RUN) $(DEV_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import importlib.util
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -26,6 +29,7 @@ from pydantic import ValidationError
 if TYPE_CHECKING:
     import uvicorn
 
+    from service.http_protocol import ConnectionPolicy
     from service.state import ServiceState
 
 EXIT_CONFIG = 2
@@ -43,9 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def draining_server(config: uvicorn.Config, state: ServiceState, drain_delay_s: float) -> uvicorn.Server:
-    """A uvicorn server whose first SIGTERM/SIGINT turns readiness off and keeps serving `drain_delay_s`."""
+def draining_server(
+    config: uvicorn.Config, state: ServiceState, policy: ConnectionPolicy, drain_delay_s: float
+) -> uvicorn.Server:
+    """A uvicorn server whose first SIGTERM/SIGINT turns readiness off, answers with `Connection: close` from
+    then on, and keeps serving `drain_delay_s`."""
     import uvicorn
+
+    from service.http_protocol import start_draining
 
     class DrainingServer(uvicorn.Server):
         drain_until: float | None = None
@@ -53,6 +62,7 @@ def draining_server(config: uvicorn.Config, state: ServiceState, drain_delay_s: 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             first = not state.shutting_down
             state.shutting_down = True  # /readyz and /v2/health/ready answer 503 from now on
+            start_draining(policy, self.server_state.connections)
             if first and drain_delay_s > 0:
                 logging.getLogger("vitserve").warning(
                     "signal %d: readiness is off; serving %g s more before closing the listener", sig, drain_delay_s
@@ -68,6 +78,32 @@ def draining_server(config: uvicorn.Config, state: ServiceState, drain_delay_s: 
             return await super().on_tick(counter)
 
     return DrainingServer(config)
+
+
+def connection_limit(wanted: int) -> int:
+    """`wanted`, kept below the file-descriptor limit (raised to its hard maximum first): a server out of
+    descriptors cannot accept even a health probe. 64 descriptors stay for models, logs and the listener."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return max(1, min(wanted, soft - 64)) if soft != resource.RLIM_INFINITY else wanted
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent() -> None:
+    """Ask Linux for a SIGTERM (a graceful drain) when the parent exits: `make serve` runs the server as a child
+    of make, and a supervisor's SIGTERM to make is not passed on."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        logging.getLogger("vitserve").warning("VITSERVE_EXIT_WITH_PARENT works on Linux only; ignored")
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid configuration: {problems}", file=sys.stderr)
         return EXIT_CONFIG
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.exit_with_parent:
+        exit_with_parent()
 
     import uvicorn
 
     from service.app import create_app, load_repository
+    from service.http_protocol import ConnectionPolicy, protocol_for
+    from service.memory import tune_allocator
 
+    tune_allocator()  # before the models load: large buffers from mmap, given back when freed
     try:
         repository = load_repository(settings)
     except (ArtifactError, ProviderError) as e:
@@ -113,14 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; this handler turns that into
     # exit code 0, so an orchestrator sees a clean shutdown.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    policy = ConnectionPolicy(
+        header_timeout_s=settings.header_timeout_s, max_connections=connection_limit(settings.max_connections)
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        http=protocol_for(policy),
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works (call_later)
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works (wait_for)
     )
-    server = draining_server(config, app.state.vitserve, settings.drain_delay_s)
+    server = draining_server(config, app.state.vitserve, policy, settings.drain_delay_s)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, re-raised by uvicorn after a graceful shutdown
         server.run()
     return 0 if server.started else STARTUP_FAILURE

@@ -18,13 +18,14 @@ from starlette.middleware.cors import CORSMiddleware
 from service import __version__
 from service.batching import BatchPolicy
 from service.errors import InvalidParameter, ServiceError, error_response
+from service.http_protocol import AcceptErrorFilter
 from service.metrics import METRICS
 from service.middleware import (
     REQUEST_ID_HEADER,
     SECURITY_HEADERS,
-    BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
     MetricsMiddleware,
+    RequestBodyMiddleware,
     RequestContextMiddleware,
 )
 from service.reload import RepositoryWatcher
@@ -98,10 +99,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(ServiceError(message, headers=headers), request.url.path)
 
 
-def _install_middleware(app: FastAPI, settings: Settings) -> None:
+def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState) -> None:
     # Added innermost first; the last added runs first on a request.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests)  # once a body is in
+    app.add_middleware(
+        RequestBodyMiddleware,
+        max_bytes=settings.max_body_bytes,
+        budget=state.body_budget,
+        grace_s=settings.body_timeout_s,
+        min_rate=settings.body_min_rate,
+    )
     if settings.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, open_routes=settings.open_routes)
     app.add_middleware(MetricsMiddleware)
@@ -117,6 +124,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_exception_handler(AcceptErrorFilter())
         if state.repository is None:
             state.repository = await asyncio.get_running_loop().run_in_executor(None, load_repository, settings)
         for model in state.repository.models.values():
@@ -144,7 +152,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     )
     app.state.vitserve = state
     _install_error_handlers(app)
-    _install_middleware(app, settings)
+    _install_middleware(app, settings, state)
     for module in (health, models, inference, v2, metrics, demo):
         app.include_router(module.router)
     return app

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from service.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.memory import Reservation
 
 # Pillow's format names; only these plugins ever parse client bytes. The JPEG plugin also opens the JPEGs with
 # extra frames that many phones and cameras write, which Pillow then names MPO.
@@ -37,21 +38,30 @@ _ORIENTATION = ExifTags.Base.Orientation
 _ORIENTATIONS_SWAPPING_AXES = (5, 6, 7, 8)  # transpose, rotate 90/270, transverse
 _JPEG_FORMATS = ("JPEG", "MPO")
 # 16-bit values 0..65535 onto 0..255: round(v / 257) maps 65535 to 255 exactly and keeps every step linear.
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "I;16": 2}
 _UINT16_TO_UINT8 = np.rint(np.arange(65536) / 257.0).astype(np.uint8)
 
 
-def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    target_size: tuple[int, int] | None = None,
+    reservation: Reservation | None = None,
+) -> Image.Image:
     """Decode `data` into a loaded RGB image; or raise BadImage, UnsupportedMediaType or PayloadTooLarge.
 
     `target_size` (height, width) is the size the image will be resized to next; a JPEG at least twice that
-    size on both sides is decoded at reduced scale, never below it.
+    size on both sides is decoded at reduced scale, never below it. With a `reservation`, the memory the
+    decode will take (`decode_cost`) is reserved from its budget before any pixel is decoded (503 when the
+    budget stays full); the caller gives it back when it drops the image.
     """
     if not data:
         raise BadImage(f"the image is empty (0 bytes); send the bytes of a {ACCEPTED} file")
     image = _open(data, max_pixels)
     _check_size(image.size, max_pixels)
     try:
-        return _decode(image, target_size)
+        return _decode(image, target_size, reservation)
     except ServiceError:
         raise
     except Exception as e:  # Pillow raises many types on damaged data; each one is the client's bad file.
@@ -112,10 +122,22 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> None:
         )
 
 
-def _decode(image: Image.Image, target_size: tuple[int, int] | None) -> Image.Image:
+def decode_cost(image: Image.Image) -> int:
+    """Bytes the decode of an opened (not loaded) image takes at its peak: its pixels in the file's mode, the
+    RGB copy, and for transparent images the composite (see `_to_rgb`). Float and 32-bit modes cost 4 bytes a
+    pixel; their conversion to 8 bits works in bands, so its temporaries are bounded."""
+    pixels = image.size[0] * image.size[1]
+    stored = _BYTES_PER_PIXEL.get(image.mode, 4)
+    transparent = "A" in image.getbands() or "transparency" in image.info
+    return pixels * (stored + (3 + 4 + 3 if transparent else 3))
+
+
+def _decode(image: Image.Image, target_size: tuple[int, int] | None, reservation: Reservation | None) -> Image.Image:
     full_size = image.size
     if target_size is not None and image.format in _JPEG_FORMATS:
         _draft(image, target_size)
+    if reservation is not None:
+        reservation.take(decode_cost(image), f"a {image.size[0]}x{image.size[1]} {image.mode} image")
     image.load()  # the first frame only: we never seek
     # Read after load: a PNG may carry its EXIF after the pixel data.
     if image.getexif().get(_ORIENTATION, 1) in _ORIENTATIONS_SWAPPING_AXES:
@@ -146,27 +168,49 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = _to_8bit_grey(image)
     if any(band in ("A", "a") for band in image.getbands()) or image.info.get("transparency") is not None:
         # White, not black: transparent pixels often hold black; logos and cut-outs are made for white pages.
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))  # one RGB copy, not three RGBA ones
+        return white
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _to_8bit_grey(image: Image.Image) -> Image.Image:
-    """Scale 16/32-bit integer or float greyscale to 0..255 (Pillow's own convert clips at 255 instead)."""
-    values = np.asarray(image)
+    """Scale 16/32-bit integer or float greyscale to 0..255 (Pillow's own convert clips at 255 instead).
+
+    Works in bands of rows, so a 40-megapixel float image needs a few MB of temporaries, not five copies."""
+    values = np.asarray(image)  # Pillow's buffer viewed, not copied, for these modes
     if image.mode.startswith("I;16"):
         return Image.fromarray(_UINT16_TO_UINT8[values])
-    finite = values[np.isfinite(values)] if image.mode == "F" else values
-    low, high = (finite.min(), finite.max()) if finite.size else (0, 0)
+    low, high = _finite_range(values)
+    out = np.empty(values.shape, np.uint8)
     if image.mode == "I" and low >= 0 and high <= 65535:  # Pillow keeps 16-bit data of some files in mode I
-        return Image.fromarray(_UINT16_TO_UINT8[values])
+        for rows in _bands(values):
+            out[rows] = _UINT16_TO_UINT8[values[rows]]
+        return Image.fromarray(out)
     if image.mode == "F" and low >= 0 and high <= 1:
-        scaled = np.nan_to_num(values, nan=0.0) * 255.0
+        offset, scale = 0.0, 255.0
     else:  # an unknown range: stretch what is there
-        span = float(high) - float(low) or 1.0
-        scaled = (np.nan_to_num(values.astype(np.float32), nan=float(low)) - float(low)) * (255.0 / span)
-    return Image.fromarray(np.rint(np.clip(scaled, 0, 255)).astype(np.uint8))
+        offset, scale = float(low), 255.0 / (float(high) - float(low) or 1.0)
+    for rows in _bands(values):
+        band = np.nan_to_num(values[rows].astype(np.float32), nan=offset)
+        out[rows] = np.rint(np.clip((band - offset) * scale, 0, 255))
+    return Image.fromarray(out)
+
+
+def _bands(values: np.ndarray, pixels: int = 1 << 20) -> list[slice]:
+    step = max(1, pixels // max(1, values.shape[1]))
+    return [slice(start, start + step) for start in range(0, values.shape[0], step)]
+
+
+def _finite_range(values: np.ndarray) -> tuple[float, float]:
+    low, high = np.inf, -np.inf
+    for rows in _bands(values):
+        band = values[rows]
+        finite = band[np.isfinite(band)] if band.dtype.kind == "f" else band
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    return (low, high) if low <= high else (0.0, 0.0)
 
 
 def _reason(error: Exception) -> str:

@@ -74,6 +74,24 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.connections = Gauge("vitserve_http_connections", "Open client connections", registry=r)
+        self.connections_refused = Counter(
+            "vitserve_http_connections_shed",
+            "Connections closed or refused to protect the server: limit (503 at connect), evicted (idle or slow "
+            "headers, to make room), header_timeout, body_timeout",
+            ["reason"],
+            registry=r,
+        )
+        self.budget_limit = Gauge("vitserve_memory_budget_bytes", "Memory budget size", ["budget"], registry=r)
+        self.budget_used = Gauge(
+            "vitserve_memory_budget_used_bytes", "Bytes reserved from a memory budget now", ["budget"], registry=r
+        )
+        self.budget_refused = Counter(
+            "vitserve_memory_budget_refused",
+            "Requests refused (503) because a memory budget stayed full",
+            ["budget"],
+            registry=r,
+        )
         self.reloads = Counter(
             "vitserve_model_reload",
             "Model (re)loads found by the repository poll: loaded (swapped in) or rejected (old version kept)",

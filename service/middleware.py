@@ -16,7 +16,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Overloaded, PayloadTooLarge, ServiceError, Unavailable, error_response
+from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable, error_response
+from service.memory import ByteBudget
 from service.metrics import METRICS
 
 log = logging.getLogger("vitserve")
@@ -90,10 +91,23 @@ class RequestContextMiddleware:
             await send_error(scope, send_with_headers, error)
 
 
-class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+class RequestBodyMiddleware:
+    """The body limit for every request; for inference requests also the body deadline and the body budget.
+
+    An inference request's body is read whole here, before the concurrency limit admits it and before any route
+    sees it, so a slow upload holds only its connection and its reserved bytes, never an inference slot. The
+    body must keep pace: it may take `grace_s` plus its size at `min_rate` bytes/s, checked as it arrives
+    (a client that declares 15 MB and sends 10 bytes/s is cut off after about `grace_s`), else 408 and the
+    connection is closed. Its declared size (the limit, for a chunked body) is reserved from `budget` first;
+    when the budget stays full the answer is 503 + Retry-After.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, budget: ByteBudget, grace_s: float, min_rate: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.budget = budget
+        self.grace_s = grace_s
+        self.min_rate = min_rate
 
     def _too_large(self, size: int | None = None) -> PayloadTooLarge:
         got = f"{size} bytes" if size is not None else f"more than {self.max_bytes} bytes"  # chunked: size unknown
@@ -107,9 +121,72 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = header(scope, b"content-length")
-        if declared is not None and _DIGITS.fullmatch(declared) and int(declared) > self.max_bytes:
-            await send_error(scope, send, self._too_large(int(declared)))
+        size = int(declared) if declared is not None and _DIGITS.fullmatch(declared) else None
+        if size is not None and size > self.max_bytes:
+            await send_error(scope, send, self._too_large(size))
             return
+        if is_inference(scope):
+            await self._buffered(scope, receive, send, size)
+        else:
+            await self._streamed(scope, receive, send)
+
+    async def _buffered(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
+        reserved = await self.budget.reserve_async(self.max_bytes if size is None else size)
+        if reserved is None:
+            error = Overloaded(
+                "the server holds too many request bodies in flight (VITSERVE_BODY_BUDGET_BYTES); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+            await send_error(scope, send, error)
+            return
+        try:
+            try:
+                body = await self._read(receive)
+            except _ClientGone:
+                return
+            except (PayloadTooLarge, RequestTimeout) as e:
+                await send_error(scope, send, e)
+                return
+            delivered = False
+
+            async def replay() -> Message:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: only a disconnect can come
+
+            await self.app(scope, replay, send)
+        finally:
+            self.budget.release(reserved)
+
+    async def _read(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        received = 0
+        started = time.monotonic()
+        while True:
+            allowed = started + self.grace_s + received / self.min_rate - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), max(allowed, 0.0))
+            except TimeoutError:
+                METRICS.connections_refused.labels(reason="body_timeout").inc()
+                raise RequestTimeout(
+                    f"the request body arrived too slowly ({received} bytes in {time.monotonic() - started:.1f} s); "
+                    f"send it within {self.grace_s:g} s plus {self.min_rate} bytes/s (VITSERVE_BODY_TIMEOUT_S, "
+                    "VITSERVE_BODY_MIN_RATE)",
+                    headers={"Connection": "close"},  # the rest of the body may still be on its way
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _streamed(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = 0
         started = False
 
@@ -134,13 +211,17 @@ class BodyLimitMiddleware:
                 await send_error(scope, send, e)
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its body was complete: there is no one to answer."""
+
+
 def is_inference(scope: Scope) -> bool:
     """Every POST under /v1 and /v2 runs a model (classify, attention, V2 infer); nothing else does."""
     return scope["method"] == "POST" and scope["path"].startswith(("/v1/", "/v2/"))
 
 
 class ConcurrencyLimitMiddleware:
-    """At most `limit` inference requests in progress (reading the body to sending the answer); one more is
+    """At most `limit` inference requests in progress (from a complete body to the answer); one more is
     refused at once with 503 + Retry-After instead of queueing without bound. Probes and metrics never count.
     """
 

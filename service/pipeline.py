@@ -13,28 +13,52 @@ from PIL import Image
 
 from service.errors import InvalidParameter, NotFound
 from service.imaging import decode_image
+from service.memory import ByteBudget, Reservation
 from service.overlay import render_overlay
 from service.schemas import AttentionParams, Prediction
 from vit_artifact.attention import AttentionArgumentError, Method, NoSuchIndex, attention_map
 from vit_artifact.metadata import ArtifactMetadata
 from vit_artifact.preprocessing import crop_box, preprocess
 
+# Overlays are drawn at most 512 px wide (service.overlay); a source of twice that keeps them sharp, and a
+# request that asks for one holds this much of its photo, not the whole decoded image.
+OVERLAY_SOURCE_SIDE = 1024
+
 
 @dataclass
 class Prepared:
-    image: Image.Image  # decoded RGB, upright; what overlays are drawn on
     pixels: np.ndarray  # (3, H, W) float32 model input
     decode_ms: float
     preprocess_ms: float
+    overlay_source: Image.Image | None = None  # the upright photo, reduced for display, when an overlay is due
+    overlay_box: tuple[float, float, float, float] | None = None  # the region the model saw, in its pixels
 
 
-def prepare(data: bytes, meta: ArtifactMetadata, *, max_pixels: int) -> Prepared:
-    t0 = time.perf_counter()
-    image = decode_image(data, max_pixels=max_pixels, target_size=meta.preprocessing.resize_size)
-    t1 = time.perf_counter()
-    pixels = preprocess(image, meta.preprocessing)
-    t2 = time.perf_counter()
-    return Prepared(image=image, pixels=pixels, decode_ms=(t1 - t0) * 1e3, preprocess_ms=(t2 - t1) * 1e3)
+def prepare(
+    data: bytes,
+    meta: ArtifactMetadata,
+    *,
+    max_pixels: int,
+    budget: ByteBudget | None = None,
+    for_overlay: bool = False,
+) -> Prepared:
+    """Decode and preprocess one image. The decoded image's memory is reserved from `budget` while it lives,
+    which is only inside this call: what outlives it is the model input and, `for_overlay`, a small copy."""
+    with Reservation(budget) as reservation:
+        t0 = time.perf_counter()
+        image = decode_image(
+            data, max_pixels=max_pixels, target_size=meta.preprocessing.resize_size, reservation=reservation
+        )
+        t1 = time.perf_counter()
+        pixels = preprocess(image, meta.preprocessing)
+        t2 = time.perf_counter()
+        prepared = Prepared(pixels=pixels, decode_ms=(t1 - t0) * 1e3, preprocess_ms=(t2 - t1) * 1e3)
+        if for_overlay:
+            source = image.copy()
+            source.thumbnail((OVERLAY_SOURCE_SIDE, OVERLAY_SOURCE_SIDE))
+            prepared.overlay_source = source
+            prepared.overlay_box = crop_box(image.size, meta.preprocessing, original_size=source.size)
+        return prepared
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -72,9 +96,9 @@ def attention_grid(
         raise InvalidParameter(e.message, detail=e.detail) from e
 
 
-def overlay_png(prepared: Prepared, heatmap: np.ndarray, meta: ArtifactMetadata, *, alpha: float, title: str) -> bytes:
-    box = crop_box(prepared.image.size, meta.preprocessing)
-    return render_overlay(prepared.image, heatmap, box=box, alpha=alpha, title=title)
+def overlay_png(prepared: Prepared, heatmap: np.ndarray, *, alpha: float, title: str) -> bytes:
+    assert prepared.overlay_source is not None, "prepare(..., for_overlay=True) keeps the photo for overlays"
+    return render_overlay(prepared.overlay_source, heatmap, box=prepared.overlay_box, alpha=alpha, title=title)
 
 
 def describe(method: str, params: AttentionParams, top: Prediction) -> str:

@@ -106,6 +106,51 @@ class Settings(BaseSettings):
         "`Retry-After` at once",
     )
 
+    # Slow clients and memory (README: Reliability).
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must be complete this long after its first byte: 408 after"
+    )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="an inference request's body must arrive within this long plus its size at "
+        "`VITSERVE_BODY_MIN_RATE`: 408 after",
+    )
+    body_min_rate: int = Field(
+        64 * 1024,
+        gt=0,
+        description="bytes/s an upload must keep up, after `VITSERVE_BODY_TIMEOUT_S`",
+        json_schema_extra=_shown("64 KiB/s"),
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(
+        1000,
+        gt=0,
+        description="open connections; past it the oldest idle or header-sending one is closed to make room, or "
+        "503 when none is (also kept below the file-descriptor limit)",
+    )
+    body_budget_bytes: int = Field(
+        192 * 2**20,
+        gt=0,
+        description="request bodies of inference requests in flight, server-wide; beyond it a request waits up "
+        "to 1 s, then 503",
+        json_schema_extra=_shown("192 MiB"),
+    )
+    decode_budget_bytes: int = Field(
+        448 * 2**20,
+        gt=0,
+        description="decoded images in flight (pixels x bytes per pixel of the file's mode, plus the RGB copy), "
+        "server-wide; beyond it a request waits up to 1 s, then 503",
+        json_schema_extra=_shown("448 MiB"),
+    )
+    max_response_bytes: int = Field(
+        32 * 2**20,
+        gt=0,
+        description="a V2 response larger than this is refused (413) before any inference: ask for fewer images, "
+        "binary outputs or maps instead of raw attentions",
+        json_schema_extra=_shown("32 MiB"),
+    )
+
     # Reliability.
     on_model_error: Literal["fail", "skip"] = Field(
         "fail",
@@ -118,6 +163,11 @@ class Settings(BaseSettings):
         ge=0,
         description="on SIGTERM, readiness turns 503 at once and requests are still served this long before the "
         "listener closes",
+    )
+    exit_with_parent: bool = Field(
+        False,
+        description="shut down (draining, as on SIGTERM) when the process that started the server exits; "
+        "`make serve` sets it, so a supervisor that signals only `make` still stops the server",
     )
     reload_interval_s: float = Field(
         0.0,
@@ -202,7 +252,13 @@ def settings_table() -> str:
             elif default is None:
                 shown = "none"
             elif isinstance(default, int | float):
-                shown = f"{default:g}" if isinstance(default, float) else f"{default:,}" if default >= 10_000 else str(default)
+                shown = (
+                    f"{default:g}"
+                    if isinstance(default, float)
+                    else f"{default:,}"
+                    if default >= 10_000
+                    else str(default)
+                )
             else:
                 shown = f"`{default}`"
         rows.append(f"| `VITSERVE_{name.upper()}` | {shown} | {field.description or ''} |")

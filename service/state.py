@@ -16,8 +16,11 @@ import numpy as np
 
 from service.batching import BatchPolicy, DynamicBatcher, Result
 from service.errors import NotFound, Unavailable
+from service.memory import ByteBudget
+from service.pipeline import Prepared, prepare
 from service.runtime import LoadedModel, ModelRepository
 from service.settings import Settings
+from vit_artifact.metadata import ArtifactMetadata
 from vit_artifact.serving import read_serving_config
 
 log = logging.getLogger("vitserve")
@@ -51,6 +54,9 @@ class ServiceState:
         # One runtime call at a time per process: onnxruntime already spreads one call over its intra-op threads.
         self.runtime_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime")
         self.batchers: dict[str, DynamicBatcher] = {}
+        # Bytes of request bodies and of decoded images in flight, server-wide (service.memory).
+        self.body_budget = ByteBudget("body", settings.body_budget_bytes)
+        self.decode_budget = ByteBudget("decode", settings.decode_budget_bytes)
         # Batchers of replaced versions, kept until no request waits on them; and how many requests each has.
         self._retiring: set[DynamicBatcher] = set()
         self._waiting: Counter[DynamicBatcher] = Counter()
@@ -80,6 +86,17 @@ class ServiceState:
                 detail={"available": sorted(repository.models)},
             )
         return model
+
+    async def prepare(self, data: bytes, meta: ArtifactMetadata, *, for_overlay: bool = False) -> Prepared:
+        """Decode and preprocess one image in the CPU pool, within the pixel limit and the decode budget."""
+        return await self.run_cpu(
+            prepare,
+            data,
+            meta,
+            max_pixels=self.settings.max_pixels,
+            budget=self.decode_budget,
+            for_overlay=for_overlay,
+        )
 
     async def run_cpu(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, lambda: fn(*args, **kwargs))

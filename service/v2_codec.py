@@ -83,9 +83,11 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise BadRequest(f"the inference request does not follow the V2 protocol: {problems}") from e
+    except ValueError as e:  # after ValidationError, its subclass: integer literals over 4300 digits (a DoS guard)
+        raise BadRequest(f"the inference request holds a number Python will not parse: {e}") from e
 
 
-def _count(shape: list[int]) -> int:
+def element_count(shape: list[int]) -> int:
     if any(d < 0 for d in shape):
         raise BadRequest(f"shape {shape} has a negative dimension")
     # Python integers: numpy's int64 product would overflow (or wrap to 0) on a hostile shape.
@@ -103,8 +105,11 @@ def decode_bytes_elements(raw: bytes, expected: int, name: str) -> list[bytes]:
             raise BadRequest(f"input {name!r}: a BYTES element claims {length} bytes; only {len(raw) - offset} remain")
         items.append(raw[offset : offset + length])
         offset += length
+        if len(items) > expected:  # stop here: a lying shape must not buy a loop over millions of elements
+            break
     if len(items) != expected:
-        raise BadRequest(f"input {name!r}: shape asks for {expected} BYTES elements, the data holds {len(items)}")
+        held = f"{len(items)}" if offset >= len(raw) else f"more than {expected}"
+        raise BadRequest(f"input {name!r}: shape asks for {expected} BYTES elements, the data holds {held}")
     return items
 
 
@@ -114,7 +119,7 @@ def encode_bytes_elements(items: list[bytes]) -> bytes:
 
 def decode_input(tensor: TensorIn, binary: bytes, offset: int) -> tuple[np.ndarray | list[bytes], int]:
     """The tensor's values (an array, or a list of byte strings for BYTES) and the new binary offset."""
-    count = _count(tensor.shape)
+    count = element_count(tensor.shape)
     size = tensor.parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from service.batching import Result
 from service.deps import RequestId, State, served_model
 from service.errors import InvalidParameter, ServiceError
-from service.pipeline import Prepared, attention_grid, describe, overlay_png, prepare, top_k
+from service.pipeline import Prepared, attention_grid, describe, overlay_png, top_k
 from service.schemas import (
     AttentionMethod,
     AttentionParams,
@@ -67,7 +67,7 @@ async def _classify(name: str | None, request: Request, state: State, request_id
     started = time.perf_counter()
     model = served_model(request, state, name)
     data = (await read_image(request)).data
-    prepared = await state.run_cpu(prepare, data, model.meta, max_pixels=state.settings.max_pixels)
+    prepared = await state.prepare(data, model.meta)
     result = await state.infer(model, prepared.pixels, with_attention=False)
     return ClassifyResponse(
         model=model.name,
@@ -106,7 +106,7 @@ async def classify_default(request: Request, state: State, request_id: RequestId
 
 async def _prepare_or_error(state: State, upload: Upload, meta: ArtifactMetadata) -> Prepared | ErrorInfo:
     try:
-        return await state.run_cpu(prepare, upload.data, meta, max_pixels=state.settings.max_pixels)
+        return await state.prepare(upload.data, meta)
     except ServiceError as e:  # a bad image is that image's error, not the batch's
         return ErrorInfo(code=e.code, message=e.message, detail=e.detail)
 
@@ -203,7 +203,7 @@ async def _attention(
         raise InvalidParameter(f"model {model.name} was exported without the attention graph")
     meta = model.meta
     data = (await read_image(request)).data
-    prepared = await state.run_cpu(prepare, data, meta, max_pixels=state.settings.max_pixels)
+    prepared = await state.prepare(data, meta, for_overlay=q.format == "png")
     result = await state.infer(model, prepared.pixels, with_attention=True)
     heatmap = await state.run_cpu(attention_grid, result.attentions, meta, q.method, q.params)
     predictions = top_k(result.logits, meta.labels, q.top_k)
@@ -212,7 +212,6 @@ async def _attention(
             overlay_png,
             prepared,
             heatmap,
-            meta,
             alpha=q.alpha,
             title=describe(q.method, q.params, predictions[0]),
         )

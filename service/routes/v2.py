@@ -23,7 +23,7 @@ from service import v2_codec as codec
 from service.batching import Result
 from service.deps import State
 from service.errors import BadRequest, NotFound, PayloadTooLarge
-from service.pipeline import prepare, softmax
+from service.pipeline import softmax
 from service.runtime import LoadedModel
 from vit_artifact.attention import Method, attention_map
 from vit_artifact.metadata import INPUT_NAME, ArtifactMetadata
@@ -193,14 +193,12 @@ async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest,
     if tensor.name == IMAGE_INPUT:
         if tensor.datatype != "BYTES":
             raise BadRequest(f"input {IMAGE_INPUT!r} must be BYTES (encoded images), not {tensor.datatype}")
+        _check_count(codec.element_count(tensor.shape), state)  # before decoding: a huge shape costs nothing
         images, _ = codec.decode_input(tensor, binary, 0)
         assert isinstance(images, list)
         if not images:
             raise BadRequest(f"input {IMAGE_INPUT!r} holds no images")
-        _check_count(len(images), state)
-        prepared = await asyncio.gather(
-            *(state.run_cpu(prepare, data, model.meta, max_pixels=state.settings.max_pixels) for data in images)
-        )
+        prepared = await asyncio.gather(*(state.prepare(data, model.meta) for data in images))
         return np.stack([p.pixels for p in prepared])
     if tensor.name != INPUT_NAME:
         raise BadRequest(f"unknown input {tensor.name!r}; this model takes {INPUT_NAME!r} or {IMAGE_INPUT!r}")
@@ -248,6 +246,7 @@ async def _infer(state: State, request: Request, name: str, version: str | None)
     parsed, binary = await state.run_cpu(codec.parse_request, body, request.headers.get(codec.HEADER_LENGTH))
     outputs = _outputs(parsed)
     pixels = await _pixels(state, model, parsed, binary)
+    _check_response_size(outputs, len(pixels), model.meta, parsed.parameters, state.settings.max_response_bytes)
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
     results = await asyncio.gather(*(state.infer(model, row, with_attention=with_attention) for row in pixels))
     tensors = await state.run_cpu(_output_tensors, outputs, results, model.meta)
@@ -259,6 +258,37 @@ async def _infer(state: State, request: Request, name: str, version: str | None)
     if header_length is None:
         return Response(payload, media_type="application/json")
     return Response(payload, media_type="application/octet-stream", headers={codec.HEADER_LENGTH: str(header_length)})
+
+
+# Upper bounds of an element's size on the wire: FP32 in binary, and as JSON text (`-0.0012345678918063641, `).
+_BINARY_BYTES, _JSON_BYTES, _CLASSIFICATION_BYTES = 4, 24, 40
+
+
+def _check_response_size(
+    outputs: list[codec.OutputRequest], n: int, meta: ArtifactMetadata, parameters: dict[str, Any], limit: int
+) -> None:
+    """Refuse (413) before any inference a request whose response would pass VITSERVE_MAX_RESPONSE_BYTES."""
+    per_image = {
+        "logits": len(meta.labels),
+        "probabilities": len(meta.labels),
+        **dict.fromkeys(ATTENTION_OUTPUTS, meta.grid[0] * meta.grid[1]),
+        "attentions": meta.num_layers * meta.num_heads * meta.num_tokens**2,
+    }
+    size = 0
+    for out in outputs:
+        k = out.parameters.get("classification")
+        if k is not None:
+            size += n * min(k, len(meta.labels)) * _CLASSIFICATION_BYTES
+            continue
+        binary = bool(out.parameters.get("binary_data", parameters.get("binary_data_output", False)))
+        size += n * per_image[out.name] * (_BINARY_BYTES if binary else _JSON_BYTES)
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the response would be about {size / 2**20:.1f} MiB, over the {limit / 2**20:.1f} MiB limit "
+            "(VITSERVE_MAX_RESPONSE_BYTES); send fewer images, ask for binary outputs (binary_data_output), or for "
+            "attention_rollout / attention_cls maps instead of raw attentions",
+            detail={"estimated_bytes": size, "limit_bytes": limit},
+        )
 
 
 def _output_tensors(

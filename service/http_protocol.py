@@ -1,0 +1,209 @@
+"""The HTTP connection layer: uvicorn's httptools protocol with the deadlines and limits a public server needs.
+
+uvicorn closes idle keep-alive connections, but a connection that never finishes its request headers, or
+opens and sends nothing, is kept forever, and there is no cap on connections short of the file-descriptor
+limit (past which even `/healthz` is unreachable). `GuardedProtocol` adds, per connection:
+
+- a **header deadline**: a request's headers must be complete `header_timeout_s` after its first byte (or,
+  on a new connection, after it opened); otherwise 408 (or a silent close when nothing was sent);
+- a **connection cap**: past `max_connections`, the oldest connection that is idle or still sending headers
+  is closed to make room (as nginx reuses idle connections), so probes and honest clients get in while
+  slow ones are shed; only when every connection is mid-request is the new one answered 503 and closed;
+- a **clean drain**: once draining (`ConnectionPolicy.draining`), every response carries
+  `Connection: close`; at shutdown an idle connection is closed only after `IDLE_CLOSE_GRACE_S`, and a request
+  that arrives in that window is still answered, so no connection is closed with a request unanswered.
+
+Body deadlines live in `service.middleware.RequestBodyMiddleware`, where the body is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.metrics import METRICS
+
+log = logging.getLogger("vitserve.http")
+
+# How long an idle keep-alive connection stays open once shutdown begins: a client that has just read its
+# response and sent the next request on the same connection gets that request answered, not a reset.
+IDLE_CLOSE_GRACE_S = 0.5
+
+
+@dataclass
+class ConnectionPolicy:
+    """What every connection of one server obeys; `draining` is flipped by the server on SIGTERM."""
+
+    header_timeout_s: float
+    max_connections: int
+    draining: bool = False
+
+
+def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
+    """A whole error response for the moments no ASGI app is involved (the body as `service.errors` renders it)."""
+    body = json.dumps({"error": {"code": code, "message": message, "detail": None}}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "retry-after: 1\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_TOO_MANY = _raw_error(
+    503, "Service Unavailable", "overloaded", "the server has too many open connections; retry shortly"
+)
+_HEADERS_TOO_SLOW = _raw_error(
+    408, "Request Timeout", "request_timeout", "the request headers did not arrive in time (VITSERVE_HEADER_TIMEOUT_S)"
+)
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """One client connection; see the module docstring. `policy` is set per server by `protocol_for`."""
+
+    policy: ClassVar[ConnectionPolicy]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opened = time.monotonic()
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.request_started = False  # a byte of the current request arrived; its headers are not complete
+        self.refused = False
+
+    # --- connection lifecycle -------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.policy.max_connections and not self._evict_one():
+            self.refused = True
+            METRICS.connections_refused.labels(reason="limit").inc()
+            transport.write(_TOO_MANY)
+            transport.close()
+            return
+        super().connection_made(transport)
+        METRICS.connections.inc()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        self._cancel_header_timer()
+        METRICS.connections.dec()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        super().data_received(data)
+
+    def _evict_one(self) -> bool:
+        """Close the oldest connection that is idle or still sending its headers; False when there is none."""
+        evictable = [c for c in self.connections if isinstance(c, GuardedProtocol) and c._idle_or_in_headers()]
+        if not evictable:
+            return False
+        victim = min(evictable, key=lambda c: c.opened)
+        METRICS.connections_refused.labels(reason="evicted").inc()
+        victim.transport.close()
+        victim.connections.discard(victim)  # its connection_lost comes later; the slot is free now
+        return True
+
+    def _idle_or_in_headers(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    # --- header deadline ------------------------------------------------------------------------------------
+    def _arm_header_timer(self) -> None:
+        if self.header_timer is None:
+            self.header_timer = self.loop.call_later(self.policy.header_timeout_s, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self.header_timer = None
+        if self.transport.is_closing():
+            return
+        METRICS.connections_refused.labels(reason="header_timeout").inc()
+        if self.request_started:  # a partial request deserves an answer; a silent connection does not
+            self.transport.write(_HEADERS_TOO_SLOW)
+        self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.request_started = True
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        self.request_started = False
+        super().on_headers_complete()
+        if self.policy.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with `Connection: close`: the client reconnects elsewhere
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # The next request on this connection gets a header deadline too (uvicorn's keep-alive timer covers the
+        # idle time before its first byte; this covers a request that starts and then trickles).
+        if not self.transport.is_closing() and not self.pipeline:
+            self._arm_header_timer()
+
+    # --- drain and shutdown ---------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Draining has begun: a response still to be sent carries `Connection: close`."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+
+    def shutdown(self) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            # Idle: close after a short grace; a request that arrives meanwhile is answered (with Connection:
+            # close, since draining is on by now), and `on_response_complete` then closes the connection.
+            self.loop.call_later(IDLE_CLOSE_GRACE_S, self._close_if_idle)
+        else:
+            self.cycle.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+
+def protocol_for(policy: ConnectionPolicy) -> type[GuardedProtocol]:
+    """A protocol class bound to one server's policy (uvicorn takes a class, and builds one per connection)."""
+    return type("VitserveProtocol", (GuardedProtocol,), {"policy": policy})
+
+
+def start_draining(policy: ConnectionPolicy, connections: set[Any]) -> None:
+    policy.draining = True
+    for connection in connections:
+        if isinstance(connection, GuardedProtocol):
+            connection.drain()
+
+
+class AcceptErrorFilter:
+    """The event loop's exception handler, with accept errors (out of file descriptors) logged once a minute:
+    asyncio reports each failed accept with a traceback, which grew the log by 77 MB in 20 s under a flood."""
+
+    INTERVAL_S = 60.0
+
+    def __init__(self) -> None:
+        self.last = -self.INTERVAL_S
+        self.suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "accept" not in str(context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self.last < self.INTERVAL_S:
+            self.suppressed += 1
+            return
+        log.error(
+            "%s: %s (%d more like it since the last report)",
+            context["message"],
+            context.get("exception"),
+            self.suppressed,
+        )
+        self.last, self.suppressed = now, 0

@@ -1,0 +1,125 @@
+"""The memory budget: how many bytes of request bodies and decoded images may be in flight at once.
+
+A request's memory is mostly its body (up to `VITSERVE_MAX_BODY_BYTES`) and its decoded image (pixels times
+bytes per pixel of the file's mode, plus the RGB copy). Each is reserved from a server-wide `ByteBudget`
+before it is allocated and given back when it is freed; a request that does not fit waits up to
+`BUDGET_WAIT_S` for others to finish, then gets 503 + Retry-After, never an out-of-memory kill. Peak memory is
+then bounded by the formula in README's Reliability section:
+`baseline + VITSERVE_BODY_BUDGET_BYTES + VITSERVE_DECODE_BUDGET_BYTES`.
+
+`tune_allocator` makes glibc give freed large buffers back to the system: by default its mmap threshold grows
+to the largest block freed (up to 32 MiB), after which 20 MB bodies come from the heap and their pages stay
+with the process after a burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import threading
+import time
+
+from service.errors import Overloaded
+from service.metrics import METRICS
+
+log = logging.getLogger("vitserve.memory")
+
+BUDGET_WAIT_S = 1.0  # a request that does not fit waits this long for memory before its 503
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+class ByteBudget:
+    """Bytes reserved against a limit, shared by the event loop and worker threads.
+
+    A reservation larger than the whole budget is cut to the budget: such a request runs alone rather than
+    never. `reserve` blocks (use it in worker threads); `reserve_async` waits without blocking the loop.
+    """
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.used = 0
+        self._changed = threading.Condition()
+        METRICS.budget_limit.labels(budget=name).set(limit)
+
+    def _fits(self, size: int) -> bool:
+        return self.used + size <= self.limit
+
+    def _take(self, size: int) -> None:
+        self.used += size
+        METRICS.budget_used.labels(budget=self.name).set(self.used)
+
+    def reserve(self, size: int, wait_s: float = BUDGET_WAIT_S) -> int | None:
+        """Reserve `size` bytes (cut to the limit) within `wait_s`; the amount reserved, or None."""
+        size = min(size, self.limit)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._fits(size), timeout=wait_s):
+                METRICS.budget_refused.labels(budget=self.name).inc()
+                return None
+            self._take(size)
+        return size
+
+    async def reserve_async(self, size: int, wait_s: float = BUDGET_WAIT_S) -> int | None:
+        size = min(size, self.limit)
+        deadline = time.monotonic() + wait_s
+        delay = 0.001
+        while True:
+            with self._changed:
+                if self._fits(size):
+                    self._take(size)
+                    return size
+            if time.monotonic() >= deadline:
+                METRICS.budget_refused.labels(budget=self.name).inc()
+                return None
+            await asyncio.sleep(delay)  # poll: a release from a worker thread cannot wake the loop cheaply
+            delay = min(delay * 2, 0.05)
+
+    def release(self, size: int) -> None:
+        with self._changed:
+            self.used -= size
+            METRICS.budget_used.labels(budget=self.name).set(self.used)
+            self._changed.notify_all()
+
+
+def tune_allocator(mmap_threshold: int = 1 << 20) -> None:
+    """Serve allocations of `mmap_threshold` bytes and more from mmap, so freeing them returns the memory."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)  # fixing it also stops glibc from raising it
+        libc.mallopt(_M_TRIM_THRESHOLD, 4 * mmap_threshold)
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): its allocator behaves otherwise
+        log.debug("mallopt is not available; the allocator keeps its defaults")
+
+
+class Reservation:
+    """The bytes one request holds from a budget; given back when the `with` block ends."""
+
+    def __init__(self, budget: ByteBudget | None) -> None:
+        self.budget = budget
+        self.size = 0
+
+    def take(self, size: int, what: str) -> None:
+        """Reserve `size` more bytes for `what`, or raise Overloaded (503) when the budget stays full."""
+        if self.budget is None:
+            return
+        got = self.budget.reserve(size)
+        if got is None:
+            raise Overloaded(
+                f"the server is decoding or holding too many large requests to take {what} now; retry shortly",
+                detail={"budget": self.budget.name, "bytes": size},
+                headers={"Retry-After": "1"},
+            )
+        self.size += got
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.budget is not None and self.size:
+            self.budget.release(self.size)
+            self.size = 0
