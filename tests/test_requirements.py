@@ -45,7 +45,9 @@ def test_every_listed_dependency_is_pinned_within_its_range(name: str) -> None:
     pinned = pins(name)
     for requirement in sources(name):
         key = canonicalize_name(requirement.name)
-        assert key in pinned, f"{requirement.name} is in pyproject.toml but not in requirements/{name}: run make requirements"
+        assert key in pinned, (
+            f"{requirement.name} is in pyproject.toml but not in requirements/{name}: run make requirements"
+        )
         assert requirement.specifier.contains(pinned[key], prereleases=True), (
             f"requirements/{name} pins {requirement.name}=={pinned[key]}, outside pyproject's {requirement}: "
             "run make requirements"
