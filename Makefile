@@ -34,9 +34,10 @@ dev-env: $(DEV_VENV)/.ready
 docker-smoke: dev-env
 	$(RUN) $(DEV_VENV)/bin/python -m pytest -q -s tests/docker/test_image.py
 
-# Every kustomization in docker/k8s built (kubectl kustomize) and validated offline against the Kubernetes schemas.
+# Every kustomization in docker/k8s built (kubectl kustomize) and validated offline against the Kubernetes schemas,
+# and every image tag under docker/ checked against service.__version__.
 k8s-validate: dev-env
-	$(RUN) $(DEV_VENV)/bin/python -m pytest -q tests/docker/test_k8s.py tests/docker/test_container_files.py
+	$(RUN) $(DEV_VENV)/bin/python -m pytest -q tests/docker/test_k8s.py tests/docker/test_container_files.py tests/docker/test_versions.py
 
 # On a machine with an NVIDIA GPU: the CUDA provider against the CPU provider, ViT-B/16 throughput.
 gpu-check: dev-env
