@@ -9,7 +9,7 @@ DEV_VENV := $(CACHE)/venv-dev-$(call key,requirements/dev.txt)
 SERVE_VENV := $(CACHE)/venv-serve-$(call key,requirements/serve.txt)
 RUN = PYTHONPATH=$(CURDIR):$(CURDIR)/client PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: serve test lint typecheck docs dev-env serve-env clean-cache default-model bench browser docker-smoke k8s-validate gpu-check
+.PHONY: serve test lint typecheck docs dev-env serve-env clean-cache default-model bench browser docker-smoke k8s-validate gpu-check requirements
 # exec: the server is make's own child, and VITSERVE_EXIT_WITH_PARENT makes it drain and exit when make is
 # stopped (a supervisor's SIGTERM to make is not passed on to children).
 serve: serve-env
@@ -37,9 +37,10 @@ dev-env: $(DEV_VENV)/.ready
 docker-smoke: dev-env
 	$(RUN) $(DEV_VENV)/bin/python -m pytest -q -s tests/docker/test_image.py
 
-# Every kustomization in docker/k8s built (kubectl kustomize) and validated offline against the Kubernetes schemas.
+# Every kustomization in docker/k8s built (kubectl kustomize) and validated offline against the Kubernetes schemas,
+# and every image tag under docker/ checked against service.__version__.
 k8s-validate: dev-env
-	$(RUN) $(DEV_VENV)/bin/python -m pytest -q tests/docker/test_k8s.py tests/docker/test_container_files.py
+	$(RUN) $(DEV_VENV)/bin/python -m pytest -q tests/docker/test_k8s.py tests/docker/test_container_files.py tests/docker/test_versions.py
 
 # On a machine with an NVIDIA GPU: the CUDA provider against the CPU provider, ViT-B/16 throughput.
 gpu-check: dev-env
@@ -54,6 +55,23 @@ browser:
 	  || echo "could not install chromium: the browser tests will skip"
 
 serve-env: $(SERVE_VENV)/.ready
+
+# requirements/*.txt are generated: pyproject.toml's lists are the source (serve.txt from `dependencies`, dev.txt
+# from `dependencies` + the export and dev extras). pip-compile keeps every pin already in a file, so adding a
+# dependency pins only what it brings; move one pin with COMPILE_ARGS="--upgrade-package NAME". It resolves
+# through pip's own configuration (the same indexes `make serve` and `make test` install from).
+PIP_TOOLS := $(CACHE)/pip-tools-7.6.2
+COMPILE = CUSTOM_COMPILE_COMMAND="make requirements" $(PIP_TOOLS)/bin/pip-compile --quiet --strip-extras \
+	--annotation-style=line --no-emit-index-url --no-emit-find-links $(COMPILE_ARGS)
+requirements: $(PIP_TOOLS)/.ready
+	$(COMPILE) --output-file requirements/serve.txt pyproject.toml
+	$(COMPILE) --extra export --extra dev --output-file requirements/dev.txt pyproject.toml
+
+$(PIP_TOOLS)/.ready:
+	@rm -rf $(PIP_TOOLS) && $(PYTHON) -m venv $(PIP_TOOLS)
+	@bash -c 'set -o pipefail; $(PIP_TOOLS)/bin/python -m pip install -q --disable-pip-version-check \
+	  pip==25.2 pip-tools==7.6.2 2>&1 | { grep -v "^WARNING: Location" || true; }'
+	@touch $@
 
 # Built in a temporary folder and renamed into place under a lock, so two clones never share a half-built env.
 $(CACHE)/venv-%/.ready:

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 BUILD_CA=${BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}
-tag=localhost/vitserve:smoke-$$
+tag=localhost/vitserve:$("$PYTHON" -c 'import service; print(service.__version__)')-smoke-$$
 work=$(mktemp -d -t vitserve-smoke.XXXXXX)
 began=$SECONDS
 say() { printf '[smoke %3ds] %s\n' $((SECONDS - began)) "$*" >&2; }

@@ -242,11 +242,8 @@ def check_contents(container: str, python: str) -> str | None:
     found = json.loads(listing.stdout)
     if found["torch"]:
         return "torch is importable in the image"
-    pinned = {
-        canonical(line.split("==")[0]) + "==" + line.split("==")[1].strip()
-        for line in (ROOT / "requirements" / "serve.txt").read_text().splitlines()
-        if "==" in line and not line.startswith("#")
-    }
+    pins = (line.split("#", 1)[0].strip() for line in (ROOT / "requirements" / "serve.txt").read_text().splitlines())
+    pinned = {canonical(pin.split("==")[0]) + "==" + pin.split("==")[1] for pin in pins if "==" in pin}
     installed = {canonical(d.split("==")[0]) + "==" + d.split("==")[1] for d in found["dists"]}
     if installed != pinned:
         return f"the image's packages differ from requirements/serve.txt: extra {sorted(installed - pinned)}, missing {sorted(pinned - installed)}"

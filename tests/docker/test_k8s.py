@@ -19,6 +19,7 @@ import yaml
 from tests.conftest import ROOT
 
 K8S = ROOT / "docker" / "k8s"
+POD_DEFAULTS = K8S / "components" / "pod-defaults" / "pod.yaml"
 TARGETS = ["overlays/cpu", "overlays/gpu", "kserve/custom", "kserve/runtime"]
 # The oldest Kubernetes the manifests promise (autoscaling/v2 and policy/v1 are GA from 1.23), and the newest
 # schema kubernetes-validate ships.
@@ -93,6 +94,30 @@ def find(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def security_of(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
+    """The security context the container runs with: the pod's, overridden field by field by the container's."""
+    return {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+
+
+def workloads(built: dict[str, list[dict[str, Any]]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, pod spec, container) of every container that runs the image, in every target. A ServingRuntime's
+    pod is its InferenceService's predictor (grace period, pod security) with the runtime's containers and volumes."""
+    found = []
+    for target, docs in built.items():
+        for doc in docs:
+            if doc["kind"] == "Deployment":
+                pod = doc["spec"]["template"]["spec"]
+            elif doc["kind"] == "InferenceService" and "containers" in doc["spec"]["predictor"]:
+                pod = doc["spec"]["predictor"]
+            elif doc["kind"] == "ServingRuntime":
+                served = next(d for d in docs if d["kind"] == "InferenceService")["spec"]["predictor"]
+                pod = {**served, **doc["spec"]}
+            else:
+                continue
+            found += [(f"{target}: {doc['kind']}", pod, container) for container in pod["containers"]]
+    return found
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -170,21 +195,6 @@ def test_deployment_service_hpa_and_pdb_agree(built, target: str) -> None:
     assert service["spec"]["ports"][0]["targetPort"] in ports
     assert container["resources"]["requests"]["cpu"], "the HPA's utilisation is a share of the CPU request"
 
-    security = pod["spec"]["securityContext"]
-    assert security["runAsNonRoot"] is True and security["runAsUser"] == IMAGE_UID
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    assert "emptyDir" in volumes[mounts["/tmp"]], "a read-only root needs a writable /tmp"
-
-    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert sleep[0].endswith("sleep")
-    # preStop, then the server's drain and graceful shutdown (what it allows in-flight requests), must fit in the
-    # grace period before the kubelet's SIGKILL
-    budget = int(sleep[1]) + server_stop_seconds(env_of(container))
-    assert pod["spec"]["terminationGracePeriodSeconds"] >= budget
-
 
 def test_overlays_pick_the_provider_and_the_image(built) -> None:
     cpu = find(built["overlays/cpu"], "Deployment")["spec"]["template"]["spec"]
@@ -218,8 +228,6 @@ def test_kserve_speaks_v2_on_port_8000(built) -> None:
     (container,) = isvc["spec"]["predictor"]["containers"]
     assert container["name"] == "kserve-container"
     assert [p["containerPort"] for p in container["ports"]] == [8000]
-    assert container["readinessProbe"]["httpGet"]["path"].startswith("/v2/health/")
-    assert isvc["spec"]["predictor"]["securityContext"]["runAsUser"] == IMAGE_UID
 
     runtime = find(built["kserve/runtime"], "ServingRuntime")
     served = find(built["kserve/runtime"], "InferenceService")["spec"]["predictor"]["model"]
@@ -231,6 +239,53 @@ def test_kserve_speaks_v2_on_port_8000(built) -> None:
     assert env_of(container)["VITSERVE_MODEL_DIR"] == "/mnt/models"  # where KServe's storage initializer writes
 
 
+def test_every_workload_runs_non_root_read_only_and_stops_gracefully(built) -> None:
+    checked = set()
+    for where, pod, container in workloads(built):
+        security = security_of(pod, container)
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == IMAGE_UID, where
+        assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False, where
+        assert security["capabilities"]["drop"] == ["ALL"] and security["seccompProfile"]["type"] == "RuntimeDefault"
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], f"{where}: a read-only root needs a writable /tmp"
+
+        sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep[0].endswith("sleep"), where
+        # preStop, then the server's drain and graceful shutdown (what it allows in-flight requests), must fit in
+        # the grace period before the kubelet's SIGKILL
+        budget = int(sleep[1]) + server_stop_seconds(env_of(container))
+        assert pod["terminationGracePeriodSeconds"] >= budget, where
+        checked.add(where.split(": ")[1])
+    assert checked == {"Deployment", "InferenceService", "ServingRuntime"}
+
+
+def test_every_workload_takes_the_pod_defaults_and_sizes_threads_by_its_cpu_limit(built) -> None:
+    """components/pod-defaults is the one home of the probes, security context, preStop and thread count: every
+    workload gets them, and no other manifest restates them."""
+    (defaults,) = yaml.safe_load(POD_DEFAULTS.read_text())["spec"]["containers"]
+    for where, _, container in workloads(built):
+        assert env_of(container)["VITSERVE_THREADS"] == {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}}
+        assert container["securityContext"] == defaults["securityContext"], where
+        assert container["lifecycle"] == defaults["lifecycle"], where
+        assert container["readinessProbe"] == defaults["readinessProbe"], where
+        assert container["livenessProbe"] == defaults["livenessProbe"], where
+        if "overlays/gpu" not in where:  # the GPU overlay allows CUDA initialisation more time
+            assert container["startupProbe"] == defaults["startupProbe"], where
+        ports = {p["containerPort"] for p in container["ports"]}
+        assert {
+            probe["httpGet"]["port"] for probe in (container["readinessProbe"], container["livenessProbe"])
+        } <= ports
+    restated = re.compile(
+        r"^\s*(readinessProbe|livenessProbe|preStop|securityContext|runAsUser|emptyDir|- name: VITSERVE_THREADS)\b",
+        re.M,
+    )
+    for manifest in K8S.rglob("*.yaml"):
+        if manifest.parent != POD_DEFAULTS.parent:
+            found = restated.findall(manifest.read_text())
+            assert not found, f"{manifest.relative_to(ROOT)} restates {found}: it belongs in components/pod-defaults"
+
+
 def probe_paths(built: dict[str, list[dict[str, Any]]]) -> set[str]:
     text = json.dumps(built)
     return set(re.findall(r'"path": "(/[^"]*)"', text))
@@ -238,7 +293,7 @@ def probe_paths(built: dict[str, list[dict[str, Any]]]) -> set[str]:
 
 def test_every_probe_path_answers_200_on_the_real_server(built, client) -> None:
     paths = probe_paths(built)
-    assert {"/healthz", "/readyz", "/v2/health/ready", "/v2/health/live"} <= paths
+    assert {"/healthz", "/readyz"} <= paths
     for path in sorted(paths - {"/metrics"}):
         assert client.get(path).status_code == 200, path
     assert client.get("/metrics").status_code == 200  # the scrape annotation's path
