@@ -214,6 +214,7 @@ async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest,
         if not images:
             raise BadRequest(f"input {IMAGE_INPUT!r} holds no images")
         _check_count(len(images), state)
+        state.check_room(model, len(images))  # a queue that cannot take them all: 503 before any is decoded
         prepared = await asyncio.gather(
             *(state.run_cpu(prepare, data, model.meta, max_pixels=state.settings.max_pixels) for data in images)
         )
@@ -264,7 +265,7 @@ async def _infer(state: State, request: Request, name: str, version: str | None)
     outputs = _outputs(parsed)
     pixels = await _pixels(state, model, parsed, binary)
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
-    results = await asyncio.gather(*(state.infer(model, row, with_attention=with_attention) for row in pixels))
+    results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
     logits = np.stack([r.logits for r in results]).astype(np.float32)  # (N, C)
     meta = model.meta
 
