@@ -31,7 +31,7 @@ from service.middleware import (
 from service.reload import RepositoryWatcher
 from service.routes import demo, health, inference, metrics, models, v2
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
-from service.security import APIKeyMiddleware, cors_options
+from service.security import APIKeyMiddleware, cors_options, document_api_keys
 from service.settings import Settings
 from service.state import ServiceState, batch_policy
 
@@ -155,4 +155,6 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     _install_middleware(app, settings, state)
     for module in (health, models, inference, v2, metrics, demo):
         app.include_router(module.router)
+    if settings.api_keys:
+        document_api_keys(app, settings.open_routes)
     return app

@@ -6,6 +6,10 @@ has passed since the first, stacks them and runs them in a single onnxruntime ca
 each future gets its own row back. While a batch runs, new requests queue up, so under load batches fill
 without waiting. A full queue is refused at once (503 + Retry-After), never an unbounded wait.
 
+A request of N images (batch, V2) is admitted whole or not at all (`submit_many`): its N items enter the queue
+together, with no await between the check and the puts, or it is refused before any of them runs, so a refused
+request costs no inference and an accepted one is never cut short by a queue that filled under it.
+
 Classify and attention requests share the queue: a batch holding any attention request runs on the attention
 graph, which returns logits too (see vit_artifact/metadata.py).
 """
@@ -17,6 +21,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -78,22 +83,37 @@ class DynamicBatcher:
             self._worker = None
 
     async def submit(self, pixels: np.ndarray, *, with_attention: bool) -> Result:
+        return (await self.submit_many([pixels], with_attention=with_attention))[0]
+
+    def check_room(self, count: int) -> None:
+        """Refuse (503) a request of `count` images if the queue has fewer places free; no place is held."""
+        size, queued = self.policy.max_queue_size, self.queue.qsize()
+        if count <= size - queued:
+            return
+        METRICS.rejected.labels(model=self.model.name).inc()
+        raise Overloaded(
+            f"model {self.model.name} has {size} requests queued; retry shortly"
+            if count == 1
+            else f"model {self.model.name} has {size - queued} of {size} places free in its queue and this request "
+            f"has {count} images; none was run: retry shortly",
+            detail={"queue_size": size, "queued": queued, "images": count},
+            headers={"Retry-After": "1"},
+        )
+
+    async def submit_many(self, images: Sequence[np.ndarray], *, with_attention: bool) -> list[Result]:
+        """Queue every image (3, H, W) of one request at once, or refuse the request (503) with none queued."""
         self.start()
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        try:
+        self.check_room(len(images))
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Result]] = [loop.create_future() for _ in images]
+        for pixels, future in zip(images, futures, strict=True):  # no await since the check: every put fits
             self.queue.put_nowait(_Item(pixels, with_attention, future))
-        except asyncio.QueueFull:
-            METRICS.rejected.labels(model=self.model.name).inc()
-            raise Overloaded(
-                f"model {self.model.name} has {self.policy.max_queue_size} requests queued; retry shortly",
-                detail={"queue_size": self.policy.max_queue_size},
-                headers={"Retry-After": "1"},
-            ) from None
         METRICS.queue_depth.labels(model=self.model.name).set(self.queue.qsize())
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.policy.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.policy.timeout_s)
         except TimeoutError:
-            future.cancel()  # the worker skips it if it has not run yet
+            for future in futures:
+                future.cancel()  # the worker skips those that have not run yet
             raise Unavailable(
                 f"the request waited {self.policy.timeout_s:g} s without being served; the server is overloaded",
                 headers={"Retry-After": "1"},

@@ -2,9 +2,11 @@
 
 Everything a client sends leaves `decode_image` as an 8-bit RGB image or as a `ServiceError`:
 
-- format: read from the bytes, never from a declared content type. `ALLOWED_FORMATS` is an explicit
-  allow-list; another format Pillow could read is refused with 415, bytes that are no image (or a damaged one)
-  with 400.
+- format: read from the bytes, never from a declared content type. A table of signatures (`SIGNATURES`) picks
+  one of `ALLOWED_FORMATS` from the first bytes, and only that Pillow plugin ever parses them (`_sniff`): a
+  plugin for a format we refuse never sees client bytes. Another format Pillow knows is named from Pillow's own
+  signature checks (a byte comparison, no parsing) and refused with 415; bytes that are no image, or a damaged
+  file of an allowed format, with 400.
 - size: width x height from the header is checked against `max_pixels` before any pixel is decoded (413), and
   only the first frame of an animated or multi-page file is ever read, so a file of many frames costs one.
 - orientation: the EXIF rotation is applied, so the model sees the photo the way its owner does.
@@ -30,6 +32,25 @@ from service.memory import Reservation
 # extra frames that many phones and cameras write, which Pillow then names MPO.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 ACCEPTED = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+
+SIGNATURES: tuple[tuple[str, int, bytes], ...] = (
+    # (format, offset, bytes): the file's first bytes, as each format's specification fixes them.
+    ("JPEG", 0, b"\xff\xd8\xff"),  # SOI, then the first marker's 0xFF
+    ("PNG", 0, b"\x89PNG\r\n\x1a\n"),
+    ("WEBP", 8, b"WEBP"),  # a RIFF container (checked below) whose form type is WEBP
+    ("BMP", 0, b"BM"),
+    ("GIF", 0, b"GIF87a"),
+    ("GIF", 0, b"GIF89a"),
+    ("TIFF", 0, b"II*\x00"),  # little-endian
+    ("TIFF", 0, b"MM\x00*"),  # big-endian
+    ("TIFF", 0, b"II+\x00"),  # BigTIFF
+    ("TIFF", 0, b"MM\x00+"),
+)
+_RIFF = b"RIFF"
+# TGA has no signature: Pillow can only name it by parsing its 18-byte header, and it is the one format without
+# a signature that clients send (games, old scanners), so its plugin is the one refused plugin that reads client
+# bytes. A TGA header can begin with all there is of ICO's and CUR's signatures, so where it holds up it wins.
+_TGA_LOOKALIKES = ("ICO", "CUR")
 
 ORIGINAL_SIZE = "vitserve.original_size"
 """`image.info` key: (width, height) of the upright image at full resolution, before any draft reduction."""
@@ -78,36 +99,73 @@ def original_size(image: Image.Image) -> tuple[int, int]:
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse the header (no pixels are decoded) with an allowed format's plugin."""
+    """Parse the header (no pixels are decoded) with the plugin of the format the signature names, only."""
+    fmt = _sniff(data)
+    if fmt is None:
+        refused = _refused_format(data)
+        if refused is not None:
+            raise UnsupportedMediaType(
+                f"{refused} images are not supported; send {ACCEPTED}",
+                detail={"format": refused, "accepted": list(ALLOWED_FORMATS)},
+            )
+        raise _not_an_image()
     try:
-        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        return Image.open(io.BytesIO(data), formats=[fmt])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Pillow's process-wide limit fired while parsing the header: the image is far over any sane limit.
         raise PayloadTooLarge(
             f"image has too many pixels to open; the limit is {max_pixels / 1e6:.1f} megapixels",
             detail={"max_pixels": max_pixels},
         ) from e
-    except UnidentifiedImageError:
-        refused = _refused_format(data)
-        if refused is not None:
-            raise UnsupportedMediaType(
-                f"{refused} images are not supported; send {ACCEPTED}",
-                detail={"format": refused, "accepted": list(ALLOWED_FORMATS)},
-            ) from None
-        raise BadImage(
-            f"could not decode the image: the bytes are not a {ACCEPTED} file, or the file is damaged"
-        ) from None
+    except UnidentifiedImageError:  # the signature of an allowed format, but its plugin found no such file
+        raise _not_an_image() from None
     except Exception as e:
         raise BadImage(f"could not decode the image: the header is damaged ({_reason(e)})") from e
 
 
+def _sniff(data: bytes) -> str | None:
+    """The allowed format whose signature `data` starts with, or None."""
+    for fmt, offset, signature in SIGNATURES:
+        if data.startswith(signature, offset) and (fmt != "WEBP" or data.startswith(_RIFF)):
+            return fmt
+    return None
+
+
+def _not_an_image() -> BadImage:
+    return BadImage(f"could not decode the image: the bytes are not a {ACCEPTED} file, or the file is damaged")
+
+
 def _refused_format(data: bytes) -> str | None:
     """Name of a format Pillow can read but we refuse, so the client hears 415 and not 'damaged file'."""
+    named = _named_by_signature(data[:16])  # the prefix `Image.open` gives the same checks
+    if (named is None or named in _TGA_LOOKALIKES) and _is_tga(data):
+        return "TGA"
+    return named
+
+
+def _named_by_signature(prefix: bytes) -> str | None:
+    """The first refused format whose signature check, as Pillow registers it with the plugin
+    (`Image.OPEN[format][1]`), accepts `prefix`: a byte comparison; the plugin itself never runs."""
+    Image.init()  # registers every plugin's check (once per process)
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        if fmt in ALLOWED_FORMATS or accept is None:
+            continue
+        try:
+            named = accept(prefix)
+        except Exception:  # a check that indexes past a short prefix
+            continue
+        if named and not isinstance(named, str):  # a str: "this format, but Pillow lacks its codec"
+            return fmt
+    return None
+
+
+def _is_tga(data: bytes) -> bool:
     try:
-        with Image.open(io.BytesIO(data)) as image:  # header only; never loaded
-            return image.format if image.format not in ALLOWED_FORMATS else None
+        with Image.open(io.BytesIO(data), formats=["TGA"]):  # header only; never loaded
+            return True
     except Exception:
-        return None
+        return False
 
 
 def _check_size(size: tuple[int, int], max_pixels: int) -> None:

@@ -5,6 +5,10 @@ except the open ones (`VITSERVE_OPEN_ROUTES`: probes, metrics, the demo page's o
 `Authorization: Bearer <key>` or `X-API-Key: <key>`; anything else is 401 with `WWW-Authenticate: Bearer`,
 decided before routing, so an unknown path without a key is 401 too and routes cannot be enumerated.
 
+With keys on, the OpenAPI document declares both ways to send a key (`document_api_keys`) on every operation
+that needs one, and on no open one, so Swagger UI at `/docs` offers Authorize and generated clients send the
+header. Without keys the document declares no scheme: a client generated from it has nothing to configure.
+
 A presented key's SHA-256 is compared with every configured key's by `hmac.compare_digest`, all of them every
 time, so the answer's timing says nothing about how much of a key (or its length) was right. Keys are never
 logged.
@@ -16,6 +20,7 @@ import hashlib
 import hmac
 from typing import Any
 
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import Unauthorized
@@ -24,6 +29,12 @@ from service.middleware import REQUEST_ID_HEADER, header, send_error
 from service.v2_codec import HEADER_LENGTH
 
 AUTH_HEADERS = ["Authorization", "X-API-Key"]
+# OpenAPI security schemes: the two headers `presented_key` reads. Either one is enough (two requirement objects).
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "`X-API-Key: <key>`"},
+}
+UNAUTHORIZED_RESPONSE = {"description": "no API key was sent, or it is not valid (`WWW-Authenticate: Bearer`)"}
 
 
 def is_open(path: str, open_routes: list[str]) -> bool:
@@ -74,6 +85,26 @@ class APIKeyMiddleware:
             headers={"WWW-Authenticate": "Bearer"},
         )
         await send_error(scope, send, error)
+
+
+def document_api_keys(app: FastAPI, open_routes: list[str]) -> None:
+    """Declare the API-key schemes in `app`'s OpenAPI document, on the operations that need a key only."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()  # FastAPI's own, which it caches in app.openapi_schema: amended here, once
+        schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        for path, operations in schema.get("paths", {}).items():
+            if is_open(path, open_routes):  # a path template: `{name}` matches `/*` patterns as any name would
+                continue
+            for operation in operations.values():
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+                operation.setdefault("responses", {})["401"] = UNAUTHORIZED_RESPONSE
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def cors_options(origins: list[str]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         description="longest the first request of a batch waits for others (0: none; a batch is what queued while "
         "the previous one ran; README's benchmark section measures why)",
     )
-    max_queue_size: int = Field(256, gt=0, description="queued requests per model before 503 + `Retry-After`")
+    max_queue_size: int = Field(256, gt=0, description="queued images per model before 503 + `Retry-After` (a request of N images needs N places free)")
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served (503 after)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="`debug`, `info`, `warning`, `error`"

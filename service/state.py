@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -116,18 +116,40 @@ class ServiceState:
 
     async def infer(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
         """One image (3, H, W) through the dynamic batcher of the version the request looked up."""
-        batcher = self.batchers.get(model.name)
-        if batcher is None or batcher.model is not model:  # replaced by a reload since the lookup
-            batcher = next((b for b in self._retiring if b.model is model), None)
-            if batcher is None:
-                return await self._infer_alone(model, pixels, with_attention=with_attention)
+        return (await self.infer_many(model, [pixels], with_attention=with_attention))[0]
+
+    async def infer_many(
+        self, model: LoadedModel, images: Sequence[np.ndarray], *, with_attention: bool
+    ) -> list[Result]:
+        """A request's images (3, H, W) through the batcher, admitted all together or refused (503) with none run."""
+        if not images:
+            return []
+        batcher = self._batcher(model)
+        if batcher is None:
+            alone = (self._infer_alone(model, pixels, with_attention=with_attention) for pixels in images)
+            return list(await asyncio.gather(*alone))
         self._waiting[batcher] += 1
         try:
-            return await batcher.submit(pixels, with_attention=with_attention)
+            return await batcher.submit_many(images, with_attention=with_attention)
         finally:
             self._waiting[batcher] -= 1
             if not self._waiting[batcher]:
                 del self._waiting[batcher]
+
+    def check_room(self, model: LoadedModel, count: int) -> None:
+        """Refuse (503) a request of `count` images before it is decoded if the queue cannot take them now.
+
+        An early answer, not a reservation: `infer_many` checks again when it queues the decoded images.
+        """
+        batcher = self._batcher(model)
+        if batcher is not None:
+            batcher.check_room(count)
+
+    def _batcher(self, model: LoadedModel) -> DynamicBatcher | None:
+        batcher = self.batchers.get(model.name)
+        if batcher is None or batcher.model is not model:  # replaced by a reload since the lookup
+            batcher = next((b for b in self._retiring if b.model is model), None)
+        return batcher
 
     async def _infer_alone(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
         """A request that began on a version whose batcher is already retired finishes on that version."""

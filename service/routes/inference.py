@@ -115,10 +115,11 @@ async def _batch(name: str | None, request: Request, state: State, request_id: s
     started = time.perf_counter()
     model = served_model(request, state, name)
     uploads = await read_images(request, state.settings.max_batch_files)
+    state.check_room(model, len(uploads))  # a queue that cannot take them all: 503 before any is decoded
     outcomes = await asyncio.gather(*(_prepare_or_error(state, u, model.meta) for u in uploads))
     good = [(i, p) for i, p in enumerate(outcomes) if isinstance(p, Prepared)]
-    # Each image goes through the batcher on its own; they coalesce with each other and with other requests.
-    results = await asyncio.gather(*(state.infer(model, p.pixels, with_attention=False) for _, p in good))
+    # Admitted together or not at all; in the queue they coalesce with each other and with other requests.
+    results = await state.infer_many(model, [p.pixels for _, p in good], with_attention=False)
     items = [
         BatchItem(index=i, filename=u.filename, error=o if isinstance(o, ErrorInfo) else None)
         for i, (u, o) in enumerate(zip(uploads, outcomes, strict=True))

@@ -198,6 +198,7 @@ async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest,
         assert isinstance(images, list)
         if not images:
             raise BadRequest(f"input {IMAGE_INPUT!r} holds no images")
+        state.check_room(model, len(images))  # a queue that cannot take them all: 503 before any is decoded
         prepared = await asyncio.gather(*(state.prepare(data, model.meta) for data in images))
         return np.stack([p.pixels for p in prepared])
     if tensor.name != INPUT_NAME:
@@ -248,7 +249,7 @@ async def _infer(state: State, request: Request, name: str, version: str | None)
     pixels = await _pixels(state, model, parsed, binary)
     _check_response_size(outputs, len(pixels), model.meta, parsed.parameters, state.settings.max_response_bytes)
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
-    results = await asyncio.gather(*(state.infer(model, row, with_attention=with_attention) for row in pixels))
+    results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
     tensors = await state.run_cpu(_output_tensors, outputs, results, model.meta)
     header: dict[str, Any] = {"model_name": model.name, "model_version": model.meta.version}
     if parsed.id is not None:

@@ -4,9 +4,13 @@
 //   POST /v1/models/{name}/classify         top-k predictions, once per image
 //   POST /v1/models/{name}/attention        the attention map as JSON (format=json), once per image and method
 //
-// The image stays in the page: changing the method, layer or head asks for the new map with the same bytes
-// (no re-upload by the user, no new classification), maps already fetched are cached, and the opacity
-// slider and patch grid only redraw the canvas.
+// The image stays in the page: changing the method, layer, head or discard ratio asks for the new map with the
+// same bytes (no re-upload by the user, no new classification), maps already fetched are cached, and the
+// opacity slider and patch grid only redraw the canvas.
+//
+// API keys: the page learns that the server wants one from a 401 (the first call, GET /v1/models, gets it), then
+// shows the key form. The key is kept in sessionStorage (this tab only, gone when it closes), sent as
+// `Authorization: Bearer`, never put in a URL, the DOM after submitting, or the console.
 "use strict";
 
 (() => {
@@ -15,6 +19,7 @@
   const PAD_BACKGROUND = "#000";
   const PAD_INK = "#fff";
   const DRAW_SETTLE_MS = 350; // classify a drawing this long after the pen lifts, unless it goes down again
+  const KEY_STORAGE = "vitserve.apiKey"; // sessionStorage, not localStorage: the key leaves with the tab
   // Inferno: the same anchors as service/overlay.py, so the page and the PNG overlay read alike.
   const INFERNO = [
     [0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99],
@@ -24,6 +29,7 @@
   const ERROR_TITLES = {
     bad_image: "Not a readable image",
     bad_request: "Bad request",
+    unauthorized: "API key needed",
     not_found: "Not found",
     payload_too_large: "Too large",
     unsupported_media_type: "Not an accepted image type",
@@ -42,6 +48,9 @@
     messageTitle: $("message-title"),
     messageText: $("message-text"),
     messageClose: $("message-close"),
+    keyForm: $("key-form"),
+    apiKey: $("api-key"),
+    keyForget: $("key-forget"),
     dropzone: $("dropzone"),
     pick: $("pick"),
     file: $("file"),
@@ -58,6 +67,8 @@
     layer: $("layer"),
     head: $("head"),
     fusion: $("fusion"),
+    discard: $("discard"),
+    discardValue: $("discard-value"),
     opacity: $("opacity"),
     opacityValue: $("opacity-value"),
     grid: $("grid"),
@@ -77,6 +88,7 @@
     imageToken: 0, // bumps with every new image or model: late answers for an older one are dropped
     loadingImage: false, // classify + first map in flight: a control change waits for them (see setImage)
     mapToken: 0,
+    keyRequired: false, // the server answered 401 once: the key form stays on screen
   };
 
   class ApiError extends Error {
@@ -91,9 +103,12 @@
   // ---- talking to the API -------------------------------------------------------------------------------
 
   async function api(path, options) {
+    const key = storedKey();
+    const headers = new Headers(options && options.headers);
+    if (key) headers.set("Authorization", `Bearer ${key}`);
     let response;
     try {
-      response = await fetch(path, options);
+      response = await fetch(path, { ...options, headers });
     } catch (err) {
       throw new ApiError(0, "network", `the request did not reach the server (${err.message})`, null);
     }
@@ -105,7 +120,44 @@
       // not our JSON error body (a proxy's page, say): fall back to the status line
     }
     const message = (error && error.message) || `${response.status} ${response.statusText}`.trim();
+    if (response.status === 401) {
+      state.keyRequired = true;
+      if (key && storedKey() === key) forgetKey(); // refused: asking again beats resending a wrong key
+    }
     throw new ApiError(response.status, error && error.code, message, response.headers.get("retry-after"));
+  }
+
+  // ---- the API key ---------------------------------------------------------------------------------------
+
+  function storedKey() {
+    try {
+      return sessionStorage.getItem(KEY_STORAGE) || "";
+    } catch {
+      return ""; // storage disabled: the page works as on a keyless server
+    }
+  }
+
+  function storeKey(key) {
+    try {
+      sessionStorage.setItem(KEY_STORAGE, key);
+    } catch {
+      // storage disabled: nothing to keep the key in, so the next call gets the 401 again
+    }
+  }
+
+  function forgetKey() {
+    try {
+      sessionStorage.removeItem(KEY_STORAGE);
+    } catch {
+      // nothing stored
+    }
+  }
+
+  function syncKeyForm() {
+    const key = storedKey();
+    el.keyForm.hidden = !state.keyRequired && !key;
+    el.keyForget.hidden = !key;
+    el.apiKey.placeholder = key ? "a key is set for this tab; enter another to replace it" : "paste your API key";
   }
 
   function imageForm() {
@@ -131,6 +183,7 @@
       if (oneHead) params.set("head", el.head.value);
     }
     if (!oneHead) params.set("head_fusion", el.fusion.value);
+    if (el.method.value === "rollout" && Number(el.discard.value) > 0) params.set("discard_ratio", el.discard.value);
     return params.toString();
   }
 
@@ -170,7 +223,9 @@
       err = new ApiError(0, null, String(err.message || err), null);
     }
     showError(err);
-    setState("error");
+    syncKeyForm();
+    setState(err.status === 401 ? "key" : "error");
+    if (err.status === 401) el.apiKey.focus();
   }
 
   // ---- models -------------------------------------------------------------------------------------------
@@ -183,7 +238,7 @@
     } catch (err) {
       el.model.replaceChildren(new Option("No models", ""));
       fail(err);
-      return;
+      return false;
     }
     state.models = list.models;
     el.model.replaceChildren(
@@ -191,7 +246,9 @@
     );
     el.model.disabled = list.models.length < 2;
     selectModel(list.default);
+    syncKeyForm();
     setState("idle");
+    return true;
   }
 
   function selectModel(name) {
@@ -219,6 +276,7 @@
     el.layer.disabled = !attention || !layer;
     el.head.disabled = !attention || !layer;
     el.fusion.disabled = !attention || (layer && el.head.value !== "");
+    el.discard.disabled = !attention || el.method.value !== "rollout";
     el.opacity.disabled = !attention;
     el.grid.disabled = !state.model;
   }
@@ -477,7 +535,10 @@
   function describe(map) {
     const p = map.params;
     const fusion = p.head_fusion || "mean";
-    if (map.method === "rollout") return `rollout over all layers, heads fused by ${fusion}`;
+    if (map.method === "rollout") {
+      const discarded = p.discard_ratio ? `, weakest ${Math.round(p.discard_ratio * 100)}% discarded per layer` : "";
+      return `rollout over all layers, heads fused by ${fusion}${discarded}`;
+    }
     if (map.method === "cls") return `class-token attention, last layer, heads fused by ${fusion}`;
     const layers = state.model.layers;
     const layer = p.layer < 0 ? layers + p.layer : p.layer;
@@ -666,15 +727,49 @@
       draw();
     }
   });
-  for (const control of [el.method, el.layer, el.head, el.fusion]) {
-    control.addEventListener("change", updateMap);
+  for (const control of [el.method, el.layer, el.head, el.fusion, el.discard]) {
+    control.addEventListener("change", updateMap); // a slider: once it is let go, not at every step
   }
+  el.discard.addEventListener("input", () => {
+    el.discardValue.value = `${Math.round(Number(el.discard.value) * 100)}%`;
+  });
   el.opacity.addEventListener("input", () => {
     el.opacityValue.value = `${el.opacity.value}%`;
     draw();
   });
   el.grid.addEventListener("change", draw);
   el.messageClose.addEventListener("click", hideMessage);
+
+  el.keyForm.addEventListener("submit", (event) => {
+    event.preventDefault(); // no navigation: the key never reaches a URL (and the CSP allows no form action)
+    const key = el.apiKey.value.trim();
+    if (!key) {
+      el.apiKey.focus();
+      return;
+    }
+    storeKey(key);
+    el.apiKey.value = ""; // kept in sessionStorage only, not in the page
+    hideMessage();
+    reload();
+  });
+  el.keyForget.addEventListener("click", () => {
+    forgetKey();
+    syncKeyForm();
+    reload();
+  });
+
+  function reload() {
+    // The models again, with the key as it is now; an image on screen is classified again once they load.
+    const image = state.image;
+    state.imageToken++;
+    state.loadingImage = false;
+    state.image = null;
+    state.map = null;
+    clearResults();
+    loadModels().then((loaded) => {
+      if (loaded && image) setImage(image.blob, image.name, image.source);
+    });
+  }
 
   // ---- small helpers ------------------------------------------------------------------------------------
 
@@ -708,6 +803,8 @@
 
   clearPad();
   el.opacityValue.value = `${el.opacity.value}%`;
+  el.discardValue.value = `${Math.round(Number(el.discard.value) * 100)}%`;
+  syncKeyForm();
   draw();
   loadModels();
 })();

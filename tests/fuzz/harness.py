@@ -69,7 +69,7 @@ def main() -> None:
     with atheris.instrument_imports(include=["PIL", "service"]):
         from PIL import Image
 
-        Image.init()  # import every plugin now, inside the hook: `_refused_format` lets them all read headers
+        Image.init()  # import every plugin now, inside the hook: `_refused_format` runs their signature checks
         from tests.fuzz import targets
 
     atheris.Setup(sys.argv, targets.check_image if target == "images" else targets.check_v2)

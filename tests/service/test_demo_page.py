@@ -524,3 +524,105 @@ def test_the_last_choice_wins_when_controls_change_mid_request(demo: Demo, digit
     assert demo.page.get_attribute("#view", "data-map") == "format=json&top_k=1&method=rollout&head_fusion=mean"
     assert demo.page.get_attribute("main", "data-state") == "ready"
     assert demo.count("classify") == 1
+
+
+def test_the_discard_ratio_slider_asks_for_a_rollout_that_drops_weak_attention(
+    demo: Demo, digit: tuple[Path, str]
+) -> None:
+    demo.open()
+    assert demo.page.locator("#key-form").is_hidden(), "a keyless server: no key form"
+    demo.upload(digit[0])
+    plain = demo.view()["hash"]
+    assert demo.page.is_enabled("#discard") and demo.page.inner_text("#discard-value") == "0%"
+
+    demo.page.locator("#discard").fill("0.5")  # one request when the slider is let go
+    demo.wait(map_query="discard_ratio=0.5")
+    assert demo.page.get_attribute("#view", "data-map") == (
+        "format=json&top_k=1&method=rollout&head_fusion=mean&discard_ratio=0.5"
+    )
+    assert demo.page.inner_text("#discard-value") == "50%"
+    assert "weakest 50% discarded per layer" in demo.page.inner_text("#map-caption")
+    assert demo.view()["hash"] != plain, "discarding half of the attention drew the same map"
+
+    demo.choose("#method", "cls")  # discard_ratio applies to rollout only: off, and not sent
+    demo.wait(map_query="method=cls")
+    assert demo.page.is_disabled("#discard")
+    assert "discard_ratio" not in (demo.page.get_attribute("#view", "data-map") or "")
+    assert demo.count("classify") == 1 and demo.count("attention") == 3
+    assert not [r for r in demo.requests if "authorization" in r.all_headers()], "a keyless page sent a key"
+
+
+def test_with_keys_the_page_asks_for_one_and_keeps_it_in_this_tab_only(
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory, digit: tuple[Path, str]
+) -> None:
+    key = "demo-key-0123456789abcdef"
+    server = Server(
+        MODELS,
+        tmp_path_factory.mktemp("keyed-demo") / "server.log",
+        VITSERVE_API_KEYS=key,
+        VITSERVE_MODELS='["digits-vit"]',
+    ).wait_ready()
+    console: list[str] = []  # every line the page logs, not only errors
+    try:
+        for demo in _demo(browser, server.url, DESKTOP):
+            demo.page.on("console", lambda m: console.append(m.text))
+            page = demo.page
+
+            # The first API call gets the 401: the page shows the server's message and the key form.
+            page.goto(demo.url)
+            demo.wait("key")
+            assert page.locator("#key-form").is_visible() and page.locator("#key-forget").is_hidden()
+            shown = page.inner_text("#message")
+            assert "API key needed" in shown and "no API key was sent" in shown and "401" in shown
+            assert page.evaluate("document.activeElement.id") == "api-key"
+
+            page.fill("#api-key", "wrong-key")
+            page.press("#api-key", "Enter")
+            demo.wait("key")
+            page.wait_for_selector("#message:has-text('not valid')")
+            assert page.evaluate("sessionStorage.length") == 0, "a refused key is not kept"
+
+            page.fill("#api-key", key)
+            page.click("#key-use")
+            demo.wait("idle")
+            assert page.locator("#model").input_value() == "digits-vit"
+            assert page.input_value("#api-key") == "", "the key does not stay in the page"
+            assert page.evaluate("[sessionStorage.getItem('vitserve.apiKey'), localStorage.length]") == [key, 0]
+            assert page.context.cookies() == []
+            demo.upload(digit[0])
+            assert demo.predictions()[0][0] == digit[1] and demo.view()["coloured"] > 0.03
+
+            # The key went in the header of every API call once it was given; never in a URL or a console line.
+            sent = [
+                (r.url.removeprefix(demo.url).split("?")[0], r.all_headers().get("authorization"))
+                for r in demo.requests
+                if "/v1/" in r.url
+            ]
+            assert sorted(sent, key=str) == sorted(
+                [
+                    ("/v1/models", None),
+                    ("/v1/models", "Bearer wrong-key"),
+                    ("/v1/models", f"Bearer {key}"),
+                    ("/v1/models/digits-vit/classify", f"Bearer {key}"),
+                    ("/v1/models/digits-vit/attention", f"Bearer {key}"),
+                ],
+                key=str,
+            )
+            assert not [r.url for r in demo.requests if key in r.url]
+            assert not [line for line in console if key in line]
+            demo.screenshot("keyed")
+
+            # A reload of the tab keeps it; a new tab asks again (sessionStorage is per tab); Forget forgets.
+            page.reload()
+            demo.wait("idle")
+            assert page.locator("#key-forget").is_visible()
+            other = page.context.new_page()
+            other.goto(demo.url)
+            other.wait_for_selector('main[data-state="key"]')
+            other.close()
+            page.click("#key-forget")
+            demo.wait("key")
+            assert page.evaluate("sessionStorage.length") == 0
+        assert key not in server.log.read_text()
+    finally:
+        server.stop()

@@ -307,6 +307,109 @@ def test_other_formats_are_unsupported_media(fmt: str) -> None:
     assert info.value.message == f"{fmt} images are not supported; send JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 
+ALLOWED_FILES = [
+    ("JPEG", {}),
+    ("PNG", {}),
+    ("WEBP", {}),
+    ("BMP", {}),
+    ("GIF", {}),
+    ("TIFF", {}),
+    ("TIFF", {"big_tiff": True}),
+    ("MPO", {}),  # JPEG with extra frames, as phones write it: the JPEG plugin opens it
+]
+
+
+@pytest.fixture()
+def plugins_that_parse(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The formats whose Pillow plugin got to parse bytes (their factories are wrapped to record it)."""
+    Image.init()
+    parsed: list[str] = []
+    for fmt, (factory, accept) in list(Image.OPEN.items()):
+
+        def recording(*args: Any, _fmt: str = fmt, _factory: Any = factory) -> Any:
+            parsed.append(_fmt)
+            return _factory(*args)
+
+        monkeypatch.setitem(Image.OPEN, fmt, (recording, accept))
+    return parsed
+
+
+@pytest.mark.parametrize(("fmt", "params"), ALLOWED_FILES, ids=[f"{f}{'-big' if p else ''}" for f, p in ALLOWED_FILES])
+def test_each_allowed_format_is_parsed_by_its_own_plugin_only(
+    fmt: str, params: dict[str, Any], plugins_that_parse: list[str]
+) -> None:
+    image = halves()
+    data = encode(image, fmt, **({"save_all": True, "append_images": [image]} if fmt == "MPO" else params))
+    decoded = decode(data)
+    assert decoded.size == image.size
+    assert_close(pixel(decoded, (5, 10)), RED, tolerance=40)  # lossy JPEG / WebP, a GIF palette
+    assert plugins_that_parse == ["JPEG" if fmt == "MPO" else fmt]
+
+
+SIGNED_REFUSED = ["ICO", "PSD", "PPM", "PCX", "SGI", "QOI", "DDS", "EPS", "XBM", "MSP", "DIB", "ICNS"]
+
+
+@pytest.mark.parametrize("fmt", SIGNED_REFUSED)
+def test_a_refused_format_is_named_without_its_plugin_parsing(fmt: str, plugins_that_parse: list[str]) -> None:
+    if fmt == "PSD":  # Pillow reads PSD but cannot write it: a 1x1 greyscale file, by the specification
+        data = b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 1, 1, 1, 8, 1) + b"\x00" * 12 + b"\x00\x00\x00"
+    else:
+        data = encode(Image.new("1" if fmt in ("XBM", "MSP") else "RGB", (16, 16)), fmt)
+    with pytest.raises(UnsupportedMediaType) as info:
+        decode(data)
+    assert info.value.message == f"{fmt} images are not supported; send JPEG, PNG, WebP, BMP, GIF or TIFF"
+    assert info.value.detail == {"format": fmt, "accepted": ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]}
+    # Named from its signature: no refused plugin parsed the bytes, but for TGA's where the signature is ICO's.
+    assert plugins_that_parse == (["TGA"] if fmt == "ICO" else [])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+@pytest.mark.parametrize("rle", [False, True], ids=["raw", "rle"])
+def test_tga_has_no_signature_and_is_named_from_its_header(mode: str, rle: bool) -> None:
+    # An uncompressed truecolour TGA starts with \0\0\2\0, all of CUR's signature: the header decides.
+    data = encode(Image.new(mode, (16, 16)), "TGA", compression="tga_rle" if rle else None)
+    with pytest.raises(UnsupportedMediaType) as info:
+        decode(data)
+    assert info.value.detail["format"] == "TGA"
+
+
+def _body(fmt: str) -> bytes:
+    return encode(halves(), fmt)
+
+
+@pytest.mark.parametrize(
+    ("header", "body"),
+    [("PNG", "TIFF"), ("TIFF", "PNG"), ("JPEG", "GIF"), ("GIF", "PNG"), ("WEBP", "BMP"), ("BMP", "PNG")],
+)
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the TIFF tags it cannot read
+def test_a_signature_over_another_formats_body_is_a_bad_image(
+    header: str, body: str, plugins_that_parse: list[str]
+) -> None:
+    """The signature picks the plugin; the rest of the file is not that format: 400, and no other plugin tries."""
+    signature = {"PNG": 8, "TIFF": 4, "JPEG": 3, "GIF": 6, "BMP": 2, "WEBP": 12}[header]
+    data = _body(header)[:signature] + _body(body)[signature:]
+    with pytest.raises(BadImage, match="could not decode the image") as info:
+        decode(data)
+    assert info.value.status == 400
+    assert set(plugins_that_parse) <= {header}  # WebP's plugin checks its chunk id before it parses, and stops
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n",
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32"><rect width="32" height="32"/></svg>',
+    ],
+    ids=["pdf", "svg"],
+)
+def test_formats_pillow_cannot_read_stay_bad_images(data: bytes) -> None:
+    with pytest.raises(BadImage) as info:
+        decode(data)
+    assert info.value.message == (
+        "could not decode the image: the bytes are not a JPEG, PNG, WebP, BMP, GIF or TIFF file, or the file is damaged"
+    )
+
+
 # -- JPEG draft decoding -------------------------------------------------------------------------------------
 
 

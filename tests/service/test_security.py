@@ -172,6 +172,53 @@ def test_without_keys_nothing_needs_one(repo):
         assert "www-authenticate" not in c.get("/v1/models").headers
 
 
+def operations(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`METHOD /path` -> the OpenAPI operation."""
+    return {f"{m.upper()} {path}": op for path, ops in schema["paths"].items() for m, op in ops.items()}
+
+
+EITHER_KEY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+
+
+def test_with_keys_the_openapi_document_declares_them_on_protected_operations_only(keyed):
+    assert keyed.get("/openapi.json").status_code == 401  # the document itself is protected by default
+    schema = keyed.get("/openapi.json", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
+    assert schema["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "`X-API-Key: <key>`"},
+    }
+    ops = operations(schema)
+    open_ops = {"GET /healthz", "GET /readyz", "GET /v2/health/live", "GET /v2/health/ready", "GET /metrics"}
+    assert open_ops <= ops.keys()
+    for name, op in ops.items():
+        if name in open_ops:
+            assert "security" not in op and "401" not in op["responses"], name
+        else:
+            assert op["security"] == EITHER_KEY, name
+            assert "401" in op["responses"], name
+    assert {"POST /v1/classify", "POST /v2/models/{name}/infer", "GET /v1/models"} <= ops.keys() - open_ops
+    # What the document promises works: each declared scheme, used as the document says, is accepted.
+    assert classify(keyed, Authorization=f"Bearer {KEYS[1]}").status_code == 200
+    assert classify(keyed, **{"X-API-Key": KEYS[1]}).status_code == 200
+
+
+def test_the_openapi_document_follows_the_configured_open_routes(repo):
+    settings = {"api_keys": KEYS, "open_routes": "/healthz,/openapi.json,/docs,/v1/models/*"}
+    with TestClient(inprocess.app(repo, **settings)) as c:
+        assert c.get("/docs").status_code == 200  # published without a key
+        ops = operations(c.get("/openapi.json").json())
+    assert "security" not in ops["GET /v1/models/{name}"] and "security" not in ops["POST /v1/models/{name}/classify"]
+    assert ops["GET /v1/models"]["security"] == EITHER_KEY  # `/v1/models/*` is below it, not it
+    assert ops["GET /readyz"]["security"] == EITHER_KEY  # no longer open
+
+
+def test_without_keys_the_openapi_document_declares_no_scheme(repo):
+    with TestClient(inprocess.app(repo)) as c:
+        schema = c.get("/openapi.json").json()
+    assert "securitySchemes" not in schema.get("components", {})
+    assert not [name for name, op in operations(schema).items() if "security" in op or "401" in op["responses"]]
+
+
 def test_keys_come_from_the_environment_and_a_file(tmp_path, monkeypatch):
     path = tmp_path / "keys"
     path.write_text("# rotated 2024-05\nfile-key-1\n\n  file-key-2  \n")
