@@ -137,8 +137,8 @@ def run(
             H2LOAD,
             "--h1",
             f"--clients={connections}",
-            f"--duration={duration:g}",
-            f"--warm-up-time={warmup:g}",
+            f"--duration={round(duration * 1000)}ms",  # h2load takes whole units only
+            f"--warm-up-time={round(warmup * 1000)}ms",
             f"--data={tmp / 'body'}",
             f"--log-file={log}",
             *(f"--header={k}: {v}" for k, v in request.headers.items()),
