@@ -41,15 +41,18 @@ TIMING_FIELDS = ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "batc
 
 def multipart_bodies(images: list[Path], field: str) -> tuple[str, list[bytes]]:
     boundary = uuid.uuid4().hex
-    bodies = []
-    for path in images:
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{path.name}"\r\n'
-            f"Content-Type: {media}\r\n\r\n"
-        ).encode()
-        bodies.append(head + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    bodies = [multipart_body(path.name, path.read_bytes(), field, boundary) for path in images]
     return f"multipart/form-data; boundary={boundary}", bodies
+
+
+def multipart_body(filename: str, data: bytes, field: str, boundary: str) -> bytes:
+    """One file as the only part of a multipart/form-data body."""
+    media = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+        f"Content-Type: {media}\r\n\r\n"
+    ).encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode()
 
 
 def percentile(values: list[float], q: float) -> float:

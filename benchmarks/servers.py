@@ -4,8 +4,11 @@
 - `torch_eager`: benchmarks/peers/torch_eager_app.py under uvicorn (FastAPI + PyTorch eager, one image per call).
 - `bentoml`: benchmarks/peers/bentoml_service.py under `bentoml serve`, in its own virtual environment
   (~/.cache/vitserve/bench-bentoml-<hash>, created on first use) so BentoML's dependencies never touch ours.
+- `triton`: the `tritonserver` binary of the nvidia-pytriton wheel, serving benchmarks/peers/triton_model.py
+  (Python backend) with Triton's dynamic batcher, from its own environment (~/.cache/vitserve/bench-triton-<hash>).
 
-Each is a `Server` with `url`, the `path` to POST an image to, the multipart `field` it reads, and `rss_mb()`.
+Each is a `Server` with `url`, the `path` to POST an image to, the multipart `field` it reads, `rss_mb()` and
+`cpu_seconds()` (both over the server's whole process tree).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +54,7 @@ class Server:
         log: Path,
         port: int,
         start_timeout: float = 180.0,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.command = command
@@ -61,6 +66,7 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.start_timeout = start_timeout
+        self.cwd = cwd
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Server:
@@ -68,7 +74,7 @@ class Server:
         log = self.log.open("w")
         # A session of its own, so stop() ends the server's workers (BentoML forks them) and nothing else.
         self.process = subprocess.Popen(
-            self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
         deadline = time.monotonic() + self.start_timeout
@@ -94,22 +100,41 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
+    def _processes(self) -> list:
+        """The server's process and all its descendants (psutil.Process), as they are now."""
+        import psutil
+
+        if self.process is None:
+            return []
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def rss_mb(self) -> float:
         """Resident memory of the server and its child processes, MiB."""
         import psutil
 
-        if self.process is None:
-            return 0.0
-        try:
-            root = psutil.Process(self.process.pid)
-            processes = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
         total = 0
-        for p in processes:
+        for p in self._processes():
             with contextlib.suppress(psutil.NoSuchProcess):
                 total += p.memory_info().rss
         return total / 2**20
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server has used so far, all its processes together (from /proc/<pid>/stat).
+
+        Each live process counts its own time and that of its children that have exited and been waited for,
+        so a worker that ran and ended between two samples is still counted, by its parent."""
+        import psutil
+
+        total = 0.0
+        for p in self._processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
 
     def _log_tail(self, lines: int = 40) -> str:
         try:
@@ -124,12 +149,14 @@ class Server:
         self.stop()
 
 
-def vitserve(model_dir: Path, model: str, log: Path, **settings: object) -> Server:
-    """`python -m service` serving `model` from `model_dir`; keyword arguments become VITSERVE_* variables."""
+def vitserve(model_dir: Path, model: str, log: Path, *, root: Path = ROOT, **settings: object) -> Server:
+    """`python -m service` serving `model` from `model_dir`; keyword arguments become VITSERVE_* variables.
+
+    `root` is the source tree to run (another checkout, to compare two versions of the service side by side)."""
     port = free_port()
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(root),
         "VITSERVE_MODEL_DIR": str(model_dir),
         "VITSERVE_MODELS": f'["{model}"]',
         "VITSERVE_DEFAULT_MODEL": model,
@@ -147,6 +174,7 @@ def vitserve(model_dir: Path, model: str, log: Path, **settings: object) -> Serv
         ready_path="/readyz",
         log=log,
         port=port,
+        cwd=root,
     )
 
 
@@ -225,3 +253,120 @@ def bentoml(artifact: Path, log: Path, *, max_batch_size: int = 16, max_latency_
     return Server(
         "bentoml", command, path="/classify", field="images", env=env, ready_path="/readyz", log=log, port=port
     )
+
+
+# ---------------------------------------------------------------------------------------------------- Triton
+
+# The tritonserver binary comes from the nvidia-pytriton wheel; its Python API (gRPC, zmq, tritonclient) is not
+# used, so the wheel goes in without its dependencies. numpy 1: the wheel's Python-backend stub was built against
+# numpy 1, and under numpy 2 its BYTES inputs arrive garbled and its FP32 outputs empty. The rest are the
+# versions vitserve's own environment runs (onnxruntime, Pillow), and what `service.imaging` and
+# `vit_artifact.metadata` import (pydantic, starlette).
+TRITON_WHEEL = "nvidia-pytriton==0.7.0"
+TRITON_REQUIREMENTS = [
+    "onnxruntime==1.32.0",
+    "numpy==1.26.4",
+    "pillow==13.0.0",
+    "pydantic==2.14.4",
+    "starlette==1.10.0",
+]
+# The stub links the system's libpython3.11 (Debian's), so the environment must be a venv of that very build:
+# on another 3.11 build a model fails to load ('_thread.RLock' object has no attribute '_recursion_count').
+TRITON_PYTHON = Path("/usr/bin/python3.11")
+TRITON_MODEL = PEERS / "triton_model.py"
+
+
+def triton_env(log: Callable[[str], object] = print) -> Path:
+    """The Triton virtual environment (made from PyPI on first use); returns its `tritonserver` directory.
+
+    The directory is the wheel's `pytriton/tritonserver` with the Python-backend stub for Python 3.11 put in
+    `backends/python/`, where the backend looks for it (as pytriton itself prepares it at each start)."""
+    key = hashlib.sha256("\n".join([str(TRITON_PYTHON), TRITON_WHEEL, *TRITON_REQUIREMENTS]).encode()).hexdigest()[:12]
+    venv = CACHE / f"bench-triton-{key}"
+    server = venv / "tritonserver"
+    if (venv / ".complete").is_file():
+        return server
+    if not TRITON_PYTHON.is_file():
+        raise RuntimeError(f"the Triton peer needs {TRITON_PYTHON} (Debian's python3.11, which its stub links)")
+    log(f"creating the Triton environment {venv} (first run only)")
+    subprocess.run([str(TRITON_PYTHON), "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    for args in (["--no-deps", TRITON_WHEEL], TRITON_REQUIREMENTS):
+        done = subprocess.run([*pip, *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"installing {args} into {venv} failed:\n{done.stderr[-3000:]}")
+    wheel = _site_packages(venv) / "pytriton" / "tritonserver"
+    shutil.copytree(wheel, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    shutil.copy2(wheel / "python_backend_stubs" / "3.11" / "triton_python_backend_stub", server / "backends" / "python")
+    (venv / ".complete").write_text("\n".join([TRITON_WHEEL, *TRITON_REQUIREMENTS]) + "\n")
+    return server
+
+
+def _site_packages(venv: Path) -> Path:
+    return venv / "lib" / "python3.11" / "site-packages"
+
+
+def triton_repository(
+    directory: Path, artifact: Path, *, max_batch_size: int, max_queue_delay_ms: float, max_pixels: int
+) -> None:
+    """Two Python-backend models of `artifact` in the model repository `directory`, both dynamically batched:
+    `<name>` takes FP32 `pixel_values` [N, 3, H, W], `<name>-image` takes BYTES `image` [N, 1]."""
+    from vit_artifact.metadata import INPUT_NAME, read_metadata
+
+    meta = read_metadata(artifact, verify_hashes=False)
+    height, width = meta.input_size
+    classes = len(meta.labels)
+    inputs = {
+        meta.name: f'{{ name: "{INPUT_NAME}", data_type: TYPE_FP32, dims: [3, {height}, {width}] }}',
+        f"{meta.name}-image": '{ name: "image", data_type: TYPE_STRING, dims: [1] }',
+    }
+    for name, tensor in inputs.items():
+        version = directory / name / "1"
+        version.mkdir(parents=True)
+        shutil.copy2(TRITON_MODEL, version / "model.py")
+        # The stub puts the version directory on sys.path (and passes no PYTHONPATH on), so the model imports
+        # vitserve's decoding and preprocessing through links placed there.
+        for package in ("service", "vit_artifact"):
+            (version / package).symlink_to(ROOT / package)
+        kind = "image" if name.endswith("-image") else INPUT_NAME
+        (directory / name / "config.pbtxt").write_text(
+            f"""backend: "python"
+max_batch_size: {max_batch_size}
+dynamic_batching {{ max_queue_delay_microseconds: {round(max_queue_delay_ms * 1000)} }}
+instance_group [{{ count: 1, kind: KIND_CPU }}]
+input [{tensor}]
+output [
+  {{ name: "logits", data_type: TYPE_FP32, dims: [{classes}] }},
+  {{ name: "probabilities", data_type: TYPE_FP32, dims: [{classes}] }}
+]
+parameters [
+  {{ key: "artifact", value: {{ string_value: "{artifact.resolve()}" }} }},
+  {{ key: "input", value: {{ string_value: "{kind}" }} }},
+  {{ key: "max_pixels", value: {{ string_value: "{max_pixels}" }} }}
+]
+"""
+        )
+
+
+def triton(repository: Path, log: Path) -> Server:
+    """`tritonserver` over a repository made by `triton_repository`, HTTP only (gRPC and metrics off)."""
+    server = triton_env()
+    venv = server.parent
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
+        # The backend starts each model's stub with the first python3 on PATH as its environment.
+        "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}",
+        "LD_LIBRARY_PATH": str(_site_packages(venv) / "nvidia_pytriton.libs"),
+    }
+    command = [
+        str(server / "bin" / "tritonserver"),
+        f"--model-repository={repository}",
+        f"--backend-directory={server / 'backends'}",
+        f"--cache-directory={server / 'caches'}",
+        f"--http-port={port}",
+        "--http-address=127.0.0.1",
+        "--allow-grpc=false",
+        "--allow-metrics=false",
+    ]
+    return Server("triton", command, path="", field="", env=env, ready_path="/v2/health/ready", log=log, port=port)
