@@ -105,6 +105,7 @@ def test_broken_artifact_is_refused_with_what_is_wrong(tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["input-not-graph", "labels-not-logits", "bad-serving-json"])
+@pytest.mark.server
 def test_inconsistent_artifact_exits_2_with_one_line(tmp_path, monkeypatch, how):
     broken_copy(tmp_path, how)
     monkeypatch.setenv("VITSERVE_MODEL_DIR", str(tmp_path))
@@ -236,6 +237,7 @@ def request_in_flight(
         srv.stop()
 
 
+@pytest.mark.server
 def test_sigterm_turns_readiness_off_drains_and_exits_0(tmp_path):
     # The request waits 2 s for company: it is in flight through the whole 1 s drain.
     with request_in_flight(tmp_path, 2000, VITSERVE_DRAIN_DELAY_S="1") as (srv, c, first):
@@ -253,6 +255,7 @@ def test_sigterm_turns_readiness_off_drains_and_exits_0(tmp_path):
         assert "readiness is off" in srv.log.read_text()
 
 
+@pytest.mark.server
 def test_sigterm_without_drain_delay_finishes_in_flight_requests_and_exits_0(tmp_path):
     with request_in_flight(tmp_path, 1000) as (srv, _, request):
         srv.process.send_signal(signal.SIGTERM)
@@ -262,6 +265,7 @@ def test_sigterm_without_drain_delay_finishes_in_flight_requests_and_exits_0(tmp
             httpx.get(f"{srv.url}/healthz", timeout=2)
 
 
+@pytest.mark.server
 def test_a_request_still_running_after_the_grace_period_gets_503_to_retry_elsewhere(tmp_path):
     with request_in_flight(tmp_path, 5000, VITSERVE_SHUTDOWN_GRACE_S="0.3") as (srv, _, request):
         srv.process.send_signal(signal.SIGTERM)

@@ -75,6 +75,7 @@ def reloads(client: httpx.Client, model: str, outcome: str) -> float:
 # --- the real process, polling every 0.5 s ---------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_new_version_is_swapped_in_and_a_broken_one_rejected(tmp_path):
     repository = tmp_path / "models"
     shutil.copytree(MODELS, repository)

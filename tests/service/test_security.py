@@ -189,6 +189,7 @@ def test_keys_come_from_the_environment_and_a_file(tmp_path, monkeypatch):
         ({"VITSERVE_API_KEYS_FILE": "{tmp}/empty"}, "holds no keys"),
     ],
 )
+@pytest.mark.server
 def test_bad_key_configuration_stops_the_start_without_printing_a_key(tmp_path, monkeypatch, environment, says):
     (tmp_path / "empty").write_text("# nothing yet\n")
     monkeypatch.setenv("VITSERVE_PORT", str(free_port()))
@@ -361,6 +362,7 @@ def keyed_server(tmp_path_factory) -> Iterator[Server]:
     srv.stop()
 
 
+@pytest.mark.server
 def test_the_sdk_sends_its_key_and_raises_authentication_error_without_one(keyed_server, monkeypatch):
     from vitserve_client import AuthenticationError, Client
 
@@ -380,6 +382,7 @@ def test_the_sdk_sends_its_key_and_raises_authentication_error_without_one(keyed
         assert client.classify(PNG).predictions
 
 
+@pytest.mark.server
 def test_keys_never_reach_the_log(keyed_server):
     with httpx.Client(base_url=keyed_server.url, timeout=30) as c:
         assert classify(c, Authorization=f"Bearer {KEYS[0]}").status_code == 200

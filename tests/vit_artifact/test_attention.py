@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from vit_artifact.attention import (
+    BadArguments,
+    NoSuchIndex,
     attention_map,
     cls_attention,
     discard_lowest,
