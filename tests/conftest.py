@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -120,6 +120,24 @@ def photos():
         name: Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
         for name in ("astronaut", "chelsea", "coffee", "rocket")
     }
+
+
+def metric(text: str, sample: str) -> float:
+    """The value of one Prometheus sample (`name{labels}` exactly as exposed) in a `/metrics` page; 0 if absent."""
+    for line in text.splitlines():
+        if line.startswith(f"{sample} "):
+            return float(line.removeprefix(f"{sample} "))
+    return 0.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll `condition` (a real signal: a metric, a status, a log line) until it holds; fail after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting until {what}"
+        time.sleep(0.02)
 
 
 def free_port() -> int:

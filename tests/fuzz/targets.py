@@ -24,12 +24,12 @@ from functools import cache
 import numpy as np
 from PIL import ExifTags, Image
 
-from vit_artifact.metadata import Preprocessing, read_metadata
 from service.errors import ServiceError
 from service.imaging import decode_image
-from vit_artifact.preprocessing import preprocess
 from service.v2_codec import decode_input, parse_request
 from tests.conftest import DEFAULT_MODEL
+from vit_artifact.metadata import Preprocessing, read_metadata
+from vit_artifact.preprocessing import preprocess
 
 # Small enough that every accepted image decodes in milliseconds, so a slow input is a real hang, not a big
 # image; large enough for the seeds (the service default is 40 megapixels; the code path is the same).

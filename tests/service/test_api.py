@@ -21,9 +21,6 @@ from PIL import Image
 
 import service.routes
 from model_export import digits
-from vit_artifact.metadata import ATTENTIONS, INPUT_NAME, LOGITS, METADATA_FILE, read_metadata
-from vit_artifact.attention import attention_map
-from vit_artifact.preprocessing import preprocess
 from tests.conftest import DEFAULT_MODEL, MODELS
 from tests.service.conftest import (
     assert_same_probabilities,
@@ -34,6 +31,9 @@ from tests.service.conftest import (
     probabilities,
     top_label,
 )
+from vit_artifact.attention import attention_map
+from vit_artifact.metadata import ATTENTIONS, INPUT_NAME, LOGITS, METADATA_FILE, read_metadata
+from vit_artifact.preprocessing import preprocess
 
 SERVED = sorted(p.name for p in MODELS.iterdir() if (p / METADATA_FILE).is_file())
 

@@ -23,9 +23,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from vit_artifact.metadata import METADATA_FILE, sha256_file
 from tests.conftest import DEFAULT_MODEL, MODELS, Server, free_port, run_cli
 from tests.service.conftest import encode, post_image
+from vit_artifact.metadata import METADATA_FILE, sha256_file
 
 BODY_LIMIT = 16_384  # bytes: a 32x32 canvas PNG is ~2 kB, a batch of three fits
 PIXEL_LIMIT = 250_000  # 0.25 megapixels: the canvases fit, a 1000x1000 image does not

@@ -18,9 +18,9 @@ import pytest
 import skimage.data
 from PIL import ExifTags, Image, ImageSequence
 
-from vit_artifact.metadata import Preprocessing
 from service.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.imaging import decode_image, original_size
+from vit_artifact.metadata import Preprocessing
 from vit_artifact.preprocessing import preprocess
 
 LIMIT = 40_000_000

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import skimage.data
 from fastapi.testclient import TestClient
@@ -24,7 +25,7 @@ from service.routes import demo
 from service.runtime import ModelRepository
 from service.security import is_open
 from service.settings import DEFAULT_OPEN_ROUTES, Settings
-from tests.conftest import MODELS, Server, free_port, run_cli
+from tests.conftest import MODELS, Server, free_port, metric, run_cli
 from tests.service import inprocess
 from tests.service.conftest import encode
 
@@ -245,18 +246,26 @@ def test_cors_star_allows_any_origin(repo):
 
 
 def test_requests_beyond_the_concurrency_limit_get_503_at_once(repo):
-    # Requests wait 0.5 s in the batch queue for company, so two of them hold both slots for that long.
-    app = inprocess.app(repo, max_concurrent_requests=2, max_queue_delay_ms=500)
+    # Two requests wait in the batch queue for a third (batches of 3, a minute's delay): they hold both slots
+    # until the test adds the third image itself, past the HTTP limit.
+    app = inprocess.app(repo, max_concurrent_requests=2, max_batch_size=3, max_queue_delay_ms=60_000)
+
+    async def in_flight(c: httpx.AsyncClient) -> bool:
+        # The two held requests, and this scrape of /metrics (never limited).
+        return metric((await c.get("/metrics")).text, "vitserve_requests_in_flight") == 3
+
+    async def third_image() -> None:
+        state = app.state.vitserve
+        model = state.models().models["digits-vit"]
+        await state.infer(model, np.zeros((3, *model.meta.input_size), np.float32), with_attention=False)
 
     async def scenario() -> None:
         async with inprocess.serve(app) as c:
             post: dict[str, Any] = {"content": PNG, "headers": {"content-type": "image/png"}}
             held = [asyncio.create_task(c.post("/v1/classify", **post)) for _ in range(2)]
-            await asyncio.sleep(0.2)
-            loop = asyncio.get_running_loop()
-            started = loop.time()
+            await inprocess.eventually(lambda: in_flight(c), "two requests hold both slots")
             refused = await c.post("/v1/classify", **post)
-            assert loop.time() - started < 0.2, "refused at once, not after waiting"
+            assert not any(task.done() for task in held), "refused at once, not after waiting for a slot"
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
             assert refused.json()["error"]["code"] == "overloaded"
             assert "VITSERVE_MAX_CONCURRENT_REQUESTS" in refused.json()["error"]["message"]
@@ -264,8 +273,11 @@ def test_requests_beyond_the_concurrency_limit_get_503_at_once(repo):
             assert v2.status_code == 503 and isinstance(v2.json()["error"], str)
             for path in ("/healthz", "/readyz", "/metrics", "/v1/models"):  # never limited
                 assert (await c.get(path)).status_code == 200, path
+            assert not any(task.done() for task in held)
+            await third_image()
             assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
-            assert (await c.post("/v1/classify", **post)).status_code == 200  # slots are given back
+            again = [c.post("/v1/classify", **post) for _ in range(2)]  # slots are given back
+            assert [r.status_code for r in (await asyncio.gather(*again, third_image()))[:2]] == [200, 200]
 
     asyncio.run(scenario())
 

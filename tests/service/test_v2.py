@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from model_export.digits import held_out_set
+from tests.conftest import DEFAULT_MODEL
 from vit_artifact.metadata import read_metadata
 from vit_artifact.preprocessing import preprocess_batch
-from tests.conftest import DEFAULT_MODEL
 
 MODEL = "digits-vit"
 BINARY_HEADER = (
