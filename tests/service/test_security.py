@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -346,8 +347,43 @@ def test_static_route_does_not_follow_symlinks(keyed, tmp_path, monkeypatch):
         assert response.status_code == 404 and "api-key-material" not in response.text and "import" not in response.text
 
 
-def test_no_route_fetches_urls_or_opens_paths_from_requests():
-    """Static audit of the service's source: no HTTP client, no `open` of a request value."""
+# Names a request may give for a file: relative climbs, absolute paths, encoded slashes and dots, backslashes,
+# a NUL; each aimed at a file the server can read (its own source, its model files, the system's users).
+TRAVERSALS = [
+    "../../../../../../etc/passwd",
+    "..%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "%2Fetc%2Fpasswd",
+    "%2e%2e%2f%2e%2e%2fservice%2fsettings.py",
+    "..%2F..%2Fmodels%2Fdigits-vit%2Fartifact.json",
+    "..%5C..%5Cservice%5Capp.py",
+    "....%2F%2F....%2F%2Fetc%2Fpasswd",
+    "settings.py%00.js",
+]
+# What would show that a file was served: the users file, this package's source, an artifact's record.
+LEAKS = ["root:", "BaseSettings", "import ", '"graphs"']
+
+
+def test_no_route_serves_a_file_named_in_its_path(keyed):
+    """Every route with a path parameter, each parameter given each traversal: 404, and no file's content."""
+    auth = {"Authorization": f"Bearer {KEYS[0]}", "content-type": "image/png"}
+    documented = keyed.app.openapi()["paths"]
+    # The API document lists every API route; the demo page's static route stays out of it.
+    routes = [(m.upper(), t) for t, operations in documented.items() if "{" in t for m in operations]
+    routes.append(("GET", "/static/{name}"))
+    assert len(routes) >= 11, routes  # the model routes of /v1 and /v2, and /static
+    for method, template in routes:
+        for value in TRAVERSALS:
+            path = template
+            for parameter in re.findall(r"\{\w+\}", template):
+                path = path.replace(parameter, value)
+            response = keyed.request(method, path, content=PNG, headers=auth)
+            assert response.status_code == 404, (method, path, response.status_code)  # no such model or file
+            for leak in LEAKS:
+                assert leak not in response.text, (method, path, leak, response.text[:200])
+
+
+def test_the_service_has_no_http_client_so_no_route_can_fetch_a_url():
+    """A source audit: no module of the service imports an HTTP client (so nothing a request says is fetched)."""
     root = Path(demo.__file__).resolve().parents[1]
     for path in root.rglob("*.py"):
         source = path.read_text()
