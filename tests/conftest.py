@@ -9,12 +9,17 @@ fails at once (`require_mark`), so the fast layer cannot drift.
 
 from __future__ import annotations
 
+import itertools
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests import layers
+from tests.layers import require_mark
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -46,9 +51,6 @@ MARK_BY_PATH: dict[str, tuple[str, ...]] = {
     "client/test_client_install.py": ("server", "slow"),
 }
 
-_running: pytest.Item | None = None  # the test being set up, run or torn down
-
-
 def _path_marks(path: Path) -> set[str]:
     relative = path.relative_to(ROOT / "tests").as_posix()
     return {m for prefix, marks in MARK_BY_PATH.items() if f"{relative}/".startswith(f"{prefix}/") for m in marks}
@@ -62,9 +64,20 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     if not expression or not collection_path.is_relative_to(ROOT / "tests"):
         return None
     marks = _path_marks(collection_path)
-    if marks and not Expression.compile(expression).evaluate(lambda name, **_: name in marks):
-        return True
-    return None
+    if not marks:
+        return None
+    # Its tests may carry more marks than its path gives (fixtures, decorators): only if no combination of the
+    # names the expression mentions would select one of them is the file surely left out.
+    compiled = Expression.compile(expression)
+    others = sorted(set(re.findall(r"[A-Za-z_]\w*", expression)) - {"and", "or", "not"} - marks)
+    combinations = itertools.chain.from_iterable(itertools.combinations(others, n) for n in range(len(others) + 1))
+    if any(compiled.evaluate(_has(marks | set(extra))) for extra in combinations):
+        return None
+    return True
+
+
+def _has(marks: set[str]) -> Callable[..., bool]:
+    return lambda name, **_: name in marks
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -78,18 +91,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
-    global _running
-    _running = item
+    layers.running = item
     try:
         return (yield)
     finally:
-        _running = None
-
-
-def require_mark(mark: str, what: str) -> None:
-    """Fail the running test unless it carries `mark` (so `make test-fast` leaves it out)."""
-    if _running is not None and _running.get_closest_marker(mark) is None:
-        pytest.fail(f"{_running.nodeid} {what}: mark it `@pytest.mark.{mark}` (see tests/conftest.py)", pytrace=False)
+        layers.running = None
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
