@@ -33,6 +33,7 @@ from tests.conftest import MODELS, ROOT, Server
 from tests.service.conftest import canvas_image, classify, encode, top_label
 
 CHROMIUM = Path("/usr/bin/chromium")
+APP_JS = ROOT / "service" / "static" / "app.js"
 CHROMIUM_ARGS = [
     "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
     "--disable-gpu",
@@ -445,6 +446,8 @@ def test_keyboard_reaches_every_control_in_order(demo: Demo) -> None:
 
 
 def test_the_pad_is_classified_once_per_stroke_after_the_pen_lifts(demo: Demo) -> None:
+    settle_ms = int(re.search(r"DRAW_SETTLE_MS = (\d+)", APP_JS.read_text()).group(1))  # type: ignore[union-attr]
+    demo.page.clock.install()  # the page's timers run when the test moves its clock, not with the wall clock
     demo.open()
     zero = [(0.5 + 0.24 * math.sin(a), 0.5 - 0.33 * math.cos(a)) for a in (2 * math.pi * i / 24 for i in range(25))]
     box = demo.page.locator("#pad").bounding_box()
@@ -453,9 +456,11 @@ def test_the_pad_is_classified_once_per_stroke_after_the_pen_lifts(demo: Demo) -
     demo.page.mouse.down()
     for x, y in zero[1:]:
         demo.page.mouse.move(box["x"] + box["width"] * x, box["y"] + box["height"] * y, steps=4)
-    demo.page.wait_for_timeout(500)  # longer than the page waits after a stroke: the pen is still down
+    demo.page.clock.run_for(2 * settle_ms)  # every timer the page set so far fires; the pen is still down
     assert demo.count("classify") == 0, "classified before the pen lifted"
+    assert demo.page.get_attribute("main", "data-state") == "idle"
     demo.page.mouse.up()
+    demo.page.clock.run_for(settle_ms)  # the stroke has settled
     demo.page.wait_for_selector("#predictions li")
     demo.wait()
     assert demo.count("classify") == 1
