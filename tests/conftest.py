@@ -51,6 +51,7 @@ MARK_BY_PATH: dict[str, tuple[str, ...]] = {
     "client/test_client_install.py": ("server", "slow"),
 }
 
+
 def _path_marks(path: Path) -> set[str]:
     relative = path.relative_to(ROOT / "tests").as_posix()
     return {m for prefix, marks in MARK_BY_PATH.items() if f"{relative}/".startswith(f"{prefix}/") for m in marks}
@@ -128,11 +129,15 @@ def photos():
     }
 
 
-def metric(text: str, sample: str) -> float:
-    """The value of one Prometheus sample (`name{labels}` exactly as exposed) in a `/metrics` page; 0 if absent."""
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of the sample of `name` with exactly these labels in a `/metrics` page (0 when absent)."""
     for line in text.splitlines():
-        if line.startswith(f"{sample} "):
-            return float(line.removeprefix(f"{sample} "))
+        m = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
+        if not m:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if found == labels:
+            return float(m.group(2))
     return 0.0
 
 

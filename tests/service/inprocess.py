@@ -54,4 +54,4 @@ async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeou
 
 async def queued(client: httpx.AsyncClient, model: str = "digits-vit") -> float:
     """Requests waiting in `model`'s batch queue, as `/metrics` says."""
-    return metric((await client.get("/metrics")).text, f'vitserve_queue_depth{{model="{model}"}}')
+    return metric((await client.get("/metrics")).text, "vitserve_queue_depth", model=model)

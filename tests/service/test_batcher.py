@@ -214,4 +214,4 @@ def rejected() -> float:
 
     from service.metrics import METRICS
 
-    return metric(generate_latest(METRICS.registry).decode(), 'vitserve_rejected_total{model="scripted"}')
+    return metric(generate_latest(METRICS.registry).decode(), "vitserve_rejected_total", model="scripted")

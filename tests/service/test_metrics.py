@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import httpx
 
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of `name` with exactly these labels (0 when absent)."""
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
-        if not m:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if found == labels:
-            return float(m.group(2))
-    return 0.0
+from tests.conftest import metric
 
 
 def test_metrics_move_with_traffic(client, held_out_pngs):

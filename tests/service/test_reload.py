@@ -58,7 +58,7 @@ def truncate(directory: Path) -> None:
 
 
 def reloads(client: httpx.Client, model: str, outcome: str) -> float:
-    return metric(client.get("/metrics").text, f'vitserve_model_reload_total{{model="{model}",outcome="{outcome}"}}')
+    return metric(client.get("/metrics").text, "vitserve_model_reload_total", model=model, outcome=outcome)
 
 
 # --- the real process, polling every 0.5 s; the test waits on its reload counter ---------------------------------------------------------------------

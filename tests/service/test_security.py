@@ -152,10 +152,7 @@ def test_the_demo_pages_files_are_open_but_its_api_calls_need_the_key(keyed):
 
 def test_refusals_are_counted_by_reason(keyed):
     def refused() -> float:
-        for line in keyed.get("/metrics").text.splitlines():
-            if line.startswith('vitserve_http_refused_total{reason="unauthorized"}'):
-                return float(line.split()[-1])
-        return 0.0
+        return metric(keyed.get("/metrics").text, "vitserve_http_refused_total", reason="unauthorized")
 
     before = refused()
     classify(keyed)
