@@ -9,7 +9,7 @@ DEV_VENV := $(CACHE)/venv-dev-$(call key,requirements/dev.txt)
 SERVE_VENV := $(CACHE)/venv-serve-$(call key,requirements/serve.txt)
 RUN = PYTHONPATH=$(CURDIR):$(CURDIR)/client PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: serve test lint typecheck docs dev-env serve-env clean-cache default-model bench browser docker-smoke k8s-validate gpu-check requirements
+.PHONY: serve test test-fast lint typecheck docs dev-env serve-env clean-cache default-model bench browser docker-smoke k8s-validate gpu-check requirements
 # exec: the server is make's own child, and VITSERVE_EXIT_WITH_PARENT makes it drain and exit when make is
 # stopped (a supervisor's SIGTERM to make is not passed on to children).
 serve: serve-env
@@ -17,6 +17,12 @@ serve: serve-env
 
 test: dev-env browser
 	$(RUN) $(DEV_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The fast layer: unit and in-process tests only, no server process, export, container, browser or other slow
+# test (the markers are in pyproject.toml; tests/conftest.py applies them).
+FAST = not (server or export or container or browser or slow)
+test-fast: dev-env
+	$(RUN) $(DEV_VENV)/bin/python -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
 
 lint: dev-env
 	$(DEV_VENV)/bin/python -m ruff check vit_artifact service model_export client tests benchmarks docs docker

@@ -73,6 +73,7 @@ def test_every_accepted_finding_has_a_reason():
         assert package and len(reason) > 20, f"{advisory}: say why it is accepted"
 
 
+@pytest.mark.slow  # pip-audit asks PyPI or OSV about every pin
 @pytest.mark.parametrize("requirements", REQUIREMENTS)
 def test_no_known_vulnerability_that_is_not_accepted(service, requirements):
     report = audit(ROOT / "requirements" / requirements, service)

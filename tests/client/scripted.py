@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -24,7 +23,6 @@ class Seen:
     path: str
     headers: dict[str, str]
     client_port: int
-    at: float
 
 
 class Scripted:
@@ -42,9 +40,7 @@ class Scripted:
             def _answer(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 self.rfile.read(length)
-                scripted.seen.append(
-                    Seen(self.command, self.path, dict(self.headers), self.client_address[1], time.monotonic())
-                )
+                scripted.seen.append(Seen(self.command, self.path, dict(self.headers), self.client_address[1]))
                 reply = scripted.replies[min(len(scripted.seen), len(scripted.replies)) - 1]
                 body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
                 self.send_response(reply.status)

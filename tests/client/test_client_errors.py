@@ -125,6 +125,7 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     srv.stop()
 
 
+@pytest.mark.server
 def test_payload_too_large(connect: Any, small_server: Any, photos: dict[str, Image.Image], digits: list[Any]) -> None:
     sdk = connect(small_server.url)
     with pytest.raises(PayloadTooLargeError) as caught:

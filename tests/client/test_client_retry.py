@@ -1,12 +1,19 @@
-"""Retries, backoff and connection reuse, against a scripted real HTTP server on loopback."""
+"""Retries, backoff and connection reuse, against a scripted real HTTP server on loopback.
+
+The waits between attempts are recorded rather than slept (`waits`): what the client decided to wait is the
+fact under test, and a busy machine cannot blur it.
+"""
 
 from __future__ import annotations
 
 import time
+import types
 from typing import Any
 
 import httpx
 import pytest
+import vitserve_client._core
+import vitserve_client.client
 from vitserve_client import Client
 from vitserve_client._core import retry_after_seconds
 from vitserve_client.errors import NotFoundError, OverloadedError, ServerError
@@ -16,30 +23,41 @@ from tests.client.scripted import Reply
 UNAVAILABLE = {"error": {"code": "unavailable", "message": "models are still loading; retry shortly", "detail": None}}
 
 
-def test_503_with_retry_after_is_retried_then_succeeds(connect: Any, scripted: Any) -> None:
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every wait either client makes between attempts, in seconds, in order; none is really slept."""
+    recorded: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        recorded.append(seconds)
+
+    module = vitserve_client.client
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(sleep=recorded.append))
+    monkeypatch.setattr(module, "asyncio", types.SimpleNamespace(sleep=asleep))
+    return recorded
+
+
+def test_503_with_retry_after_is_retried_then_succeeds(connect: Any, scripted: Any, waits: list[float]) -> None:
     scripted.script(
         Reply(503, UNAVAILABLE, {"Retry-After": "0"}),
         Reply(503, UNAVAILABLE, {"Retry-After": "1"}),
         Reply(200, {"status": "ok", "models": {"m": True}}),
     )
     sdk = connect(scripted.url, backoff=5.0)  # a large backoff: only Retry-After can explain short waits
-    started = time.monotonic()
     health = sdk.health()
-    elapsed = time.monotonic() - started
     assert health.models == {"m": True}
     assert len(scripted.seen) == 3
-    gaps = [b.at - a.at for a, b in zip(scripted.seen, scripted.seen[1:], strict=False)]
-    assert gaps[0] < 0.5  # Retry-After: 0
-    assert 1.0 <= gaps[1] < 1.5  # Retry-After: 1, plus at most 10% jitter
-    assert elapsed < 2.5
+    assert len(waits) == 2
+    assert waits[0] == 0.0  # Retry-After: 0
+    assert 1.0 <= waits[1] <= 1.1  # Retry-After: 1, plus at most 10% jitter
 
 
-def test_503_forever_gives_up_after_max_retries(connect: Any, scripted: Any) -> None:
+def test_503_forever_gives_up_after_max_retries(connect: Any, scripted: Any, waits: list[float]) -> None:
     scripted.script(Reply(503, {"error": {"code": "overloaded", "message": "queue full", "detail": None}}))
     sdk = connect(scripted.url, max_retries=2, backoff=0.01, max_backoff=0.02)
     with pytest.raises(OverloadedError) as caught:
         sdk.models()
-    assert len(scripted.seen) == 3  # the first attempt and two retries
+    assert len(scripted.seen) == 3 and len(waits) == 2  # the first attempt and two retries
     assert (caught.value.status, caught.value.code, caught.value.message) == (503, "overloaded", "queue full")
 
 
@@ -60,15 +78,15 @@ def test_500_is_a_server_error_and_not_retried(connect: Any, scripted: Any) -> N
     assert len(scripted.seen) == 1
 
 
-def test_backoff_is_bounded(connect: Any, scripted: Any) -> None:
+def test_backoff_is_bounded(connect: Any, scripted: Any, waits: list[float]) -> None:
     # No Retry-After: exponential backoff capped at max_backoff; a huge Retry-After is capped as well.
     scripted.script(Reply(503, UNAVAILABLE), Reply(503, UNAVAILABLE, {"Retry-After": "3600"}), Reply(503, UNAVAILABLE))
     sdk = connect(scripted.url, max_retries=5, backoff=0.05, max_backoff=0.1)
-    started = time.monotonic()
     with pytest.raises(OverloadedError):
         sdk.health()
     assert len(scripted.seen) == 6
-    assert time.monotonic() - started < 1.0  # at most 5 waits of 0.1 s (+10%)
+    assert len(waits) == 5 and all(0 < w <= 0.1 * 1.1 for w in waits)  # 5 waits of at most 0.1 s (+10%)
+    assert 0.1 <= waits[1] <= 0.11  # Retry-After: 3600, capped at max_backoff
     client = Client("http://x.test", backoff=0.5, max_backoff=4.0)
     delays = [client._backoff(attempt) for attempt in range(30) for _ in range(20)]
     assert all(0 < d <= 4.0 for d in delays) and max(delays) > 2.0  # grows, then stays under the cap
@@ -76,11 +94,11 @@ def test_backoff_is_bounded(connect: Any, scripted: Any) -> None:
     client.close()
 
 
-def test_no_retries_when_max_retries_is_zero(connect: Any, scripted: Any) -> None:
+def test_no_retries_when_max_retries_is_zero(connect: Any, scripted: Any, waits: list[float]) -> None:
     scripted.script(Reply(503, UNAVAILABLE, {"Retry-After": "0"}))
     with pytest.raises(OverloadedError):
         connect(scripted.url, max_retries=0).health()
-    assert len(scripted.seen) == 1
+    assert len(scripted.seen) == 1 and waits == []
 
 
 def test_readiness_503_is_an_answer_not_a_retry(connect: Any, scripted: Any) -> None:
@@ -89,7 +107,7 @@ def test_readiness_503_is_an_answer_not_a_retry(connect: Any, scripted: Any) -> 
     assert not ready.ok and ready.models == {"m": False} and len(scripted.seen) == 1
 
 
-def test_connection_errors_are_retried(connect: Any) -> None:
+def test_connection_errors_are_retried(connect: Any, waits: list[float]) -> None:
     calls = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -100,7 +118,7 @@ def test_connection_errors_are_retried(connect: Any) -> None:
         return httpx.Response(200, json={"status": "ok", "models": {}})
 
     assert connect("http://vitserve.test", transport=httpx.MockTransport(handler), backoff=0.01).health().ok
-    assert calls == 3
+    assert calls == 3 and len(waits) == 2
 
 
 def test_one_connection_is_reused(connect: Any, scripted: Any) -> None:
@@ -111,13 +129,16 @@ def test_one_connection_is_reused(connect: Any, scripted: Any) -> None:
     assert scripted.seen[0].headers["User-Agent"].startswith("vitserve-client/")
 
 
-def test_retry_after_forms() -> None:
+def test_retry_after_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     def after(value: str) -> float | None:
         return retry_after_seconds(httpx.Response(503, headers={"Retry-After": value}))
 
     assert after("2") == 2.0 and after("0") == 0.0 and after("-3") == 0.0 and after("soon") is None
-    in_a_minute = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
-    assert 55 < (after(in_a_minute) or 0) <= 61
+    now = float(int(time.time()))  # a whole second: an HTTP date has no finer resolution
+    monkeypatch.setattr(vitserve_client._core, "time", types.SimpleNamespace(time=lambda: now))
+    in_a_minute = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 60))
+    assert after(in_a_minute) == 60.0
+    assert after(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now - 60))) == 0.0  # a date passed
     assert retry_after_seconds(httpx.Response(503)) is None
 
 

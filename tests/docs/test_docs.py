@@ -39,6 +39,7 @@ def test_committed_table_matches_the_code():
         assert f"| {cost.flops / 1e9:.3f} |" in row, row
 
 
+@pytest.mark.slow
 def test_make_docs_runs_offline(tmp_path):
     shutil.copy(VIT_MD, tmp_path / "vit.md")
     result = run_cli("docs/make_docs.py", "--quick", "--out", str(tmp_path), timeout=600)

@@ -7,6 +7,9 @@ repository; these helpers only build requests and read responses.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +20,7 @@ from PIL import Image
 from model_export import digits
 
 HELD_OUT_SAMPLE = 30  # canvases per correctness check: enough to measure, few enough for a fast suite
+MEMORY_SLACK_KB = 48 * 1024  # the smallest image the refusal tests claim would take ~140 MB to decode
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **params: Any) -> bytes:
@@ -80,3 +84,28 @@ def held_out() -> digits.Canvases:
 @pytest.fixture(scope="session")
 def held_out_pngs(held_out: digits.Canvases) -> list[bytes]:
     return [encode(canvas_image(c)) for c in held_out.images]
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """kB figures of /proc/<pid>/status (VmRSS, VmHWM, ...)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines) if v.strip().endswith("kB")}
+
+
+@contextmanager
+def allocates_no_image(pid: int) -> Iterator[None]:
+    """Fail unless process `pid`'s peak memory rose by less than `MEMORY_SLACK_KB` during the block: nothing the
+    size of a claimed image was decoded. Where the peak cannot be reset, the block's own checks still run and
+    the test then skips, saying why."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
+            f.write("5")
+        unavailable = None
+    except OSError as e:
+        unavailable = f"cannot reset the server's peak RSS here: {e}"
+    before = proc_status(pid)["VmRSS"]
+    yield
+    if unavailable:
+        pytest.skip(unavailable)
+    peak = proc_status(pid)["VmHWM"]
+    assert peak - before < MEMORY_SLACK_KB, f"peak RSS rose by {(peak - before) / 1024:.0f} MB"

@@ -6,7 +6,8 @@ Tests of the real process (signals, exit codes, the SDK over TCP) use `tests.con
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from fastapi import FastAPI
 from service.app import create_app
 from service.runtime import CPU, LoadedModel, ModelRepository, load_model
 from service.settings import Settings
-from tests.conftest import DEFAULT_MODEL, MODELS
+from tests.conftest import DEFAULT_MODEL, MODELS, metric
 
 
 def load(directory: Path = DEFAULT_MODEL) -> LoadedModel:
@@ -40,3 +41,17 @@ async def serve(application: FastAPI, *, raise_app_exceptions: bool = True) -> A
         transport = httpx.ASGITransport(app=application, raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url="http://vitserve.test", timeout=30) as client:
             yield client
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
+    """Await `condition` (a real signal) until it holds, letting the app's tasks run between checks."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        assert loop.time() < deadline, f"timed out after {timeout} s waiting until {what}"
+        await asyncio.sleep(0.01)
+
+
+async def queued(client: httpx.AsyncClient, model: str = "digits-vit") -> float:
+    """Requests waiting in `model`'s batch queue, as `/metrics` says."""
+    return metric((await client.get("/metrics")).text, "vitserve_queue_depth", model=model)

@@ -168,9 +168,24 @@ def test_client_request_id_is_echoed_and_an_unsafe_one_replaced(client, held_out
     assert re.fullmatch(r"[0-9a-f]{32}", unsafe.headers["x-request-id"])
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/v1/models", "/v1/models/none-such"])
-def test_security_headers_on_every_response(client, path):
-    response = client.get(path)
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/healthz", None),
+        ("GET", "/v1/models", None),
+        ("GET", "/metrics", None),
+        ("GET", "/", None),  # the demo page and its files
+        ("GET", "/static/app.js", None),
+        ("GET", "/v2/health/ready", None),
+        ("GET", "/v1/models/none-such", None),  # 404, an unknown model
+        ("GET", "/no-such-route", None),  # 404, no route
+        ("DELETE", "/v1/models", None),  # 405
+        ("POST", "/v1/classify", b"not an image"),  # a client mistake
+        ("POST", "/v2/models/digits-vit/infer", b"{not json"),  # the same, in the V2 protocol
+    ],
+)
+def test_security_headers_on_every_kind_of_response(client, method, path, body):
+    response = client.request(method, path, content=body)
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["x-frame-options"] == "DENY"
     assert response.headers["x-request-id"]

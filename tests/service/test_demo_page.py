@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Request, sync_playwright
+from playwright.sync_api import Browser, Page, Request, Route, sync_playwright
 
 from model_export import digits
 from service.routes.demo import CONTENT_SECURITY_POLICY
@@ -33,6 +33,7 @@ from tests.conftest import MODELS, ROOT, Server
 from tests.service.conftest import canvas_image, classify, encode, top_label
 
 CHROMIUM = Path("/usr/bin/chromium")
+APP_JS = ROOT / "service" / "static" / "app.js"
 CHROMIUM_ARGS = [
     "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
     "--disable-gpu",
@@ -49,6 +50,16 @@ TIMEOUT_MS = 30_000  # two shared CPU cores: a first request can take a while
 # A "7" in pad coordinates (0..1): a top bar and a slanted stem, about two thirds of the pad. Checked by hand
 # and by this test: the default model calls it a 7 with about 90% probability at any brush from 20 to 28.
 SEVEN = [(0.30, 0.20), (0.72, 0.20), (0.45, 0.82)]
+# Records the URL of every answer body the page has read, in `window.answered`. The page's own code awaits the
+# promise this returns, so once a URL is listed, the page has finished handling that answer (same microtask run).
+ANSWERED_SCRIPT = """
+window.answered = [];
+const readJson = Response.prototype.json;
+Response.prototype.json = function () {
+  const url = this.url;
+  return readJson.call(this).then((body) => { window.answered.push(url); return body; });
+};
+"""
 
 
 @dataclass
@@ -435,6 +446,8 @@ def test_keyboard_reaches_every_control_in_order(demo: Demo) -> None:
 
 
 def test_the_pad_is_classified_once_per_stroke_after_the_pen_lifts(demo: Demo) -> None:
+    settle_ms = int(re.search(r"DRAW_SETTLE_MS = (\d+)", APP_JS.read_text()).group(1))  # type: ignore[union-attr]
+    demo.page.clock.install()  # the page's timers run when the test moves its clock, not with the wall clock
     demo.open()
     zero = [(0.5 + 0.24 * math.sin(a), 0.5 - 0.33 * math.cos(a)) for a in (2 * math.pi * i / 24 for i in range(25))]
     box = demo.page.locator("#pad").bounding_box()
@@ -443,9 +456,11 @@ def test_the_pad_is_classified_once_per_stroke_after_the_pen_lifts(demo: Demo) -
     demo.page.mouse.down()
     for x, y in zero[1:]:
         demo.page.mouse.move(box["x"] + box["width"] * x, box["y"] + box["height"] * y, steps=4)
-    demo.page.wait_for_timeout(500)  # longer than the page waits after a stroke: the pen is still down
+    demo.page.clock.run_for(2 * settle_ms)  # every timer the page set so far fires; the pen is still down
     assert demo.count("classify") == 0, "classified before the pen lifted"
+    assert demo.page.get_attribute("main", "data-state") == "idle"
     demo.page.mouse.up()
+    demo.page.clock.run_for(settle_ms)  # the stroke has settled
     demo.page.wait_for_selector("#predictions li")
     demo.wait()
     assert demo.count("classify") == 1
@@ -511,16 +526,22 @@ def test_a_pasted_or_dropped_image_is_classified(demo: Demo, digit: tuple[Path, 
 
 
 def test_the_last_choice_wins_when_controls_change_mid_request(demo: Demo, digit: tuple[Path, str]) -> None:
+    demo.page.add_init_script(ANSWERED_SCRIPT)
     demo.open()
     demo.page.set_input_files("#file", digit[0])
     demo.choose("#method", "cls")  # while the image's first (rollout) map is on its way
     demo.wait(map_query="method=cls")
     assert demo.count("classify") == 1
 
+    held: list[Route] = []  # the layer map's request, held until the page has moved on
+    demo.page.route(lambda url: "/attention?" in url and "method=layer" in url, lambda route: held.append(route))
     demo.choose("#method", "layer")  # asks for a new map...
+    while not held:
+        demo.page.evaluate("0")  # lets Playwright deliver the intercepted request
     demo.choose("#method", "rollout")  # ...then goes back to a cached one before the answer comes
     demo.wait(map_query="method=rollout")
-    demo.page.wait_for_timeout(1000)  # the layer map arrives meanwhile, and must not be drawn
+    held[0].continue_()  # the layer map arrives now, and must not be drawn
+    demo.page.wait_for_function("() => window.answered.some((url) => url.includes('method=layer'))")
     assert demo.page.get_attribute("#view", "data-map") == "format=json&top_k=1&method=rollout&head_fusion=mean"
     assert demo.page.get_attribute("main", "data-state") == "ready"
     assert demo.count("classify") == 1

@@ -12,7 +12,6 @@ import json
 import shutil
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ from PIL import Image
 
 from service.app import load_repository
 from service.settings import Settings
-from tests.conftest import DEFAULT_MODEL, MODELS, Server, free_port, run_cli
+from tests.conftest import DEFAULT_MODEL, MODELS, Server, free_port, metric, run_cli, wait_until
 from tests.service import inprocess
 from tests.service.conftest import encode
 from vit_artifact.metadata import METADATA_FILE, ArtifactError, sha256_file
@@ -105,6 +104,7 @@ def test_broken_artifact_is_refused_with_what_is_wrong(tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["input-not-graph", "labels-not-logits", "bad-serving-json"])
+@pytest.mark.server
 def test_inconsistent_artifact_exits_2_with_one_line(tmp_path, monkeypatch, how):
     broken_copy(tmp_path, how)
     monkeypatch.setenv("VITSERVE_MODEL_DIR", str(tmp_path))
@@ -187,7 +187,7 @@ def test_skip_never_applies_to_the_default_model(tmp_path):
 
 def in_flight(client: httpx.Client, count: int) -> bool:
     """Whether `count` requests are being served, besides this scrape of `/metrics` itself."""
-    return f"vitserve_requests_in_flight {float(count + 1)}" in client.get("/metrics").text.splitlines()
+    return metric(client.get("/metrics").text, "vitserve_requests_in_flight") == count + 1
 
 
 class Background:
@@ -208,13 +208,6 @@ class Background:
         return self.response
 
 
-def until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @contextmanager
 def request_in_flight(
     tmp_path: Path, queue_delay_ms: int, **env: str
@@ -230,29 +223,33 @@ def request_in_flight(
     try:
         with httpx.Client(base_url=srv.url, timeout=10) as c:
             request = Background(srv.url)
-            until(lambda: in_flight(c, 1))
+            wait_until(lambda: in_flight(c, 1), "the request is in flight")
             yield srv, c, request
     finally:
         srv.stop()
 
 
+@pytest.mark.server
 def test_sigterm_turns_readiness_off_drains_and_exits_0(tmp_path):
-    # The request waits 2 s for company: it is in flight through the whole 1 s drain.
-    with request_in_flight(tmp_path, 2000, VITSERVE_DRAIN_DELAY_S="1") as (srv, c, first):
-        signalled = time.monotonic()
+    # The first request waits for a second to share its batch (of 2), up to the request timeout; the drain is
+    # longer than any test, and a second SIGTERM cuts it short.
+    env = {"VITSERVE_DRAIN_DELAY_S": "600", "VITSERVE_MAX_BATCH_SIZE": "2"}
+    with request_in_flight(tmp_path, 600_000, **env) as (srv, c, first):
         srv.process.send_signal(signal.SIGTERM)
-        until(lambda: c.get("/readyz").status_code == 503, timeout=0.5)  # at once, before the listener closes
+        wait_until(lambda: c.get("/readyz").status_code == 503, "readiness turns off")
+        assert first.thread.is_alive(), "readiness turned off while the request was still in flight"
         assert c.get("/v2/health/ready").status_code == 503
         assert c.get("/healthz").status_code == 200  # alive: only readiness changes
-        second = Background(srv.url)  # still served while draining
-        until(lambda: in_flight(c, 2))
+        second = Background(srv.url)  # still served while draining: it completes the first one's batch
         assert first.result().status_code == 200
         assert second.result().status_code == 200
+        assert c.get("/healthz").status_code == 200 and srv.process.poll() is None, "the drain delay was kept"
+        srv.process.send_signal(signal.SIGTERM)
         assert srv.process.wait(timeout=20) == 0
-        assert time.monotonic() - signalled >= 1.0, "the drain delay was kept"
         assert "readiness is off" in srv.log.read_text()
 
 
+@pytest.mark.server
 def test_sigterm_without_drain_delay_finishes_in_flight_requests_and_exits_0(tmp_path):
     with request_in_flight(tmp_path, 1000) as (srv, _, request):
         srv.process.send_signal(signal.SIGTERM)
@@ -262,6 +259,7 @@ def test_sigterm_without_drain_delay_finishes_in_flight_requests_and_exits_0(tmp
             httpx.get(f"{srv.url}/healthz", timeout=2)
 
 
+@pytest.mark.server
 def test_a_request_still_running_after_the_grace_period_gets_503_to_retry_elsewhere(tmp_path):
     with request_in_flight(tmp_path, 5000, VITSERVE_SHUTDOWN_GRACE_S="0.3") as (srv, _, request):
         srv.process.send_signal(signal.SIGTERM)

@@ -53,6 +53,7 @@ def test_every_image_seed_decodes_and_preprocesses():
         check_image(data)
 
 
+@pytest.mark.slow  # a fuzzing run of SECONDS[target] in a subprocess
 @pytest.mark.parametrize("target", ["images", "v2"])
 def test_atheris_finds_no_crash_hang_or_memory_blowup(tmp_path, target):
     pytest.importorskip("atheris", reason="atheris is not installed (pip install -r requirements/dev.txt)")

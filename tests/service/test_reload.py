@@ -7,11 +7,11 @@ New versions are published the recommended way: graph files first, then artifact
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import os
 import shutil
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from service.reload import RepositoryWatcher
 from service.runtime import CPU
 from service.settings import Settings
 from service.state import ServiceState
-from tests.conftest import DEFAULT_MODEL, MODELS, Server
+from tests.conftest import DEFAULT_MODEL, MODELS, Server, metric, wait_until
 from tests.service import inprocess
 from tests.service.conftest import encode
 from vit_artifact.metadata import METADATA_FILE, sha256_file
@@ -57,24 +57,14 @@ def truncate(directory: Path) -> None:
     graph.write_bytes(graph.read_bytes()[:4096])
 
 
-def until(condition: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def reloads(client: httpx.Client, model: str, outcome: str) -> float:
-    prefix = f'vitserve_model_reload_total{{model="{model}",outcome="{outcome}"}} '
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(prefix):
-            return float(line.removeprefix(prefix))
-    return 0.0
+    return metric(client.get("/metrics").text, "vitserve_model_reload_total", model=model, outcome=outcome)
 
 
-# --- the real process, polling every 0.5 s ---------------------------------------------------------------------
+# --- the real process, polling every 0.5 s; the test waits on its reload counter ---------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_new_version_is_swapped_in_and_a_broken_one_rejected(tmp_path):
     repository = tmp_path / "models"
     shutil.copytree(MODELS, repository)
@@ -85,9 +75,9 @@ def test_new_version_is_swapped_in_and_a_broken_one_rejected(tmp_path):
             assert c.get("/v1/models/digits-vit").json()["version"] == "1"
 
             publish(live, INT8, "2")
-            until(lambda: c.get("/v1/models/digits-vit").json()["version"] == "2")
+            wait_until(lambda: reloads(c, "digits-vit", "loaded") == 1, "version 2 is loaded")
             info = c.get("/v1/models/digits-vit").json()
-            assert info["precision"] == "int8"
+            assert info["version"] == "2" and info["precision"] == "int8"
             answer = c.post("/v1/classify", **RAW)
             assert answer.status_code == 200 and answer.json()["version"] == "2"
             assert reloads(c, "digits-vit", "loaded") == 1
@@ -97,7 +87,7 @@ def test_new_version_is_swapped_in_and_a_broken_one_rejected(tmp_path):
             assert c.get("/readyz").status_code == 200
 
             publish(live, DEFAULT_MODEL, "3", damage=truncate)
-            until(lambda: reloads(c, "digits-vit", "rejected") == 1)
+            wait_until(lambda: reloads(c, "digits-vit", "rejected") == 1, "version 3 is rejected")
             assert c.get("/v1/models/digits-vit").json()["version"] == "2"  # the old version keeps serving
             answer = c.post("/v1/classify", **RAW)
             assert answer.status_code == 200 and answer.json()["version"] == "2"
@@ -105,7 +95,8 @@ def test_new_version_is_swapped_in_and_a_broken_one_rejected(tmp_path):
 
             shutil.copytree(INT8, repository / ".incoming")  # hidden: being written, not a model
             os.rename(repository / ".incoming", repository / "digits-new")  # a new model, in one rename
-            until(lambda: "digits-new" in [m["name"] for m in c.get("/v1/models").json()["models"]])
+            wait_until(lambda: reloads(c, "digits-new", "loaded") == 1, "the new model is loaded")
+            assert "digits-new" in [m["name"] for m in c.get("/v1/models").json()["models"]]
             assert c.post("/v1/models/digits-new/classify", **RAW).status_code == 200
             assert reloads(c, "digits-vit", "rejected") == 1, "a rejected version is not tried again"
         log = srv.log.read_text()
@@ -184,27 +175,35 @@ def test_requests_under_way_finish_on_the_version_they_started_on(model_dir):
     pixels = np.zeros((3, 32, 32), np.float32)
     publish(model_dir / "digits-vit", INT8, "2")
     new = inprocess.load(model_dir / "digits-vit")
-    app = inprocess.app(inprocess.repository(old), max_queue_delay_ms=300)
+    # Version 1's requests wait for company in batches of 2 (a minute's delay): the test decides when they run.
+    app = inprocess.app(inprocess.repository(old), max_batch_size=2, max_queue_delay_ms=60_000)
     state = app.state.vitserve
+    logits, attentions = old.infer(pixels[None], with_attention=True)
 
     async def main() -> None:
         async with inprocess.serve(app) as client:
             before = asyncio.create_task(client.post("/v1/classify", params={"top_k": 10}, **RAW))
-            await asyncio.sleep(0.1)  # it waits in version 1's batch queue
-            assert state.swap(new, state.policy(new)) is old
+            await inprocess.eventually(lambda: _queued(client), "the request waits in version 1's batch queue")
+            assert state.swap(new, dataclasses.replace(state.policy(new), max_queue_delay_ms=0)) is old
             after = await client.post("/v1/classify", params={"top_k": 10}, **RAW)
-            assert (await before).json()["version"] == "1" and after.json()["version"] == "2"
+            assert after.json()["version"] == "2" and not before.done()
+            # A request that looked version 1 up before the swap and reaches inference only now joins it there.
+            joined = await state.infer(old, pixels, with_attention=True)
+            assert (await before).json()["version"] == "1" and joined.batch_size == 2
             assert before.result().json()["predictions"] != after.json()["predictions"]  # FP32 and INT8 differ
+            np.testing.assert_allclose(joined.logits, logits[0], rtol=0, atol=1e-6)
 
-            for _ in range(100):  # the old batcher stops once nothing waits on it
-                if not state._retiring:
-                    break
-                await asyncio.sleep(0.05)
-            assert not state._retiring
-            # A request that looked version 1 up before the swap and reaches inference only now still gets it.
+            async def retired() -> bool:
+                return not state._retiring
+
+            await inprocess.eventually(retired, "the old batcher stops once nothing waits on it")
+            # Later still, with version 1's batcher gone, such a request still gets version 1.
             late = await state.infer(old, pixels, with_attention=True)
-            logits, attentions = old.infer(pixels[None], with_attention=True)
             np.testing.assert_allclose(late.logits, logits[0], rtol=0, atol=1e-6)
             assert late.attentions is not None and late.attentions.shape == attentions[0].shape
 
     asyncio.run(main())
+
+
+async def _queued(client: httpx.AsyncClient) -> bool:
+    return await inprocess.queued(client) == 1

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import skimage.data
 from fastapi.testclient import TestClient
@@ -24,7 +26,7 @@ from service.routes import demo
 from service.runtime import ModelRepository
 from service.security import is_open
 from service.settings import DEFAULT_OPEN_ROUTES, Settings
-from tests.conftest import MODELS, Server, free_port, run_cli
+from tests.conftest import MODELS, Server, free_port, metric, run_cli
 from tests.service import inprocess
 from tests.service.conftest import encode
 
@@ -150,10 +152,7 @@ def test_the_demo_pages_files_are_open_but_its_api_calls_need_the_key(keyed):
 
 def test_refusals_are_counted_by_reason(keyed):
     def refused() -> float:
-        for line in keyed.get("/metrics").text.splitlines():
-            if line.startswith('vitserve_http_refused_total{reason="unauthorized"}'):
-                return float(line.split()[-1])
-        return 0.0
+        return metric(keyed.get("/metrics").text, "vitserve_http_refused_total", reason="unauthorized")
 
     before = refused()
     classify(keyed)
@@ -236,6 +235,7 @@ def test_keys_come_from_the_environment_and_a_file(tmp_path, monkeypatch):
         ({"VITSERVE_API_KEYS_FILE": "{tmp}/empty"}, "holds no keys"),
     ],
 )
+@pytest.mark.server
 def test_bad_key_configuration_stops_the_start_without_printing_a_key(tmp_path, monkeypatch, environment, says):
     (tmp_path / "empty").write_text("# nothing yet\n")
     monkeypatch.setenv("VITSERVE_PORT", str(free_port()))
@@ -291,18 +291,26 @@ def test_cors_star_allows_any_origin(repo):
 
 
 def test_requests_beyond_the_concurrency_limit_get_503_at_once(repo):
-    # Requests wait 0.5 s in the batch queue for company, so two of them hold both slots for that long.
-    app = inprocess.app(repo, max_concurrent_requests=2, max_queue_delay_ms=500)
+    # Two requests wait in the batch queue for a third (batches of 3, a minute's delay): they hold both slots
+    # until the test adds the third image itself, past the HTTP limit.
+    app = inprocess.app(repo, max_concurrent_requests=2, max_batch_size=3, max_queue_delay_ms=60_000)
+
+    async def in_flight(c: httpx.AsyncClient) -> bool:
+        # The two held requests, and this scrape of /metrics (never limited).
+        return metric((await c.get("/metrics")).text, "vitserve_requests_in_flight") == 3
+
+    async def third_image() -> None:
+        state = app.state.vitserve
+        model = state.models().models["digits-vit"]
+        await state.infer(model, np.zeros((3, *model.meta.input_size), np.float32), with_attention=False)
 
     async def scenario() -> None:
         async with inprocess.serve(app) as c:
             post: dict[str, Any] = {"content": PNG, "headers": {"content-type": "image/png"}}
             held = [asyncio.create_task(c.post("/v1/classify", **post)) for _ in range(2)]
-            await asyncio.sleep(0.2)
-            loop = asyncio.get_running_loop()
-            started = loop.time()
+            await inprocess.eventually(lambda: in_flight(c), "two requests hold both slots")
             refused = await c.post("/v1/classify", **post)
-            assert loop.time() - started < 0.2, "refused at once, not after waiting"
+            assert not any(task.done() for task in held), "refused at once, not after waiting for a slot"
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
             assert refused.json()["error"]["code"] == "overloaded"
             assert "VITSERVE_MAX_CONCURRENT_REQUESTS" in refused.json()["error"]["message"]
@@ -310,8 +318,11 @@ def test_requests_beyond_the_concurrency_limit_get_503_at_once(repo):
             assert v2.status_code == 503 and isinstance(v2.json()["error"], str)
             for path in ("/healthz", "/readyz", "/metrics", "/v1/models"):  # never limited
                 assert (await c.get(path)).status_code == 200, path
+            assert not any(task.done() for task in held)
+            await third_image()
             assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
-            assert (await c.post("/v1/classify", **post)).status_code == 200  # slots are given back
+            again = [c.post("/v1/classify", **post) for _ in range(2)]  # slots are given back
+            assert [r.status_code for r in (await asyncio.gather(*again, third_image()))[:2]] == [200, 200]
 
     asyncio.run(scenario())
 
@@ -380,8 +391,43 @@ def test_static_route_does_not_follow_symlinks(keyed, tmp_path, monkeypatch):
         assert response.status_code == 404 and "api-key-material" not in response.text and "import" not in response.text
 
 
-def test_no_route_fetches_urls_or_opens_paths_from_requests():
-    """Static audit of the service's source: no HTTP client, no `open` of a request value."""
+# Names a request may give for a file: relative climbs, absolute paths, encoded slashes and dots, backslashes,
+# a NUL; each aimed at a file the server can read (its own source, its model files, the system's users).
+TRAVERSALS = [
+    "../../../../../../etc/passwd",
+    "..%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "%2Fetc%2Fpasswd",
+    "%2e%2e%2f%2e%2e%2fservice%2fsettings.py",
+    "..%2F..%2Fmodels%2Fdigits-vit%2Fartifact.json",
+    "..%5C..%5Cservice%5Capp.py",
+    "....%2F%2F....%2F%2Fetc%2Fpasswd",
+    "settings.py%00.js",
+]
+# What would show that a file was served: the users file, this package's source, an artifact's record.
+LEAKS = ["root:", "BaseSettings", "import ", '"graphs"']
+
+
+def test_no_route_serves_a_file_named_in_its_path(keyed):
+    """Every route with a path parameter, each parameter given each traversal: 404, and no file's content."""
+    auth = {"Authorization": f"Bearer {KEYS[0]}", "content-type": "image/png"}
+    documented = keyed.app.openapi()["paths"]
+    # The API document lists every API route; the demo page's static route stays out of it.
+    routes = [(m.upper(), t) for t, operations in documented.items() if "{" in t for m in operations]
+    routes.append(("GET", "/static/{name}"))
+    assert len(routes) >= 11, routes  # the model routes of /v1 and /v2, and /static
+    for method, template in routes:
+        for value in TRAVERSALS:
+            path = template
+            for parameter in re.findall(r"\{\w+\}", template):
+                path = path.replace(parameter, value)
+            response = keyed.request(method, path, content=PNG, headers=auth)
+            assert response.status_code == 404, (method, path, response.status_code)  # no such model or file
+            for leak in LEAKS:
+                assert leak not in response.text, (method, path, leak, response.text[:200])
+
+
+def test_the_service_has_no_http_client_so_no_route_can_fetch_a_url():
+    """A source audit: no module of the service imports an HTTP client (so nothing a request says is fetched)."""
     root = Path(demo.__file__).resolve().parents[1]
     for path in root.rglob("*.py"):
         source = path.read_text()
@@ -408,6 +454,7 @@ def keyed_server(tmp_path_factory) -> Iterator[Server]:
     srv.stop()
 
 
+@pytest.mark.server
 def test_the_sdk_sends_its_key_and_raises_authentication_error_without_one(keyed_server, monkeypatch):
     from vitserve_client import AuthenticationError, Client
 
@@ -427,6 +474,7 @@ def test_the_sdk_sends_its_key_and_raises_authentication_error_without_one(keyed
         assert client.classify(PNG).predictions
 
 
+@pytest.mark.server
 def test_keys_never_reach_the_log(keyed_server):
     with httpx.Client(base_url=keyed_server.url, timeout=30) as c:
         assert classify(c, Authorization=f"Bearer {KEYS[0]}").status_code == 200

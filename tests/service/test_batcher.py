@@ -1,0 +1,217 @@
+"""`DynamicBatcher` on its own, in this process: how it forms batches, its deadline, its per-request timeout,
+a failing batch, requests that gave up before their batch ran, and a full queue.
+
+Where the numbers matter the model is the committed default artifact through onnxruntime; where the point is
+when and with whom `infer` is called, it is `Scripted`, a stand-in with the same batch-shaped `infer` that
+records every call and can be held until the test lets it go (so nothing here depends on timing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batching import BatchPolicy, DynamicBatcher, Result
+from service.errors import Overloaded, ServiceError, Unavailable
+from service.runtime import LoadedModel
+from tests.conftest import metric
+from tests.service import inprocess
+
+CLASSES = 3
+POISON = -1.0  # a pixel value that makes `Scripted.infer` fail the whole batch
+
+
+class Scripted:
+    """A model with `LoadedModel`'s batch-shaped `infer`: logits are each image's first pixel, repeated."""
+
+    def __init__(self) -> None:
+        self.name = "scripted"
+        self.meta = SimpleNamespace(version="1")
+        self.batches: list[list[float]] = []  # the first pixel of every image of every call, in order
+        self.running = threading.Event()  # set while a call is inside infer
+        self.release = threading.Event()
+        self.release.set()  # calls run through unless a test clears this to hold them
+
+    def infer(self, pixels: np.ndarray, *, with_attention: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        firsts = [float(image.flat[0]) for image in pixels]
+        self.batches.append(firsts)
+        self.running.set()
+        assert self.release.wait(timeout=30), "the test never released the model"
+        if POISON in firsts:
+            raise RuntimeError("the runtime failed on this batch")
+        return np.repeat(np.array(firsts, np.float32)[:, None], CLASSES, axis=1), None
+
+
+def image(value: float) -> np.ndarray:
+    return np.full((3, 4, 4), value, np.float32)
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-runtime")
+    yield pool
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run(
+    model: Any, policy: BatchPolicy, executor: ThreadPoolExecutor, scenario: Callable[..., Awaitable[None]]
+) -> None:
+    """`scenario(batcher)` on a fresh event loop, the batcher stopped afterwards."""
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, policy, executor)
+        try:
+            await scenario(batcher)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+
+
+async def until_queued(batcher: DynamicBatcher, count: int) -> None:
+    """Yield to the loop until `count` requests wait in the batcher's queue (a submit queues without awaiting)."""
+    for _ in range(1000):
+        if batcher.queue.qsize() >= count:
+            return
+        await asyncio.sleep(0)  # one turn of the loop, not a wait for time to pass
+    raise AssertionError(f"the queue holds {batcher.queue.qsize()} requests, not {count}")
+
+
+async def until_running(model: Scripted) -> None:
+    """Wait until the worker's call is inside `infer` (the runtime thread sets the event)."""
+    assert await asyncio.to_thread(model.running.wait, 30), "the batch never reached the model"
+
+
+def test_coalesced_rows_go_back_to_their_own_requests_with_the_real_model(executor):
+    model: LoadedModel = inprocess.load()
+    rng = np.random.default_rng(0)
+    images = [rng.normal(size=(3, *model.meta.input_size)).astype(np.float32) for _ in range(3)]
+    alone = [model.infer(im[None], with_attention=True) for im in images]
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        # Batches of 3 and a minute's delay: the three requests can only run together, in one call.
+        results = await asyncio.gather(*(batcher.submit(im, with_attention=True) for im in images))
+        for result, (logits, attentions) in zip(results, alone, strict=True):
+            assert result.batch_size == 3
+            np.testing.assert_allclose(result.logits, logits[0], rtol=0, atol=1e-5)
+            assert result.attentions is not None
+            np.testing.assert_allclose(result.attentions, attentions[0], rtol=0, atol=1e-5)
+
+    run(model, BatchPolicy(max_batch_size=3, max_queue_delay_ms=60_000), executor, scenario)
+
+
+def test_a_batch_runs_as_soon_as_it_is_full(executor):
+    model = Scripted()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        results = await asyncio.gather(*(batcher.submit(image(v), with_attention=False) for v in (1, 2, 3, 4)))
+        assert [r.batch_size for r in results] == [2, 2, 2, 2]
+        assert model.batches == [[1, 2], [3, 4]]  # in arrival order; each row answers its own request
+        assert [float(r.logits[0]) for r in results] == [1, 2, 3, 4]
+
+    # A minute's delay that nobody waits for: each batch is full at two.
+    run(model, BatchPolicy(max_batch_size=2, max_queue_delay_ms=60_000), executor, scenario)
+
+
+def test_the_first_request_waits_at_most_max_queue_delay_for_company(executor):
+    model = Scripted()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        result = await batcher.submit(image(1), with_attention=False)
+        assert result.batch_size == 1 and model.batches == [[1]]
+        assert result.queue_ms >= 49  # it waited out the deadline (less the loop's timer slack), alone, then ran
+
+    run(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=50), executor, scenario)
+
+
+def test_requests_that_queue_while_a_batch_runs_form_the_next_batch(executor):
+    model = Scripted()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        first = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
+        await until_running(model)  # no delay: the first request ran alone, at once
+        rest = [asyncio.ensure_future(batcher.submit(image(v), with_attention=False)) for v in (2, 3, 4)]
+        await until_queued(batcher, 3)
+        model.release.set()
+        await asyncio.gather(first, *rest)
+        assert model.batches == [[1], [2, 3, 4]]
+
+    run(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=0), executor, scenario)
+
+
+def test_a_request_not_served_within_timeout_gets_503_and_is_skipped_when_its_batch_is_formed(executor):
+    model = Scripted()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        first = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
+        await until_running(model)  # the worker is busy on the first request, for as long as the test wants
+        second = asyncio.ensure_future(batcher.submit(image(2), with_attention=False))  # queued behind it
+        for gave_up in await asyncio.gather(first, second, return_exceptions=True):
+            assert isinstance(gave_up, Unavailable), gave_up
+            assert gave_up.status == 503 and gave_up.headers == {"Retry-After": "1"}
+            assert "waited 0.2 s without being served" in gave_up.message
+        model.release.set()
+        third = await batcher.submit(image(3), with_attention=False)
+        # The queued request that gave up (its future cancelled) was dropped, not computed for nobody.
+        assert model.batches == [[1], [3]] and third.batch_size == 1
+
+    run(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=0, timeout_s=0.2), executor, scenario)
+
+
+def test_a_failing_batch_fails_only_its_requests_and_the_worker_goes_on(executor):
+    model = Scripted()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        failed = await asyncio.gather(
+            batcher.submit(image(POISON), with_attention=False),
+            batcher.submit(image(5), with_attention=False),  # same batch: fails with it
+            return_exceptions=True,
+        )
+        assert [str(e) for e in failed] == ["the runtime failed on this batch"] * 2
+        assert model.batches == [[POISON, 5]]
+        after = await asyncio.gather(*(batcher.submit(image(v), with_attention=False) for v in (6, 7)))
+        assert [float(r.logits[0]) for r in after] == [6, 7]
+        assert model.batches[1:] == [[6, 7]]
+
+    run(model, BatchPolicy(max_batch_size=2, max_queue_delay_ms=60_000), executor, scenario)
+
+
+def test_a_full_queue_is_refused_at_once_with_503(executor):
+    model = Scripted()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        running = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
+        await until_running(model)  # taken off the queue and running
+        queued = [asyncio.ensure_future(batcher.submit(image(v), with_attention=False)) for v in (2, 3)]
+        await until_queued(batcher, 2)  # the queue (2 places) is full
+        before = rejected()
+        with pytest.raises(Overloaded) as caught:
+            await batcher.submit(image(4), with_attention=False)
+        assert isinstance(caught.value, ServiceError) and caught.value.status == 503
+        assert caught.value.headers == {"Retry-After": "1"} and caught.value.detail == {"queue_size": 2}
+        assert rejected() == before + 1
+        assert not any(task.done() for task in queued)  # refused without waiting for a place
+        model.release.set()
+        results: list[Result] = await asyncio.gather(running, *queued)
+        assert [float(r.logits[0]) for r in results] == [1, 2, 3]
+        assert model.batches == [[1], [2, 3]]
+
+    run(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=0, max_queue_size=2), executor, scenario)
+
+
+def rejected() -> float:
+    from prometheus_client import generate_latest
+
+    from service.metrics import METRICS
+
+    return metric(generate_latest(METRICS.registry).decode(), "vitserve_rejected_total", model="scripted")
