@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -28,20 +29,23 @@ log = logging.getLogger("vitserve")
 T = TypeVar("T")
 
 
+def settings_policy(settings: Settings) -> BatchPolicy:
+    """The batching policy the settings give every model."""
+    s = settings
+    return BatchPolicy(
+        max_batch_size=s.max_batch_size if s.batching else 1,
+        max_queue_delay_ms=s.max_queue_delay_ms,
+        max_queue_size=s.max_queue_size,
+        timeout_s=s.request_timeout_s,
+        enabled=s.batching,
+    )
+
+
 def batch_policy(settings: Settings, model: LoadedModel) -> BatchPolicy:
     """The settings' batching policy, with the model's `serving.json` overrides; a bad file is an ArtifactError."""
-    s = settings
-    values: dict[str, Any] = {
-        "max_batch_size": s.max_batch_size if s.batching else 1,
-        "max_queue_delay_ms": s.max_queue_delay_ms,
-        "max_queue_size": s.max_queue_size,
-        "timeout_s": s.request_timeout_s,
-        "enabled": s.batching,
-    }
     overrides = read_serving_config(model.directory).overrides()  # read even when batching is off: a bad file fails
-    if s.batching:
-        values.update(overrides)
-    return BatchPolicy(**values)
+    policy = settings_policy(settings)
+    return dataclasses.replace(policy, **overrides) if settings.batching else policy
 
 
 class ServiceState:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,7 +26,7 @@ class ServingConfig(BaseModel):
     timeout_s: float | None = Field(None, gt=0)
     enabled: bool | None = None
 
-    def overrides(self) -> dict[str, int | float | bool]:
+    def overrides(self) -> dict[str, Any]:
         """Only the keys the file sets."""
         return self.model_dump(exclude_none=True)
 

@@ -7,6 +7,7 @@ Tests of the real process (signals, exit codes, the SDK over TCP) use `tests.con
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,8 +17,10 @@ import httpx
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.batching import BatchPolicy
 from service.runtime import CPU, LoadedModel, ModelRepository, load_model
 from service.settings import Settings
+from service.state import settings_policy
 from tests.conftest import DEFAULT_MODEL, MODELS, metric
 
 
@@ -55,3 +58,8 @@ async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeou
 async def queued(client: httpx.AsyncClient, model: str = "digits-vit") -> float:
     """Requests waiting in `model`'s batch queue, as `/metrics` says."""
     return metric((await client.get("/metrics")).text, "vitserve_queue_depth", model=model)
+
+
+def policy(**overrides: Any) -> BatchPolicy:
+    """The default settings' batching policy with `overrides` (BatchPolicy itself has no defaults)."""
+    return dataclasses.replace(settings_policy(Settings(model_dir=MODELS)), **overrides)

@@ -104,7 +104,7 @@ def test_coalesced_rows_go_back_to_their_own_requests_with_the_real_model(execut
             assert result.attentions is not None
             np.testing.assert_allclose(result.attentions, attentions[0], rtol=0, atol=1e-5)
 
-    run(model, BatchPolicy(max_batch_size=3, max_queue_delay_ms=60_000), executor, scenario)
+    run(model, inprocess.policy(max_batch_size=3, max_queue_delay_ms=60_000), executor, scenario)
 
 
 def test_a_batch_runs_as_soon_as_it_is_full(executor):
@@ -117,7 +117,7 @@ def test_a_batch_runs_as_soon_as_it_is_full(executor):
         assert [float(r.logits[0]) for r in results] == [1, 2, 3, 4]
 
     # A minute's delay that nobody waits for: each batch is full at two.
-    run(model, BatchPolicy(max_batch_size=2, max_queue_delay_ms=60_000), executor, scenario)
+    run(model, inprocess.policy(max_batch_size=2, max_queue_delay_ms=60_000), executor, scenario)
 
 
 def test_the_first_request_waits_at_most_max_queue_delay_for_company(executor):
@@ -128,7 +128,7 @@ def test_the_first_request_waits_at_most_max_queue_delay_for_company(executor):
         assert result.batch_size == 1 and model.batches == [[1]]
         assert result.queue_ms >= 49  # it waited out the deadline (less the loop's timer slack), alone, then ran
 
-    run(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=50), executor, scenario)
+    run(model, inprocess.policy(max_batch_size=8, max_queue_delay_ms=50), executor, scenario)
 
 
 def test_requests_that_queue_while_a_batch_runs_form_the_next_batch(executor):
@@ -144,7 +144,7 @@ def test_requests_that_queue_while_a_batch_runs_form_the_next_batch(executor):
         await asyncio.gather(first, *rest)
         assert model.batches == [[1], [2, 3, 4]]
 
-    run(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=0), executor, scenario)
+    run(model, inprocess.policy(max_batch_size=8, max_queue_delay_ms=0), executor, scenario)
 
 
 def test_a_request_not_served_within_timeout_gets_503_and_is_skipped_when_its_batch_is_formed(executor):
@@ -164,7 +164,7 @@ def test_a_request_not_served_within_timeout_gets_503_and_is_skipped_when_its_ba
         # The queued request that gave up (its future cancelled) was dropped, not computed for nobody.
         assert model.batches == [[1], [3]] and third.batch_size == 1
 
-    run(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=0, timeout_s=0.2), executor, scenario)
+    run(model, inprocess.policy(max_batch_size=8, max_queue_delay_ms=0, timeout_s=0.2), executor, scenario)
 
 
 def test_a_failing_batch_fails_only_its_requests_and_the_worker_goes_on(executor):
@@ -182,7 +182,7 @@ def test_a_failing_batch_fails_only_its_requests_and_the_worker_goes_on(executor
         assert [float(r.logits[0]) for r in after] == [6, 7]
         assert model.batches[1:] == [[6, 7]]
 
-    run(model, BatchPolicy(max_batch_size=2, max_queue_delay_ms=60_000), executor, scenario)
+    run(model, inprocess.policy(max_batch_size=2, max_queue_delay_ms=60_000), executor, scenario)
 
 
 def test_a_full_queue_is_refused_at_once_with_503(executor):
@@ -198,7 +198,7 @@ def test_a_full_queue_is_refused_at_once_with_503(executor):
         with pytest.raises(Overloaded) as caught:
             await batcher.submit(image(4), with_attention=False)
         assert isinstance(caught.value, ServiceError) and caught.value.status == 503
-        assert caught.value.headers == {"Retry-After": "1"} and caught.value.detail == {"queue_size": 2}
+        assert caught.value.headers == {"Retry-After": "1"} and caught.value.detail == {"queue_size": 2, "queued": 2, "images": 1}
         assert rejected() == before + 1
         assert not any(task.done() for task in queued)  # refused without waiting for a place
         model.release.set()
@@ -206,7 +206,7 @@ def test_a_full_queue_is_refused_at_once_with_503(executor):
         assert [float(r.logits[0]) for r in results] == [1, 2, 3]
         assert model.batches == [[1], [2, 3]]
 
-    run(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=0, max_queue_size=2), executor, scenario)
+    run(model, inprocess.policy(max_batch_size=8, max_queue_delay_ms=0, max_queue_size=2), executor, scenario)
 
 
 def rejected() -> float:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.batching import BatchPolicy, DynamicBatcher
+from service.batching import DynamicBatcher
 from service.errors import Overloaded
 from tests.conftest import MODELS, Server
 from tests.service import inprocess
@@ -206,7 +206,7 @@ def test_the_batcher_queues_all_of_a_request_or_none():
         executor = ThreadPoolExecutor(max_workers=1)
         gate = threading.Event()
         executor.submit(gate.wait)
-        batcher = DynamicBatcher(model, BatchPolicy(max_batch_size=1, max_queue_size=QUEUE), executor)
+        batcher = DynamicBatcher(model, inprocess.policy(max_batch_size=1, max_queue_size=QUEUE), executor)
         try:
             held = asyncio.ensure_future(batcher.submit_many(pixels, with_attention=False))
             deadline = asyncio.get_running_loop().time() + 30
