@@ -36,6 +36,23 @@ class ParityError(ExportError):
     pass
 
 
+@dataclass(frozen=True)
+class Tolerance:
+    """max |diff| <= atol + rtol * scale, where scale is the largest |reference output| (logits: max |logit|)."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-4
+
+    def bound(self, scale: float) -> float:
+        return self.atol + self.rtol * scale
+
+    def describe(self, scale: float) -> str:
+        return f"atol {self.atol:g} + rtol {self.rtol:g} x {scale:.3g}"
+
+
+DEFAULT_TOLERANCE = Tolerance()
+
+
 @dataclass
 class ExportSource:
     model: nn.Module  # eval mode; forward(pixel_values) -> (logits (B, C), attentions (B, L, H, N, N))
@@ -48,6 +65,7 @@ class ExportSource:
     preprocessing: Preprocessing
     source: Source
     patches: Callable[[], AbstractContextManager[None]] = field(default=contextlib.nullcontext)
+    checks: dict[str, float] = field(default_factory=dict)  # load-time checks' numbers, kept in the parity record
 
     @property
     def grid(self) -> tuple[int, int]:

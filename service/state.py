@@ -38,6 +38,8 @@ def batch_policy(settings: Settings, model: LoadedModel) -> BatchPolicy:
     overrides = read_serving_config(model.directory).overrides()  # read even when batching is off: a bad file fails
     if s.batching:
         values.update(overrides)
+    if not model.meta.batch_invariant:  # dynamic INT8: batch neighbours would change an image's answer
+        values["max_batch_size"] = 1
     return BatchPolicy(**values)
 
 
