@@ -46,6 +46,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="relative part: every parity gate allows max |diff| <= atol + rtol * max |reference logit|",
     )
     p.add_argument(
+        "--rounding-factor",
+        type=float,
+        default=Tolerance.rounding,
+        help="the ONNX gate also allows this many times the source's own float32 rounding (vs float64)",
+    )
+    p.add_argument(
         "--int8", action="store_true", help="also write an INT8 variant, <out>-int8 (dynamic: served unbatched)"
     )
     p.add_argument(
@@ -123,7 +129,7 @@ def _export(src: ExportSource, args: argparse.Namespace) -> ArtifactMetadata:
 
 
 def _tolerance(args: argparse.Namespace) -> Tolerance:
-    return Tolerance(atol=args.atol, rtol=args.rtol)
+    return Tolerance(atol=args.atol, rtol=args.rtol, rounding=args.rounding_factor)
 
 
 def _calibration(
@@ -132,7 +138,7 @@ def _calibration(
     """The static-INT8 calibration set the flags ask for, or None for dynamic INT8."""
     from .calibration import calibration_from_dir
 
-    method = args.calibrate or "minmax"
+    method: Calibration = args.calibrate or "minmax"
     if args.calibration is not None:
         return calibration_from_dir(args.calibration, meta.preprocessing, method)
     if args.calibrate is None:
@@ -207,6 +213,10 @@ def _model_args(pairs: list[str]) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.command != "train-default" and args.calibrate and args.calibration is None:
+        raise ExportError("static INT8 (--calibrate) needs images like those the model will serve: --calibration DIR")
+    if (args.calibrate or args.calibration) and not args.int8:
+        raise ExportError("--calibrate and --calibration make the INT8 variant static: add --int8")
     if args.command == "train-default":
         _train_default(args)
         return

@@ -25,7 +25,6 @@ from .sources import DEFAULT_TOLERANCE, ExportSource, ParityError, Tolerance
 log = logging.getLogger(__name__)
 
 VERIFY_BATCH = 3  # differs from the trace batch on purpose
-ROUNDING_FACTOR = 10  # ONNX vs source may differ by this many times the source's float32-vs-float64 difference
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat")
 
 
@@ -134,8 +133,8 @@ def check_parity(
     scale = float(np.abs(ref_logits).max())
     logit_noise, att_noise = _rounding(src, x, ref_logits, ref_att)
     # probabilities' scale is 1; each bound also allows a multiple of the model's own float32 rounding
-    logit_bound = tolerance.bound(scale) + ROUNDING_FACTOR * logit_noise
-    att_bound = tolerance.bound(1.0) + ROUNDING_FACTOR * att_noise
+    logit_bound = tolerance.bound(scale, logit_noise)
+    att_bound = tolerance.bound(1.0, att_noise)
     log.info(
         "parity: max |logit diff| %.2e (bound %.2e), max |attention diff| %.2e (bound %.2e), top-1 agreement %.3f",
         logit_diff,
@@ -147,17 +146,16 @@ def check_parity(
     if not logit_diff <= logit_bound:  # `not <=` also catches NaN
         raise ParityError(
             f"ONNX logits differ from the source model by up to {logit_diff:.3g}, over the tolerance "
-            f"{logit_bound:.3g} ({tolerance.describe(scale)} + {ROUNDING_FACTOR} x the source's own float32 "
-            f"rounding {logit_noise:.3g}); the export does not compute the same function. "
+            f"{logit_bound:.3g} ({tolerance.describe(scale, logit_noise)}); the export does not compute the same "
+            "function. "
             "Check for unsupported ops or a model in training mode; if the difference is float rounding in a "
             "model with large logits, raise --rtol"
         )
     if not att_diff <= att_bound:
         raise ParityError(
             f"ONNX attention probabilities differ from the source by up to {att_diff:.3g}, over the tolerance "
-            f"{att_bound:.3g} ({tolerance.describe(1.0)} + {ROUNDING_FACTOR} x the source's own float32 rounding "
-            f"{att_noise:.3g}); the export does not compute the same function. Raise --atol only if you know "
-            "the difference is rounding"
+            f"{att_bound:.3g} ({tolerance.describe(1.0, att_noise)}); the export does not compute the same "
+            "function. Raise --atol only if you know the difference is rounding"
         )
     return Parity(
         reference=f"{src.source.framework} eager (PyTorch {torch.__version__})",
@@ -173,6 +171,7 @@ def check_parity(
         extra={
             **src.checks,
             "source_float32_logit_rounding": logit_noise,
+            "rounding_factor": tolerance.rounding,
             "source_float32_attention_rounding": att_noise,
         },
     )

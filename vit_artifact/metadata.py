@@ -109,7 +109,7 @@ class Source(_Record):
 class Parity(_Record):
     """What the export proved: ONNX against the source framework (a quantized variant: against FP32).
 
-    The logit gate passes when max |diff| <= atol + rtol * max |reference logit| + 10 x the source's own
+    The logit gate passes when max |diff| <= atol + rtol * max |reference logit| + rounding_factor x the source's own
     float32 rounding (its float32-vs-float64 difference, in `extra`); `tolerance` is that bound as measured.
     """
 
