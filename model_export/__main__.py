@@ -12,14 +12,20 @@ Exit codes: 0 exported and verified; 2 bad input (missing or corrupt checkpoint,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, get_args
 
-from vit_artifact.metadata import ArtifactMetadata
+from vit_artifact.metadata import ArtifactMetadata, Calibration
 
-from .sources import ExportError, ExportSource, ParityError
+from .sources import ExportError, ExportSource, ParityError, Tolerance
+
+if TYPE_CHECKING:
+    from .variants import CalibrationSet
 
 log = logging.getLogger("model_export")
 
@@ -32,8 +38,34 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="model name the service uses (default: the --out directory's name)")
     p.add_argument("--version", default="1", help="model version recorded in the artifact")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| allowed against the source")
-    p.add_argument("--int8", action="store_true", help="also write an INT8 (dynamic quantization) variant, <out>-int8")
+    p.add_argument("--atol", type=float, default=Tolerance.atol, help="absolute part of every parity tolerance")
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=Tolerance.rtol,
+        help="relative part: every parity gate allows max |diff| <= atol + rtol * max |reference logit|",
+    )
+    p.add_argument(
+        "--rounding-factor",
+        type=float,
+        default=Tolerance.rounding,
+        help="the ONNX gate also allows this many times the source's own float32 rounding (vs float64)",
+    )
+    p.add_argument(
+        "--int8", action="store_true", help="also write an INT8 variant, <out>-int8 (dynamic: served unbatched)"
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="static INT8 (batch-invariant, batched in the service): fix activation scales from the images in DIR, "
+        "like those the model will serve (train-default: its training canvases unless given)",
+    )
+    p.add_argument(
+        "--calibrate",
+        choices=get_args(Calibration),
+        help="static INT8 calibration method (default minmax); implies static INT8",
+    )
     p.add_argument("--fp16", action="store_true", help="also write an FP16 variant for CUDA, <out>-fp16")
 
 
@@ -45,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-default", help="train the default digits ViT here, then export it")
     _common(p)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--size",
+        choices=["default", "large"],
+        default="default",
+        help="default: the committed digits model; large: a width-192 ViT on the same data, where INT8 pays",
+    )
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the tuned setting)")
     p.add_argument("--checkpoint", type=Path, help="where to save the PyTorch checkpoint (default: <out>.pt)")
 
@@ -78,13 +116,36 @@ def build_parser() -> argparse.ArgumentParser:
 def _export(src: ExportSource, args: argparse.Namespace) -> ArtifactMetadata:
     from .export import export_artifact
 
-    meta = export_artifact(src, args.out, name=args.name, version=args.version, opset=args.opset, atol=args.atol)
+    meta = export_artifact(
+        src, args.out, name=args.name, version=args.version, opset=args.opset, tolerance=_tolerance(args)
+    )
     p = meta.parity
     print(
-        f"exported {meta.name} -> {args.out}: max |logit diff| {p.max_abs_logit_diff:.2e}, "
-        f"max |attention diff| {p.max_abs_attention_diff:.2e}, top-1 agreement {p.top1_agreement:.3f}"
+        f"exported {meta.name} -> {args.out}: max |logit diff| {p.max_abs_logit_diff:.2e} "
+        f"(tolerance {p.tolerance:.2e}), max |attention diff| {p.max_abs_attention_diff:.2e}, "
+        f"top-1 agreement {p.top1_agreement:.3f}"
     )
     return meta
+
+
+def _tolerance(args: argparse.Namespace) -> Tolerance:
+    return Tolerance(atol=args.atol, rtol=args.rtol, rounding=args.rounding_factor)
+
+
+def _calibration(
+    args: argparse.Namespace, meta: ArtifactMetadata, default: Callable[[], CalibrationSet] | None = None
+) -> CalibrationSet | None:
+    """The static-INT8 calibration set the flags ask for, or None for dynamic INT8."""
+    from .calibration import calibration_from_dir
+
+    method: Calibration = args.calibrate or "minmax"
+    if args.calibration is not None:
+        return calibration_from_dir(args.calibration, meta.preprocessing, method)
+    if args.calibrate is None:
+        return None
+    if default is None:
+        raise ExportError("static INT8 (--calibrate) needs images like those the model will serve: --calibration DIR")
+    return dataclasses.replace(default(), method=method)
 
 
 def _variants(args: argparse.Namespace, meta: ArtifactMetadata, **kwargs: object) -> None:
@@ -98,15 +159,19 @@ def _variants(args: argparse.Namespace, meta: ArtifactMetadata, **kwargs: object
                 k: v.parity.model_dump()[k]
                 for k in ("top1_agreement", "speedup", "accuracy", "accuracy_delta_points", "passed")
             }
-            print(f"{precision} variant -> {out}: {json.dumps(summary)}")
+            mode = f" ({v.quantization.mode})" if v.quantization else ""
+            print(f"{precision} variant{mode} -> {out}: {json.dumps(summary)}")
 
 
 def _train_default(args: argparse.Namespace) -> None:
+    from .calibration import training_calibration
     from .evaluate import classify_accuracy, held_out_inputs, score_digits
     from .from_own import load_own
-    from .train import TrainSettings, train_checkpoint
+    from .train import RECIPES, train_checkpoint
 
-    settings = TrainSettings(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    settings = dataclasses.replace(
+        RECIPES[args.size], seed=args.seed, **({"epochs": args.epochs} if args.epochs else {})
+    )
     checkpoint = args.checkpoint or args.out.with_suffix(".pt")
     report = train_checkpoint(checkpoint, settings)
     meta = _export(load_own(checkpoint), args)
@@ -118,7 +183,14 @@ def _train_default(args: argparse.Namespace) -> None:
     _record_score(args.out, meta, {**score.as_dict(), **report})
 
     x, held = held_out_inputs(meta)
-    _variants(args, meta, inputs=x[:256], accuracy=lambda graph: classify_accuracy(graph, x, held.labels))
+    calibration = _calibration(args, meta, default=lambda: training_calibration(meta.preprocessing))
+    _variants(
+        args,
+        meta,
+        inputs=x[:256],
+        accuracy=lambda graph: classify_accuracy(graph, x, held.labels),
+        calibration=calibration,
+    )
 
 
 def _record_score(directory: Path, meta: ArtifactMetadata, score: dict) -> None:
@@ -141,6 +213,10 @@ def _model_args(pairs: list[str]) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.command != "train-default" and args.calibrate and args.calibration is None:
+        raise ExportError("static INT8 (--calibrate) needs images like those the model will serve: --calibration DIR")
+    if (args.calibrate or args.calibration) and not args.int8:
+        raise ExportError("--calibrate and --calibration make the INT8 variant static: add --int8")
     if args.command == "train-default":
         _train_default(args)
         return
@@ -157,13 +233,14 @@ def run(args: argparse.Namespace) -> None:
             checkpoint=args.checkpoint,
             num_classes=args.num_classes,
             labels_file=args.labels,
+            tolerance=_tolerance(args),
         )
     else:
         from .from_own import load_own
 
         src = load_own(args.checkpoint, labels_file=args.labels)
     meta = _export(src, args)
-    _variants(args, meta)
+    _variants(args, meta, calibration=_calibration(args, meta))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
-"""Score a digits artifact on the held-out canvases the way the service would run it (no torch).
+"""Score a digits artifact on the held-out canvases the way the service runs it (no torch).
 
-Canvases are encoded as images, preprocessed with the record in the artifact, run through onnxruntime, and
-the attention graph's rollout is checked against the box each digit was placed in (the pointing game).
+Each canvas is encoded as a PNG and handed to the service's own per-request step (`service.pipeline.prepare`:
+`decode_image`, then the artifact's preprocessing record), run through onnxruntime, and the attention graph's
+rollout is checked against the box each digit was placed in (the pointing game).
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,6 @@ from PIL import Image
 
 from vit_artifact.attention import rollout
 from vit_artifact.metadata import ATTENTIONS, LOGITS, ArtifactMetadata, read_metadata
-from vit_artifact.preprocessing import preprocess_batch
 
 from . import digits
 from .verify import run_in_batches, session
@@ -31,10 +32,21 @@ class DigitsScore:
 
 
 def held_out_inputs(meta: ArtifactMetadata) -> tuple[np.ndarray, digits.Canvases]:
-    """The held-out canvases, preprocessed with the artifact's own record."""
+    """The held-out canvases as PNG uploads, decoded and preprocessed by the service's code for this artifact."""
+    from service.pipeline import prepare
+    from service.settings import Settings
+
+    max_pixels = Settings.model_fields["max_pixels"].default
     held = digits.held_out_set()
-    images = [Image.fromarray(c).convert("RGB") for c in held.images]
-    return preprocess_batch(images, meta.preprocessing), held
+    x = np.stack([prepare(png(c), meta, max_pixels=max_pixels).pixels for c in held.images])
+    return x, held
+
+
+def png(canvas: np.ndarray) -> bytes:
+    """A (H, W) uint8 canvas as the PNG file a client would upload (grey: the service makes it RGB)."""
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def score_digits(directory: Path, *, graph: str = "attention") -> DigitsScore:

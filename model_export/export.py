@@ -31,7 +31,7 @@ from vit_artifact.metadata import (
     write_metadata,
 )
 
-from .sources import ExportSource, LogitsOnly
+from .sources import DEFAULT_TOLERANCE, ExportSource, LogitsOnly, Tolerance
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def export_artifact(
     version: str = "1",
     opset: int = DEFAULT_OPSET,
     samples: np.ndarray | None = None,
-    atol: float = 1e-4,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
     extra: dict[str, str | float | int] | None = None,
 ) -> ArtifactMetadata:
     """Export, prove parity against the source model (raises ParityError), write `artifact.json`.
@@ -139,7 +139,7 @@ def export_artifact(
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
         staging = Path(tmp)
         graphs = export_graphs(src, staging, opset=opset)
-        parity = check_parity(src, staging, graphs, samples=samples, atol=atol)
+        parity = check_parity(src, staging, graphs, samples=samples, tolerance=tolerance)
         meta = build_metadata(src, graphs, parity, name=name or out_dir.name, version=version, extra=extra)
         write_metadata(staging, meta)
         out_dir.mkdir(exist_ok=True)

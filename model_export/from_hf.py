@@ -255,13 +255,6 @@ def processor_preprocessing(processor: Any, *, where: str) -> Preprocessing:
             "and vitserve resizes every image; set do_resize and size"
         )
     resize, resize_size = _resize(processor.size, where)
-    if resize == "shortest_edge":
-        # the record's "shortest_edge" crops at torchvision's rounded offset; transformers floors it
-        log.warning(
-            "%s: shortest-edge resize: where (resized side - crop) %% 4 == 3, the service crops "
-            "one pixel away from where transformers does",
-            where,
-        )
     if processor.do_center_crop:
         crop_size = _height_width(processor.crop_size)
     elif resize == "squash":
@@ -283,6 +276,7 @@ def processor_preprocessing(processor: Any, *, where: str) -> Preprocessing:
             rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
             mean=_per_channel(processor.image_mean, where) if normalize else (0.0, 0.0, 0.0),
             std=_per_channel(processor.image_std, where) if normalize else (1.0, 1.0, 1.0),
+            crop_offset="floor",  # transformers' center_crop: (size - crop) // 2
         )
     except ValueError as e:  # the record's own checks: crop larger than the resize, std <= 0
         raise UnsupportedModelError(f"{where}: {e}") from e

@@ -36,6 +36,28 @@ class ParityError(ExportError):
     pass
 
 
+@dataclass(frozen=True)
+class Tolerance:
+    """max |diff| <= atol + rtol * scale (+ rounding * noise where the source's own float32 rounding is measured),
+    where scale is the largest |reference output| (logits: max |logit|)."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    rounding: float = 10.0  # ONNX runs the same float32 maths in another order: allow this many times its noise
+
+    def bound(self, scale: float, noise: float = 0.0) -> float:
+        return self.atol + self.rtol * scale + self.rounding * noise
+
+    def describe(self, scale: float, noise: float | None = None) -> str:
+        text = f"atol {self.atol:g} + rtol {self.rtol:g} x {scale:.3g}"
+        if noise is not None:
+            text += f" + {self.rounding:g} x the source's own float32 rounding {noise:.3g}"
+        return text
+
+
+DEFAULT_TOLERANCE = Tolerance()
+
+
 @dataclass
 class ExportSource:
     model: nn.Module  # eval mode; forward(pixel_values) -> (logits (B, C), attentions (B, L, H, N, N))
@@ -48,6 +70,7 @@ class ExportSource:
     preprocessing: Preprocessing
     source: Source
     patches: Callable[[], AbstractContextManager[None]] = field(default=contextlib.nullcontext)
+    checks: dict[str, float] = field(default_factory=dict)  # load-time checks' numbers, kept in the parity record
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -45,7 +45,11 @@ def batch_policy(settings: Settings, model: LoadedModel) -> BatchPolicy:
     """The settings' batching policy, with the model's `serving.json` overrides; a bad file is an ArtifactError."""
     overrides = read_serving_config(model.directory).overrides()  # read even when batching is off: a bad file fails
     policy = settings_policy(settings)
-    return dataclasses.replace(policy, **overrides) if settings.batching else policy
+    if settings.batching:
+        policy = dataclasses.replace(policy, **overrides)
+    if not model.meta.batch_invariant:  # dynamic INT8: batch neighbours would change an image's answer
+        policy = dataclasses.replace(policy, max_batch_size=1)
+    return policy
 
 
 class ServiceState:

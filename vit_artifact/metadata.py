@@ -29,6 +29,8 @@ ATTENTIONS = "attentions"
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 Precision = Literal["fp32", "fp16", "int8"]
+CropOffset = Literal["floor", "round"]
+Calibration = Literal["minmax", "percentile", "entropy"]
 
 
 class _Record(BaseModel):
@@ -42,6 +44,11 @@ class Preprocessing(_Record):
     resize = "shortest_edge": scale so the shorter side is `resize_size[0]`, keeping aspect (timm).
     Then centre-crop to `crop_size`, multiply by `rescale_factor`, subtract `mean`, divide by `std`,
     channels first, in `channel_order`.
+
+    crop_offset: how the centre crop's offset (resized - crop) / 2 becomes a whole pixel. transformers' image
+    processors floor it; torchvision's `CenterCrop` (timm's eval transform) rounds it, halves to even. The two
+    differ by one pixel where (resized - crop) % 4 == 3. Records written before the field existed leave it
+    unset: the resize mode then decides, as it did ("squash" floors, "shortest_edge" rounds).
     """
 
     resize: Literal["squash", "shortest_edge"]
@@ -52,6 +59,14 @@ class Preprocessing(_Record):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channel_order: Literal["RGB", "BGR"] = "RGB"
+    crop_offset: CropOffset | None = None
+
+    @property
+    def crop_offset_rule(self) -> CropOffset:
+        """The offset rule to apply: the recorded one, or for older records the one their resize mode implied."""
+        if self.crop_offset is not None:
+            return self.crop_offset
+        return "floor" if self.resize == "squash" else "round"
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -92,13 +107,20 @@ class Source(_Record):
 
 
 class Parity(_Record):
-    """What the export proved: ONNX against the source framework (a quantized variant: against FP32)."""
+    """What the export proved: ONNX against the source framework (a quantized variant: against FP32).
+
+    The logit gate passes when max |diff| <= atol + rtol * max |reference logit| + rounding_factor x the source's own
+    float32 rounding (its float32-vs-float64 difference, in `extra`); `tolerance` is that bound as measured.
+    """
 
     reference: str = Field(description="what the outputs were compared against")
     max_abs_logit_diff: float | None = None
     max_abs_attention_diff: float | None = None
+    max_abs_reference_logit: float | None = Field(default=None, description="the output scale rtol multiplies")
     top1_agreement: float | None = None
-    tolerance: float | None = None
+    tolerance: float | None = Field(default=None, description="the bound max_abs_logit_diff was held to")
+    atol: float | None = None
+    rtol: float | None = None
     inputs: list[str] = Field(default_factory=list, description="what was fed: random tensors, photos, ...")
     passed: bool
     accuracy: float | None = Field(default=None, description="held-out accuracy, where the export has data")
@@ -106,6 +128,22 @@ class Parity(_Record):
     accuracy_delta_points: float | None = None
     speedup: float | None = Field(default=None, description="throughput relative to the FP32 artifact")
     extra: dict[str, float] = Field(default_factory=dict)
+
+
+class Quantization(_Record):
+    """How an INT8 artifact was made: what the service must know to keep answers batch-invariant.
+
+    "dynamic" computes activation scales from each run's whole batch, so an image's outputs depend on what it is
+    batched with; the service runs such a model one image per run. "static" (QDQ) fixed its scales from
+    calibration images at export, so batching cannot change an answer.
+    """
+
+    mode: Literal["dynamic", "static"]
+    op_types: list[str] = Field(description="ONNX op types quantized; the rest stays float")
+    per_channel: bool
+    calibration: Calibration | None = None
+    calibration_images: int | None = None
+    calibration_source: str | None = None
 
 
 class ArtifactMetadata(_Record):
@@ -126,11 +164,20 @@ class ArtifactMetadata(_Record):
     source: Source
     exporter: dict[str, str] = Field(default_factory=dict, description="library versions used to export")
     parity: Parity
+    quantization: Quantization | None = None
     extra: dict[str, str | float | int] = Field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.grid[0] * self.grid[1]
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether batching leaves each image's outputs unchanged. INT8 artifacts written before `quantization`
+        was recorded were all dynamically quantized."""
+        if self.precision != "int8":
+            return True
+        return self.quantization is not None and self.quantization.mode == "static"
 
     @model_validator(mode="after")
     def _check(self) -> ArtifactMetadata:

@@ -3,14 +3,14 @@
 Pillow and numpy only, so serving needs no torch. Each step reproduces its source framework's arithmetic
 (tests/vit_artifact/test_preprocessing.py checks it against transformers and timm on photos):
 
-- "squash" is Hugging Face's ViT/DeiT image processors: resize to (height, width) exactly, then centre-crop
-  at offset floor((size - crop) / 2).
-- "shortest_edge" is torchvision's `Resize(int)` + `CenterCrop`, which timm's eval transform uses: the long
-  side becomes int(size * long / short), the crop offset is round((size - crop) / 2) (Python rounds halves to
-  even, so this differs from floor when size - crop is 3 mod 4), and a crop larger than the image is padded
-  with zeros.
+- "squash" is Hugging Face's ViT/DeiT image processors: resize to (height, width) exactly, then centre-crop.
+- "shortest_edge" is torchvision's `Resize(int)`, which timm's eval transform uses (and transformers'
+  processors with a `shortest_edge` size): the long side becomes int(size * long / short); a crop larger than
+  the image is padded with zeros.
+- The centre crop's offset follows the record's `crop_offset`: "floor" is transformers' floor((size - crop) / 2),
+  "round" is torchvision's `CenterCrop`, int(round((size - crop) / 2)) (halves to even, so the two differ by a
+  pixel where size - crop is 3 mod 4). Older records without the field get the rule their resize mode implied.
 
-The record cannot say which of the two offset rules a model was trained with, so the resize mode decides it.
 Resampling uses Pillow's filters, which is what both frameworks run on a PIL image.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from vit_artifact.metadata import Interpolation, Preprocessing
+from vit_artifact.metadata import CropOffset, Interpolation, Preprocessing
 
 RESAMPLING: dict[Interpolation, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -131,16 +131,16 @@ def resized_size(image_size: tuple[int, int], spec: Preprocessing) -> tuple[int,
 def _crop_window(resized: tuple[int, int], spec: Preprocessing) -> Box:
     """The crop in resized-image pixels; it reaches outside the image where the crop is padded."""
     crop_height, crop_width = spec.crop_size
-    left = _crop_offset(resized[0], crop_width, spec.resize)
-    top = _crop_offset(resized[1], crop_height, spec.resize)
+    left = _crop_offset(resized[0], crop_width, spec.crop_offset_rule)
+    top = _crop_offset(resized[1], crop_height, spec.crop_offset_rule)
     return left, top, left + crop_width, top + crop_height
 
 
-def _crop_offset(length: int, crop: int, resize: str) -> int:
-    if resize == "squash":
-        return (length - crop) // 2  # transformers' center_crop
+def _crop_offset(length: int, crop: int, rule: CropOffset) -> int:
     if crop > length:
         return -((crop - length) // 2)  # torchvision pads (crop - length) // 2 before, the rest after
+    if rule == "floor":
+        return (length - crop) // 2  # transformers' center_crop
     return round((length - crop) / 2.0)  # torchvision's CenterCrop: int(round(...))
 
 

@@ -86,6 +86,40 @@ def test_int8_variant_records_agreement_and_speed(artifact):
     assert meta.precision == "int8" and meta.name == "tiny-int8"
     assert meta.parity.reference == "FP32 artifact tiny"
     assert 0.0 <= meta.parity.top1_agreement <= 1.0 and meta.parity.speedup > 0
+    q = meta.quantization
+    assert q is not None and (q.mode, q.op_types, q.per_channel) == ("dynamic", ["MatMul"], True)
+    assert not meta.batch_invariant  # so the service runs it one image per call
+
+
+def test_static_int8_is_calibrated_on_the_given_images_and_batch_invariant(checkpoint, photos, tmp_path):
+    images = tmp_path / "calibration"
+    images.mkdir()
+    for name, photo in photos.items():
+        photo.save(images / f"{name}.png")
+    (images / "README.txt").write_text("not an image: skipped")
+    out = tmp_path / "static"
+    result = run_cli(
+        "-m", "model_export", "own", str(checkpoint), "--out", str(out), "--int8",
+        "--calibration", str(images), "--calibrate", "percentile",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "int8 variant (static)" in result.stdout
+    meta = read_metadata(out.with_name("static-int8"))
+    q = meta.quantization
+    assert q is not None and (q.mode, q.calibration, q.calibration_images) == ("static", "percentile", len(photos))
+    assert meta.batch_invariant
+    x = preprocess_batch(list(photos.values()), SPEC)
+    sess = ort.InferenceSession(str(out.with_name("static-int8") / "model.onnx"), providers=["CPUExecutionProvider"])
+    alone = np.concatenate([sess.run([LOGITS], {"pixel_values": x[i : i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_array_equal(sess.run([LOGITS], {"pixel_values": x})[0], alone)
+
+
+def test_static_int8_without_calibration_images_says_what_to_give(checkpoint, tmp_path):
+    result = run_cli(
+        "-m", "model_export", "own", str(checkpoint), "--out", str(tmp_path / "o"), "--int8", "--calibrate", "minmax"
+    )
+    assert result.returncode == 2 and "--calibration DIR" in result.stderr
+    assert not (tmp_path / "o").exists()  # refused before exporting anything
 
 
 def test_fp16_variant_keeps_float32_inputs_and_outputs(artifact):
@@ -110,7 +144,10 @@ def test_tampered_graph_is_refused(artifact, tmp_path):
 
 def test_parity_failure_exits_3_and_leaves_nothing_behind(checkpoint, tmp_path):
     out = tmp_path / "strict"
-    result = run_cli("-m", "model_export", "own", str(checkpoint), "--out", str(out), "--atol", "1e-12")
+    result = run_cli(
+        "-m", "model_export", "own", str(checkpoint), "--out", str(out),
+        "--atol", "1e-12", "--rtol", "0", "--rounding-factor", "0",
+    )  # fmt: skip
     assert result.returncode == 3, result.stderr
     assert "parity check failed" in result.stderr and "tolerance" in result.stderr
     assert not out.exists()

@@ -212,6 +212,60 @@ def test_extreme_aspect_ratio_is_close_to_timm(timm_model: Any) -> None:
     assert float(np.abs(ours - theirs).mean()) < 0.25 * STEP
 
 
+# -- crop offsets: the rule the exporter records for its framework -------------------------------------------
+
+# Sizes where floor and round disagree, on every photo's short side: (resized - crop) % 4 == 3.
+ODD_OFFSET_SHORTEST_EDGES = (227, 231, 259)
+
+
+@pytest.mark.parametrize("shortest_edge", ODD_OFFSET_SHORTEST_EDGES)
+def test_transformers_shortest_edge_crop_floors_as_the_exporter_records(
+    shortest_edge: int, photos: dict[str, Image.Image]
+) -> None:
+    """A transformers processor that resizes the shortest edge, then crops: its offset is floored."""
+    from model_export.from_hf import processor_preprocessing
+
+    kwargs = {"size": {"shortest_edge": shortest_edge}, "crop_size": {"height": 224, "width": 224}}
+    processor = hf_processor("DeiTImageProcessor", "pil", **kwargs)
+    spec = processor_preprocessing(processor, where="test")
+    assert (spec.resize, spec.crop_offset) == ("shortest_edge", "floor")
+    rounded = spec.model_copy(update={"crop_offset": "round"})
+    for photo, image in photos.items():
+        reference = hf_pixels(processor, image)
+        assert max_diff(preprocess(image, spec), reference) < 1e-6, (shortest_edge, photo)
+        assert max_diff(preprocess(image, rounded), reference) > 0.1, "the sizes must be ones where the rules differ"
+
+
+@pytest.mark.parametrize("crop_pct", [0.95, 0.9, 0.97])  # resize 235, 248, 230: offsets 5.5, 12, 3
+def test_timm_crop_rounds_as_the_exporter_records(
+    crop_pct: float, photos: dict[str, Image.Image], timm_model: Any
+) -> None:
+    from model_export.from_timm import _preprocessing
+
+    config = timm_config(timm_model, crop_pct=crop_pct)
+    spec = _preprocessing("vit_tiny_patch16_224", timm_model, (224, 224)).model_copy(
+        update={"resize_size": spec_from_timm(config).resize_size}
+    )
+    assert spec.crop_offset == "round"
+    full, _ = timm_transforms(config)
+    for photo, image in photos.items():
+        assert max_diff(preprocess(image, spec), full(image).numpy()) < 1e-6, (crop_pct, photo)
+
+
+def test_a_record_without_crop_offset_keeps_the_rule_its_resize_implied() -> None:
+    """Artifacts written before the field existed load, and crop where they always did."""
+    old = {"resize_size": [259, 259], "crop_size": [224, 224], "interpolation": "bilinear"}
+    old |= {"mean": [0.5] * 3, "std": [0.5] * 3}
+    squash = Preprocessing.model_validate({**old, "resize": "squash"})
+    shortest = Preprocessing.model_validate({**old, "resize": "shortest_edge"})
+    assert squash.crop_offset is None and squash.crop_offset_rule == "floor"
+    assert shortest.crop_offset is None and shortest.crop_offset_rule == "round"
+    # 259 - 224 = 35: floor 17, round(17.5) = 18
+    assert crop_box((259, 259), squash)[0] == 17
+    assert crop_box((259, 259), shortest)[0] == 18
+    assert crop_box((259, 259), shortest.model_copy(update={"crop_offset": "floor"}))[0] == 17
+
+
 # -- crop_box ------------------------------------------------------------------------------------------------
 
 
