@@ -35,7 +35,8 @@ MARK_BY_PATH: dict[str, tuple[str, ...]] = {
     "model_export/test_export_frameworks.py": ("export",),
     "model_export/test_sources.py": ("export",),
     "model_export/test_train.py": ("export",),
-    "model_export/test_default_model.py": ("slow",),  # scores the whole held-out set, FP32 and INT8
+    "model_export/test_default_model.py": ("slow",),
+    "model_export/test_parity_tolerance.py": ("export",),  # scores the whole held-out set, FP32 and INT8
     "service/test_framework_parity.py": ("server", "export"),
     # Every test of these calls a server process (the `server` fixture or its own).
     "service/test_api.py": ("server",),
@@ -46,6 +47,7 @@ MARK_BY_PATH: dict[str, tuple[str, ...]] = {
     "service/test_formats.py": ("server",),
     "service/test_fuzz_api.py": ("server",),
     "service/test_metrics.py": ("server",),
+    "service/test_numerics.py": ("server",),
     "service/test_soak.py": ("server",),
     "service/test_v2.py": ("server",),
     "client/test_client_install.py": ("server", "slow"),
