@@ -243,22 +243,25 @@ async def _infer(state: State, request: Request, name: str, version: str | None)
     model = _model(state, name, version)
     request.state.model = model  # for the per-model request counters, as `service.deps.served_model` does
     body = await request.body()
-    # JSON tensors of several MB take long enough to parse that the event loop must not do it.
-    parsed, binary = await state.run_cpu(codec.parse_request, body, request.headers.get(codec.HEADER_LENGTH))
+    header_length = request.headers.get(codec.HEADER_LENGTH)
+    # JSON tensors of several MB take long enough to parse that the event loop must not do it; a binary
+    # request's JSON header is small.
+    json_size = int(header_length) if header_length and header_length.isdigit() else len(body)
+    parsed, binary = await state.run_sized(json_size, codec.parse_request, body, header_length)
     outputs = _outputs(parsed)
     pixels = await _pixels(state, model, parsed, binary)
-    _check_response_size(outputs, len(pixels), model.meta, parsed.parameters, state.settings.max_response_bytes)
+    size = _check_response_size(outputs, len(pixels), model.meta, parsed.parameters, state.settings.max_response_bytes)
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
     results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
-    tensors = await state.run_cpu(_output_tensors, outputs, results, model.meta)
+    tensors = await state.run_sized(size, _output_tensors, outputs, results, model.meta)
     header: dict[str, Any] = {"model_name": model.name, "model_version": model.meta.version}
     if parsed.id is not None:
         header["id"] = parsed.id
     binary_all = bool(parsed.parameters.get("binary_data_output", False))
-    payload, header_length = await state.run_cpu(codec.encode_response, header, tensors, binary_all)
-    if header_length is None:
+    payload, binary_start = await state.run_sized(size, codec.encode_response, header, tensors, binary_all)
+    if binary_start is None:
         return Response(payload, media_type="application/json")
-    return Response(payload, media_type="application/octet-stream", headers={codec.HEADER_LENGTH: str(header_length)})
+    return Response(payload, media_type="application/octet-stream", headers={codec.HEADER_LENGTH: str(binary_start)})
 
 
 # Upper bounds of an element's size on the wire: FP32 in binary, and as JSON text (`-0.0012345678918063641, `).
@@ -267,8 +270,9 @@ _BINARY_BYTES, _JSON_BYTES, _CLASSIFICATION_BYTES = 4, 24, 40
 
 def _check_response_size(
     outputs: list[codec.OutputRequest], n: int, meta: ArtifactMetadata, parameters: dict[str, Any], limit: int
-) -> None:
-    """Refuse (413) before any inference a request whose response would pass VITSERVE_MAX_RESPONSE_BYTES."""
+) -> int:
+    """The response's size, estimated from above; refused (413) before any inference when it would pass
+    VITSERVE_MAX_RESPONSE_BYTES."""
     per_image = {
         "logits": len(meta.labels),
         "probabilities": len(meta.labels),
@@ -290,6 +294,7 @@ def _check_response_size(
             "attention_rollout / attention_cls maps instead of raw attentions",
             detail={"estimated_bytes": size, "limit_bytes": limit},
         )
+    return size
 
 
 def _output_tensors(
