@@ -19,8 +19,10 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -28,8 +30,10 @@ from pydantic import ValidationError
 
 if TYPE_CHECKING:
     import uvicorn
+    from fastapi import FastAPI
 
     from service.http_protocol import ConnectionPolicy
+    from service.settings import Settings
     from service.state import ServiceState
 
 EXIT_CONFIG = 2
@@ -48,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def draining_server(
-    config: uvicorn.Config, state: ServiceState, policy: ConnectionPolicy, drain_delay_s: float
+    config: uvicorn.Config,
+    state: ServiceState,
+    policy: ConnectionPolicy,
+    drain_delay_s: float,
+    on_started: Callable[[], None] | None = None,
 ) -> uvicorn.Server:
     """A uvicorn server whose first SIGTERM/SIGINT turns readiness off, answers with `Connection: close` from
     then on, and keeps serving `drain_delay_s`."""
@@ -71,6 +79,11 @@ def draining_server(
                 self.drain_until = time.monotonic() + drain_delay_s
                 return
             super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and on_started is not None:
+                on_started()
 
         async def on_tick(self, counter: int) -> bool:
             if self.drain_until is not None and time.monotonic() >= self.drain_until:
@@ -129,13 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     if settings.exit_with_parent:
         exit_with_parent()
 
-    import uvicorn
-
     from service.app import create_app, load_repository
-    from service.http_protocol import ConnectionPolicy, protocol_for
     from service.memory import tune_allocator
 
     tune_allocator()  # before the models load: large buffers from mmap, given back when freed
+    if settings.worker_count > 1:
+        from service import supervisor
+
+        return supervisor.run(settings)
     try:
         repository = load_repository(settings)
     except (ArtifactError, ProviderError) as e:
@@ -151,6 +165,21 @@ def main(argv: list[str] | None = None) -> int:
         f"; unavailable: {sorted(repository.unavailable)}" if repository.unavailable else "",
         f"; {len(settings.api_keys)} API key(s) required" if settings.api_keys else "",
     )
+    return serve(settings, app)
+
+
+def serve(
+    settings: Settings,
+    app: FastAPI,
+    sock: socket.socket | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> int:
+    """Run `app` under uvicorn with vitserve's connection layer until SIGTERM has drained it; on `sock` (an HTTP
+    worker of multi-process mode shares the supervisor's listening socket) or on the settings' host and port."""
+    import uvicorn
+
+    from service.http_protocol import ConnectionPolicy, protocol_for
+
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; this handler turns that into
     # exit code 0, so an orchestrator sees a clean shutdown.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -167,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works (call_later)
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works (wait_for)
     )
-    server = draining_server(config, app.state.vitserve, policy, settings.drain_delay_s)
+    server = draining_server(config, app.state.vitserve, policy, settings.drain_delay_s, on_started)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, re-raised by uvicorn after a graceful shutdown
-        server.run()
+        server.run(sockets=None if sock is None else [sock])
     return 0 if server.started else STARTUP_FAILURE
 
 

@@ -7,6 +7,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from service import __version__
 from service.batching import BatchPolicy
+from service.engine_client import attach_engine
 from service.errors import InvalidParameter, ServiceError, error_response
 from service.http_protocol import AcceptErrorFilter
 from service.metrics import METRICS
@@ -36,6 +38,15 @@ from service.settings import Settings
 from service.state import ServiceState, batch_policy
 
 log = logging.getLogger("vitserve")
+
+
+@dataclass(frozen=True)
+class WorkerLink:
+    """What an HTTP worker needs to reach the engine (service.supervisor sets it up)."""
+
+    engine_socket: str
+    slots: int
+    all_ready_file: Path
 
 
 def load_repository(settings: Settings) -> ModelRepository:
@@ -117,7 +128,10 @@ def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState) -
     app.add_middleware(RequestContextMiddleware)  # outermost: every response gets an id and the safe headers
 
 
-def create_app(settings: Settings | None = None, repository: ModelRepository | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, repository: ModelRepository | None = None, *, worker: WorkerLink | None = None
+) -> FastAPI:
+    """The app. In an HTTP worker of multi-process mode, `worker` says how to reach the engine (service.worker)."""
     settings = settings or Settings()
     state = ServiceState(settings)
     state.repository = repository
@@ -125,9 +139,12 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.get_running_loop().set_exception_handler(AcceptErrorFilter())
-        if state.repository is None:
+        if worker is not None:
+            await attach_engine(state, worker.engine_socket, worker.slots)
+            state.all_ready_file = worker.all_ready_file
+        elif state.repository is None:
             state.repository = await asyncio.get_running_loop().run_in_executor(None, load_repository, settings)
-        for model in state.repository.models.values():
+        for model in state.models().models.values():
             METRICS.load_seconds.labels(model.name, model.meta.version).set(model.load_seconds)
         state.start_batchers()
         watcher = None
@@ -141,6 +158,8 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         if watcher is not None:
             await watcher.stop()
         await state.stop_batchers()
+        if state.engine is not None:
+            await state.engine.close()
         state.close()
 
     app = FastAPI(

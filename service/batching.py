@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class _Item:
     pixels: np.ndarray  # (3, H, W)
     with_attention: bool
     future: asyncio.Future
+    source: int  # who sent it: the HTTP worker process, in multi-process mode (0 in one process)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -61,6 +63,24 @@ class Result:
     queue_ms: float
     compute_ms: float
     batch_size: int
+
+
+class Batcher(Protocol):
+    """What routes and `ServiceState` use of a model's batcher: `DynamicBatcher` here, or in an HTTP worker of
+    multi-process mode `service.engine_client.RemoteBatcher`, which forwards to the engine's."""
+
+    model: LoadedModel
+    policy: BatchPolicy
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def check_room(self, count: int) -> None: ...
+
+    async def submit_many(
+        self, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0
+    ) -> list[Result]: ...
 
 
 class DynamicBatcher:
@@ -100,14 +120,14 @@ class DynamicBatcher:
             headers={"Retry-After": "1"},
         )
 
-    async def submit_many(self, images: Sequence[np.ndarray], *, with_attention: bool) -> list[Result]:
+    async def submit_many(self, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0) -> list[Result]:
         """Queue every image (3, H, W) of one request at once, or refuse the request (503) with none queued."""
         self.start()
         self.check_room(len(images))
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Result]] = [loop.create_future() for _ in images]
         for pixels, future in zip(images, futures, strict=True):  # no await since the check: every put fits
-            self.queue.put_nowait(_Item(pixels, with_attention, future))
+            self.queue.put_nowait(_Item(pixels, with_attention, future, source))
         METRICS.queue_depth.labels(model=self.model.name).set(self.queue.qsize())
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.policy.timeout_s)
@@ -165,6 +185,7 @@ class DynamicBatcher:
                 len(batch),
                 compute_ms,
                 [(started - item.enqueued) * 1e3 for item in batch],
+                sources=len({item.source for item in batch}),
             )
             for row, item in enumerate(batch):
                 if not item.future.done():

@@ -7,7 +7,17 @@ metrics that Triton has no equivalent for are `vitserve_*`.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 disable_created_metrics()  # `_created` series double the exposition for no dashboard's benefit
 
@@ -62,19 +72,42 @@ class Metrics:
         self.batch_size = Histogram(
             "vitserve_batch_size", "Images per runtime execution", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("vitserve_queue_depth", "Requests waiting in the batch queue", ["model"], registry=r)
-        self.in_flight = Gauge("vitserve_requests_in_flight", "HTTP requests being served", registry=r)
+        self.batch_sources = Histogram(
+            "vitserve_batch_sources",
+            "HTTP worker processes whose requests share a runtime execution (1 in single-process mode)",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "vitserve_queue_depth",
+            "Requests waiting in the batch queue",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.in_flight = Gauge(
+            "vitserve_requests_in_flight", "HTTP requests being served", registry=r, multiprocess_mode="livesum"
+        )
         self.rejected = Counter(
             "vitserve_rejected", "Requests refused because the queue was full (503)", ["model"], registry=r
         )
-        self.load_seconds = Gauge("vitserve_model_load_seconds", "Time to load and warm up a model", model, registry=r)
+        self.load_seconds = Gauge(
+            "vitserve_model_load_seconds",
+            "Time to load and warm up a model",
+            model,
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.refused = Counter(
             "vitserve_http_refused",
             "Requests refused before routing: unauthorized (401), concurrency limit (503)",
             ["reason"],
             registry=r,
         )
-        self.connections = Gauge("vitserve_http_connections", "Open client connections", registry=r)
+        self.connections = Gauge(
+            "vitserve_http_connections", "Open client connections", registry=r, multiprocess_mode="livesum"
+        )
         self.connections_refused = Counter(
             "vitserve_http_connections_shed",
             "Connections closed or refused to protect the server: limit (503 at connect), evicted (idle or slow "
@@ -82,9 +115,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.budget_limit = Gauge("vitserve_memory_budget_bytes", "Memory budget size", ["budget"], registry=r)
+        self.budget_limit = Gauge(
+            "vitserve_memory_budget_bytes", "Memory budget size", ["budget"], registry=r, multiprocess_mode="livesum"
+        )
         self.budget_used = Gauge(
-            "vitserve_memory_budget_used_bytes", "Bytes reserved from a memory budget now", ["budget"], registry=r
+            "vitserve_memory_budget_used_bytes",
+            "Bytes reserved from a memory budget now",
+            ["budget"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.budget_refused = Counter(
             "vitserve_memory_budget_refused",
@@ -99,15 +138,27 @@ class Metrics:
             registry=r,
         )
 
-    def observe_batch(self, model: str, version: str, size: int, compute_ms: float, queue_ms: list[float]) -> None:
+    def observe_batch(
+        self, model: str, version: str, size: int, compute_ms: float, queue_ms: list[float], sources: int = 1
+    ) -> None:
         self.inference_count.labels(model, version).inc(size)
         self.exec_count.labels(model, version).inc()
         self.batch_size.labels(model).observe(size)
+        self.batch_sources.labels(model).observe(sources)
         self.runtime_time.labels(model).observe(compute_ms / 1e3)
         self.compute_us.labels(model, version).inc(compute_ms * 1e3 * size)
         self.queue_us.labels(model, version).inc(sum(queue_ms) * 1e3)
         for q in queue_ms:
             self.queue_time.labels(model).observe(q / 1e3)
+
+    def exposition(self) -> bytes:
+        """The text `/metrics` answers: this process's metrics, or in multi-process mode (`PROMETHEUS_MULTIPROC_DIR`
+        set by the supervisor) every process's, summed as each metric's type says."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
 
 METRICS = Metrics()

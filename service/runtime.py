@@ -74,7 +74,8 @@ def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSes
 class LoadedModel:
     meta: ArtifactMetadata
     directory: Path
-    classify: ort.InferenceSession
+    # None in an HTTP worker of multi-process mode: the sessions live in the engine (service/engine.py).
+    classify: ort.InferenceSession | None
     attention: ort.InferenceSession | None
     provider: str
     load_seconds: float
@@ -86,6 +87,11 @@ class LoadedModel:
     def name(self) -> str:
         return self.meta.name
 
+    @property
+    def has_attention(self) -> bool:
+        """The artifact has the attention graph (attention maps and the `attentions` output)."""
+        return "attention" in self.meta.graphs
+
     def infer(self, pixels: np.ndarray, *, with_attention: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Run one batch. Thread-safe: onnxruntime sessions may be run concurrently."""
         feed = {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)}
@@ -94,6 +100,7 @@ class LoadedModel:
                 raise ArtifactError(f"model {self.name} has no attention graph")
             logits, attentions = self.attention.run([LOGITS, ATTENTIONS], feed)
             return logits, attentions
+        assert self.classify is not None, "an HTTP worker's model runs in the engine"
         (logits,) = self.classify.run([LOGITS], feed)
         return logits, None
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -46,6 +48,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")
+    workers: int = Field(
+        1,
+        ge=0,
+        description="HTTP worker processes (parse, decode, preprocess, encode) in front of one inference engine "
+        "process that batches for all of them; 1: one process does everything; 0: one per CPU this process may "
+        "use (cgroup-aware)",
+    )
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="`auto` (CUDA where `onnxruntime-gpu` sees a GPU, else CPU), `cpu`, `cuda` (fails at start "
@@ -72,7 +81,11 @@ class Settings(BaseSettings):
         description="longest the first request of a batch waits for others (0: none; a batch is what queued while "
         "the previous one ran; README's benchmark section measures why)",
     )
-    max_queue_size: int = Field(256, gt=0, description="queued images per model before 503 + `Retry-After` (a request of N images needs N places free)")
+    max_queue_size: int = Field(
+        256,
+        gt=0,
+        description="queued images per model before 503 + `Retry-After` (a request of N images needs N places free)",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served (503 after)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="`debug`, `info`, `warning`, `error`"
@@ -176,6 +189,20 @@ class Settings(BaseSettings):
         json_schema_extra=_shown("0 (off)"),
     )
 
+    @property
+    def worker_count(self) -> int:
+        """`workers`, with 0 resolved to the CPUs this process may use."""
+        return self.workers or usable_cpus()
+
+    @model_validator(mode="after")
+    def _reload_in_one_process(self) -> Settings:
+        if self.worker_count > 1 and self.reload_interval_s > 0:
+            raise ValueError(
+                "hot reload (VITSERVE_RELOAD_INTERVAL_S) works with one worker process only for now; set "
+                "VITSERVE_WORKERS=1, or restart the server to serve new versions"
+            )
+        return self
+
     @field_validator("model_dir")
     @classmethod
     def _model_dir_exists(cls, value: Path) -> Path:
@@ -263,3 +290,15 @@ def settings_table() -> str:
                 shown = f"`{default}`"
         rows.append(f"| `VITSERVE_{name.upper()}` | {shown} | {field.description or ''} |")
     return "\n".join(rows) + "\n"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, bounded by a cgroup v2 CPU quota (a container's CPU limit)."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count

@@ -11,11 +11,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from service.batching import BatchPolicy, DynamicBatcher, Result
+from service.batching import Batcher, BatchPolicy, DynamicBatcher, Result
+from service.engine_client import EngineLink, RemoteBatcher
 from service.errors import NotFound, Unavailable
 from service.memory import ByteBudget
 from service.pipeline import Prepared, prepare
@@ -64,18 +66,28 @@ class ServiceState:
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="prep")
         # One runtime call at a time per process: onnxruntime already spreads one call over its intra-op threads.
         self.runtime_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime")
-        self.batchers: dict[str, DynamicBatcher] = {}
+        self.batchers: dict[str, Batcher] = {}
+        # Multi-process mode (service.worker): the link to the engine that runs every model, and the file the
+        # supervisor keeps while every worker and the engine are up (readiness is the whole server's).
+        self.engine: EngineLink | None = None
+        self.all_ready_file: Path | None = None
         # Bytes of request bodies and of decoded images in flight, server-wide (service.memory).
         self.body_budget = ByteBudget("body", settings.body_budget_bytes)
         self.decode_budget = ByteBudget("decode", settings.decode_budget_bytes)
         # Batchers of replaced versions, kept until no request waits on them; and how many requests each has.
-        self._retiring: set[DynamicBatcher] = set()
-        self._waiting: Counter[DynamicBatcher] = Counter()
+        self._retiring: set[Batcher] = set()
+        self._waiting: Counter[Batcher] = Counter()
         self._tasks: set[asyncio.Task] = set()
 
     @property
     def ready(self) -> bool:
-        return self.repository is not None and self.repository.ready and not self.shutting_down
+        return (
+            self.repository is not None
+            and self.repository.ready
+            and not self.shutting_down
+            and (self.engine is None or self.engine.alive)
+            and (self.all_ready_file is None or self.all_ready_file.exists())
+        )
 
     def models(self) -> ModelRepository:
         if self.repository is None:
@@ -122,8 +134,12 @@ class ServiceState:
     def policy(self, model: LoadedModel) -> BatchPolicy:
         return batch_policy(self.settings, model)
 
-    def _start_batcher(self, model: LoadedModel, policy: BatchPolicy) -> DynamicBatcher:
-        batcher = DynamicBatcher(model, policy, self.runtime_pool)
+    def _start_batcher(self, model: LoadedModel, policy: BatchPolicy) -> Batcher:
+        batcher: Batcher
+        if self.engine is not None:
+            batcher = RemoteBatcher(self.engine, self.engine.index(model.name), model, policy)
+        else:
+            batcher = DynamicBatcher(model, policy, self.runtime_pool)
         batcher.start()
         log.info("batching %s (version %s): %s", model.name, model.meta.version, policy)
         return batcher
@@ -163,7 +179,7 @@ class ServiceState:
         if batcher is not None:
             batcher.check_room(count)
 
-    def _batcher(self, model: LoadedModel) -> DynamicBatcher | None:
+    def _batcher(self, model: LoadedModel) -> Batcher | None:
         batcher = self.batchers.get(model.name)
         if batcher is None or batcher.model is not model:  # replaced by a reload since the lookup
             batcher = next((b for b in self._retiring if b.model is model), None)
@@ -201,7 +217,7 @@ class ServiceState:
             task.add_done_callback(self._tasks.discard)
         return old_model
 
-    async def _retire(self, batcher: DynamicBatcher) -> None:
+    async def _retire(self, batcher: Batcher) -> None:
         # Every submit ends within the batcher's timeout, so the wait is bounded; a request that looks the old
         # version up later still finishes on it (`_infer_alone`).
         deadline = time.monotonic() + batcher.policy.timeout_s + 1.0

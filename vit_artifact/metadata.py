@@ -48,7 +48,7 @@ class Preprocessing(_Record):
     crop_offset: how the centre crop's offset (resized - crop) / 2 becomes a whole pixel. transformers' image
     processors floor it; torchvision's `CenterCrop` (timm's eval transform) rounds it, halves to even. The two
     differ by one pixel where (resized - crop) % 4 == 3. Records written before the field existed leave it
-    unset: the resize mode then decides, as it did ("squash" floors, "shortest_edge" rounds).
+    unset: it is read as the rule the resize mode implied then ("squash" floors, "shortest_edge" rounds).
     """
 
     resize: Literal["squash", "shortest_edge"]
@@ -59,14 +59,7 @@ class Preprocessing(_Record):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channel_order: Literal["RGB", "BGR"] = "RGB"
-    crop_offset: CropOffset | None = None
-
-    @property
-    def crop_offset_rule(self) -> CropOffset:
-        """The offset rule to apply: the recorded one, or for older records the one their resize mode implied."""
-        if self.crop_offset is not None:
-            return self.crop_offset
-        return "floor" if self.resize == "squash" else "round"
+    crop_offset: CropOffset
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -80,6 +73,8 @@ class Preprocessing(_Record):
         # `crop_pct` is written for readers of the JSON; it is derived, so it is not read back.
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k != "crop_pct"}
+            if data.get("crop_offset") is None:  # a record from before the field: the rule its resize implied
+                data["crop_offset"] = "floor" if data.get("resize") == "squash" else "round"
         return data
 
     @model_validator(mode="after")

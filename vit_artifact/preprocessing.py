@@ -131,8 +131,8 @@ def resized_size(image_size: tuple[int, int], spec: Preprocessing) -> tuple[int,
 def _crop_window(resized: tuple[int, int], spec: Preprocessing) -> Box:
     """The crop in resized-image pixels; it reaches outside the image where the crop is padded."""
     crop_height, crop_width = spec.crop_size
-    left = _crop_offset(resized[0], crop_width, spec.crop_offset_rule)
-    top = _crop_offset(resized[1], crop_height, spec.crop_offset_rule)
+    left = _crop_offset(resized[0], crop_width, spec.crop_offset)
+    top = _crop_offset(resized[1], crop_height, spec.crop_offset)
     return left, top, left + crop_width, top + crop_height
 
 

@@ -200,7 +200,7 @@ async def _attention(
 ) -> Response | AttentionResponse:
     started = time.perf_counter()
     model = served_model(request, state, name)
-    if model.attention is None:
+    if not model.has_attention:
         raise InvalidParameter(f"model {model.name} was exported without the attention graph")
     meta = model.meta
     data = (await read_image(request)).data

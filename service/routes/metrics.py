@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.metrics import METRICS
 
@@ -19,4 +19,4 @@ router = APIRouter(tags=["health"])
     responses={200: {"content": {"text/plain": {}}}},
 )
 async def metrics() -> Response:
-    return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(METRICS.exposition(), media_type=CONTENT_TYPE_LATEST)

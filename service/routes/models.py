@@ -26,7 +26,7 @@ def model_info(model: LoadedModel, default: str) -> ModelInfo:
         layers=m.num_layers,
         heads=m.num_heads,
         prefix_tokens=m.num_prefix_tokens,
-        attention=model.attention is not None,
+        attention=model.has_attention,
         preprocessing=m.preprocessing,
         source=m.source,
         parity=m.parity,

@@ -258,8 +258,8 @@ def test_a_record_without_crop_offset_keeps_the_rule_its_resize_implied() -> Non
     old |= {"mean": [0.5] * 3, "std": [0.5] * 3}
     squash = Preprocessing.model_validate({**old, "resize": "squash"})
     shortest = Preprocessing.model_validate({**old, "resize": "shortest_edge"})
-    assert squash.crop_offset is None and squash.crop_offset_rule == "floor"
-    assert shortest.crop_offset is None and shortest.crop_offset_rule == "round"
+    assert squash.crop_offset == "floor"
+    assert shortest.crop_offset == "round"
     # 259 - 224 = 35: floor 17, round(17.5) = 18
     assert crop_box((259, 259), squash)[0] == 17
     assert crop_box((259, 259), shortest)[0] == 18

@@ -1,0 +1,205 @@
+"""Multi-process mode (`VITSERVE_WORKERS` > 1): one inference engine, N HTTP workers, and this supervisor.
+
+```
+                  ┌──────────── worker 1: HTTP, auth, limits, decode, preprocess, encode ───┐
+clients ── :8000 ─┤          (one listening socket, shared; the kernel spreads connections)  ├─ slots ─┐
+                  └──────────── worker N ───────────────────────────────────────────────────┘  (memfd)  │
+                                                                                                        ▼
+                             engine: every model's onnxruntime sessions + one dynamic batcher per model
+```
+
+The supervisor opens the listening socket, starts the engine (which loads and warms up every model) and then
+the workers, and watches them:
+
+- ready: `/readyz` answers 200 only while the file `all-ready` exists, which the supervisor keeps while the
+  engine and every worker are up;
+- a worker that dies is replaced (its metrics are merged into the totals, its connections are lost with it);
+- an engine that dies ends the server with exit code 1: the workers answer what was waiting on it with 503
+  and drain, and the orchestrator restarts the whole server (the engine is the models: restarting it alone
+  would be a full restart anyway);
+- SIGTERM/SIGINT: readiness off, every worker drains as in single-process mode (`VITSERVE_DRAIN_DELAY_S`,
+  `Connection: close`, `VITSERVE_SHUTDOWN_GRACE_S`), then the engine stops; exit 0.
+
+Metrics of every process are summed by prometheus_client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from service.settings import Settings
+
+log = logging.getLogger("vitserve.supervisor")
+
+EXIT_CONFIG = 2
+ENGINE_DIED = 1
+POLL_S = 0.1
+
+
+class Child:
+    """A child process and the pipe it writes to once it is ready."""
+
+    def __init__(self, role: str, command: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> None:
+        self.role = role
+        read, write = os.pipe()
+        env = {**env, "VITSERVE_READY_FD": str(write)}
+        self.process = subprocess.Popen(command, env=env, pass_fds=(write, *pass_fds))
+        os.close(write)
+        self.ready_pipe = read
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self) -> bytes | None:
+        """What the child wrote when it became ready; None if it exited first."""
+        chunks = []
+        while chunk := os.read(self.ready_pipe, 4096):
+            chunks.append(chunk)
+            if self.role != "engine":  # a worker writes one byte and keeps the pipe; the engine closes it
+                break
+        os.close(self.ready_pipe)
+        return b"".join(chunks) or None
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(sig)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.count = settings.worker_count
+        self.runtime = Path(tempfile.mkdtemp(prefix="vitserve-"))
+        (self.runtime / "metrics").mkdir()
+        self.all_ready = self.runtime / "all-ready"
+        self.env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.runtime / "metrics"),
+            "VITSERVE_ENGINE_SOCKET": str(self.runtime / "engine.sock"),
+            "VITSERVE_ALL_READY_FILE": str(self.all_ready),
+            "VITSERVE_EXIT_WITH_PARENT": "1",
+        }
+        self.listener = socket.create_server((settings.host, settings.port), backlog=2048)
+        self.listener.set_inheritable(True)
+        self.workers: dict[int, Child] = {}  # by index
+        self.engine: Child | None = None
+        self.stopping = False
+
+    def start_engine(self) -> bool:
+        self.engine = Child("engine", [sys.executable, "-m", "service.engine"], self.env)
+        said = self.engine.wait_ready()
+        if said is None:
+            return False
+        log.info("engine %d ready: %s", self.engine.pid, json.loads(said)["models"])
+        return True
+
+    def start_worker(self, index: int) -> bool:
+        env = {**self.env, "VITSERVE_LISTEN_FD": str(self.listener.fileno()), "VITSERVE_WORKER_INDEX": str(index)}
+        child = Child("worker", [sys.executable, "-m", "service.worker"], env, (self.listener.fileno(),))
+        self.workers[index] = child
+        if child.wait_ready() is None:
+            return False
+        log.info("worker %d (pid %d) ready", index, child.pid)
+        return True
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        try:
+            if not self.start_engine():
+                assert self.engine is not None
+                return self.engine.process.wait() or EXIT_CONFIG
+            for index in range(self.count):
+                if not self.start_worker(index) and not self.stopping:
+                    log.error("worker %d failed to start; stopping", index)
+                    self.stopping = True
+                    self._shutdown()
+                    return EXIT_CONFIG
+            self.all_ready.touch()
+            log.info(
+                "serving on http://%s:%d with %d workers and one engine",
+                self.settings.host,
+                self.settings.port,
+                self.count,
+            )
+            code = self._watch()
+            self._shutdown()
+            return code
+        finally:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
+    def _watch(self) -> int:
+        assert self.engine is not None
+        while not self.stopping:
+            time.sleep(POLL_S)
+            if self.engine.process.poll() is not None:
+                log.error(
+                    "the engine (pid %d) exited with %s; stopping the server",
+                    self.engine.pid,
+                    self.engine.process.returncode,
+                )
+                self.all_ready.unlink(missing_ok=True)
+                return ENGINE_DIED
+            for index, child in list(self.workers.items()):
+                if child.process.poll() is not None and not self.stopping:
+                    self._replace(index, child)
+        return 0
+
+    def _replace(self, index: int, dead: Child) -> None:
+        from prometheus_client import multiprocess
+
+        log.error("worker %d (pid %d) exited with %s; starting another", index, dead.pid, dead.process.returncode)
+        self.all_ready.unlink(missing_ok=True)
+        multiprocess.mark_process_dead(dead.pid, str(self.runtime / "metrics"))
+        if self.start_worker(index):
+            self.all_ready.touch()
+
+    def _stop(self, sig: int, _frame: object) -> None:
+        if self.stopping:  # a second signal: stop waiting for the drain
+            for child in self.workers.values():
+                child.signal(signal.SIGTERM)
+            return
+        log.info("signal %d: draining %d workers", sig, len(self.workers))
+        self.stopping = True
+        self.all_ready.unlink(missing_ok=True)
+
+    def _shutdown(self) -> None:
+        """Workers drain first (they still need the engine for what is in flight), then the engine stops."""
+        self.all_ready.unlink(missing_ok=True)
+        for child in self.workers.values():
+            child.signal(signal.SIGTERM)
+        limit = self.settings.drain_delay_s + self.settings.shutdown_grace_s + 10
+        for child in self.workers.values():
+            try:
+                child.process.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d did not stop in %g s; killing it", child.pid, limit)
+                child.process.kill()
+        self.listener.close()
+        if self.engine is not None:
+            self.engine.signal(signal.SIGTERM)
+            try:
+                self.engine.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.engine.process.kill()
+
+
+def run(settings: Settings) -> int:
+    try:
+        supervisor = Supervisor(settings)
+    except OSError as e:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {e.strerror}", file=sys.stderr)
+        return 3
+    return supervisor.run()
