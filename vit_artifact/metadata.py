@@ -59,7 +59,7 @@ class Preprocessing(_Record):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channel_order: Literal["RGB", "BGR"] = "RGB"
-    crop_offset: CropOffset
+    crop_offset: CropOffset = "round"  # never used as such: `_drop_computed` fills an absent one from `resize`
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -32,7 +32,7 @@ from tests.service.conftest import (
     top_label,
 )
 from vit_artifact.attention import attention_map
-from vit_artifact.metadata import ATTENTIONS, INPUT_NAME, LOGITS, METADATA_FILE, Preprocessing, read_metadata
+from vit_artifact.metadata import ATTENTIONS, INPUT_NAME, LOGITS, METADATA_FILE, Parity, Preprocessing, read_metadata
 from vit_artifact.preprocessing import preprocess
 
 SERVED = sorted(p.name for p in MODELS.iterdir() if (p / METADATA_FILE).is_file())
@@ -97,7 +97,7 @@ def test_models_lists_every_artifact_with_its_recorded_facts(client):
         assert info["precision"] == record["precision"]
         # As the service reads the record: a record from before `crop_offset` gets the rule its resize implied.
         assert info["preprocessing"] == Preprocessing.model_validate(record["preprocessing"]).model_dump(mode="json")
-        assert info["parity"] == record["parity"]
+        assert info["parity"] == Parity.model_validate(record["parity"]).model_dump(mode="json")
         assert info["parity"]["passed"] is True
         assert info["attention"] is True
 
