@@ -135,8 +135,8 @@ class Supervisor:
                 self.count,
             )
             code = self._watch()
-            self._shutdown()
-            return code
+            clean = self._shutdown()
+            return code or (0 if clean else ENGINE_DIED)
         finally:
             shutil.rmtree(self.runtime, ignore_errors=True)
 
@@ -175,8 +175,9 @@ class Supervisor:
         self.stopping = True
         self.all_ready.unlink(missing_ok=True)
 
-    def _shutdown(self) -> None:
-        """Workers drain first (they still need the engine for what is in flight), then the engine stops."""
+    def _shutdown(self) -> bool:
+        """Workers drain first (they still need the engine for what is in flight), then the engine stops. True
+        when every process exited 0 (drained), as a clean single-process server does."""
         self.all_ready.unlink(missing_ok=True)
         for child in self.workers.values():
             child.signal(signal.SIGTERM)
@@ -194,6 +195,11 @@ class Supervisor:
                 self.engine.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.engine.process.kill()
+        codes = {c.pid: c.process.wait() for c in [*self.workers.values(), *([self.engine] if self.engine else [])]}
+        unclean = {pid: code for pid, code in codes.items() if code != 0}
+        if unclean:
+            log.error("processes that did not exit cleanly (pid: exit code): %s", unclean)
+        return not unclean
 
 
 def run(settings: Settings) -> int:

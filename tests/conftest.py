@@ -50,6 +50,7 @@ MARK_BY_PATH: dict[str, tuple[str, ...]] = {
     "service/test_numerics.py": ("server",),
     "service/test_soak.py": ("server",),
     "service/test_v2.py": ("server",),
+    "service/test_workers.py": ("server",),
     "client/test_client_install.py": ("server", "slow"),
 }
 
