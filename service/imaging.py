@@ -21,12 +21,15 @@ can be placed on the user's original image.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from service.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from service.memory import Reservation
+
+if TYPE_CHECKING:  # a type only: decoding needs no metrics (benchmarks' Triton peer imports this module alone)
+    from service.memory import Reservation
 
 # Pillow's format names; only these plugins ever parse client bytes. The JPEG plugin also opens the JPEGs with
 # extra frames that many phones and cameras write, which Pillow then names MPO.
