@@ -34,7 +34,7 @@ DIGITS_PREPROCESSING = Preprocessing(
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),
 )
-DIGITS_CONFIG = ViTConfig(image_size=CANVAS.size, patch_size=4, dim=64, depth=4, heads=4, mlp_ratio=2.0)
+DIGITS_CONFIG = ViTConfig(image_size=CANVAS.size)  # the defaults are this model's
 # A model wide enough that INT8 pays on a CPU (matrix products of width 192 and 768, not 64): the same canvases and
 # held-out set as the default model, 8-pixel patches (a 4x4 grid) so that training fits in minutes on 2 cores.
 LARGE_CONFIG = ViTConfig(image_size=CANVAS.size, patch_size=8, dim=192, depth=3, heads=3, mlp_ratio=4.0)

@@ -20,6 +20,7 @@ from service import __version__
 from service.batching import BatchPolicy
 from service.engine_client import attach_engine
 from service.errors import InvalidParameter, ServiceError, error_response
+from service.fast_path import FastPath
 from service.http_protocol import AcceptErrorFilter
 from service.metrics import METRICS
 from service.middleware import (
@@ -112,6 +113,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState) -> None:
     # Added innermost first; the last added runs first on a request.
+    app.add_middleware(FastPath, state=state, routes=app.routes)  # innermost: V2 infer past FastAPI's router
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests)  # once a body is in
     app.add_middleware(
         RequestBodyMiddleware,

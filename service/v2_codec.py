@@ -63,6 +63,11 @@ class InferRequest(BaseModel):
     outputs: list[OutputRequest] | None = None
 
 
+def header_length_value(header_length: str | None) -> int | None:
+    """The Inference-Header-Content-Length as a number, or None when absent or not 1-19 ASCII digits."""
+    return int(header_length) if header_length is not None and _HEADER_LENGTH_VALUE.fullmatch(header_length) else None
+
+
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
     """Split the body into the JSON header and the binary part, and validate the header."""
     if header_length is not None:

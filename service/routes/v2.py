@@ -25,6 +25,7 @@ from service.deps import State
 from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.pipeline import softmax
 from service.runtime import LoadedModel
+from service.state import ServiceState
 from vit_artifact.attention import Method, attention_map
 from vit_artifact.metadata import INPUT_NAME, ArtifactMetadata
 
@@ -156,7 +157,7 @@ async def model_version_ready(name: str, version: str, state: State) -> Response
     responses=_errors(400, 404, 413, 503),
 )
 async def infer(name: str, request: Request, state: State) -> Response:
-    return await _infer(state, request, name, None)
+    return await infer_response(state, request, name, None)
 
 
 @router.post(
@@ -167,7 +168,7 @@ async def infer(name: str, request: Request, state: State) -> Response:
     responses=_errors(400, 404, 413, 503),
 )
 async def infer_version(name: str, version: str, request: Request, state: State) -> Response:
-    return await _infer(state, request, name, version)
+    return await infer_response(state, request, name, version)
 
 
 def _ready(model: LoadedModel) -> Response:
@@ -239,14 +240,15 @@ def _classification(values: np.ndarray, labels: list[str], k: int) -> list[bytes
     return rows
 
 
-async def _infer(state: State, request: Request, name: str, version: str | None) -> Response:
+async def infer_response(state: ServiceState, request: Request, name: str, version: str | None) -> Response:
+    """The whole of V2 `infer` (also called directly by service.fast_path)."""
     model = _model(state, name, version)
     request.state.model = model  # for the per-model request counters, as `service.deps.served_model` does
     body = await request.body()
     header_length = request.headers.get(codec.HEADER_LENGTH)
     # JSON tensors of several MB take long enough to parse that the event loop must not do it; a binary
     # request's JSON header is small.
-    json_size = int(header_length) if header_length and header_length.isdigit() else len(body)
+    json_size = min(codec.header_length_value(header_length) or len(body), len(body))
     parsed, binary = await state.run_sized(json_size, codec.parse_request, body, header_length)
     outputs = _outputs(parsed)
     pixels = await _pixels(state, model, parsed, binary)
