@@ -90,6 +90,7 @@ class DynamicBatcher:
         self.executor = executor
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=policy.max_queue_size)
         self._worker: asyncio.Task | None = None
+        self._depth = METRICS.queue_depth.labels(model=model.name)  # looked up once: set on every request
 
     def start(self) -> None:
         if self._worker is None:
@@ -128,9 +129,12 @@ class DynamicBatcher:
         futures: list[asyncio.Future[Result]] = [loop.create_future() for _ in images]
         for pixels, future in zip(images, futures, strict=True):  # no await since the check: every put fits
             self.queue.put_nowait(_Item(pixels, with_attention, future, source))
-        METRICS.queue_depth.labels(model=self.model.name).set(self.queue.qsize())
+        self._depth.set(self.queue.qsize())
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.policy.timeout_s)
+            async with asyncio.timeout(self.policy.timeout_s):
+                if len(futures) == 1:  # the common case, without a gathering future
+                    return [await asyncio.shield(futures[0])]
+                return await asyncio.shield(asyncio.gather(*futures))
         except TimeoutError:
             for future in futures:
                 future.cancel()  # the worker skips those that have not run yet
@@ -163,7 +167,7 @@ class DynamicBatcher:
         name = self.model.name
         while True:
             batch = await self._collect()
-            METRICS.queue_depth.labels(model=name).set(self.queue.qsize())
+            self._depth.set(self.queue.qsize())
             if not batch:
                 continue
             with_attention = any(item.with_attention for item in batch)

@@ -44,6 +44,7 @@ class ByteBudget:
         self.limit = limit
         self.used = 0
         self._changed = threading.Condition()
+        self._gauge = METRICS.budget_used.labels(budget=name)
         METRICS.budget_limit.labels(budget=name).set(limit)
 
     def _fits(self, size: int) -> bool:
@@ -51,7 +52,7 @@ class ByteBudget:
 
     def _take(self, size: int) -> None:
         self.used += size
-        METRICS.budget_used.labels(budget=self.name).set(self.used)
+        self._gauge.set(self.used)
 
     def reserve(self, size: int, wait_s: float = BUDGET_WAIT_S) -> int | None:
         """Reserve `size` bytes (cut to the limit) within `wait_s`; the amount reserved, or None."""
@@ -81,7 +82,7 @@ class ByteBudget:
     def release(self, size: int) -> None:
         with self._changed:
             self.used -= size
-            METRICS.budget_used.labels(budget=self.name).set(self.used)
+            self._gauge.set(self.used)
             self._changed.notify_all()
 
 

@@ -9,10 +9,13 @@ beyond it. Errors answered here are rendered by `service.errors.error_response`,
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +28,8 @@ log = logging.getLogger("vitserve")
 REQUEST_ID_HEADER = "x-request-id"
 _DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit() accepts "²", which int() refuses
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Unique without a system call per request: a random prefix per process, then a counter (uuid4 reads urandom).
+_request_ids = (f"{uuid.uuid4().hex[:16]}{n:016x}" for n in itertools.count())
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -64,7 +69,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = header(scope, REQUEST_ID_HEADER.encode())
-        request_id = incoming if incoming and _VALID_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if incoming and _VALID_ID.match(incoming) else next(_request_ids)
         scope.setdefault("state", {})["request_id"] = request_id
 
         started = False
@@ -163,28 +168,31 @@ class RequestBodyMiddleware:
     async def _read(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         received = 0
-        started = time.monotonic()
-        while True:
-            allowed = started + self.grace_s + received / self.min_rate - time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), max(allowed, 0.0))
-            except TimeoutError:
-                METRICS.connections_refused.labels(reason="body_timeout").inc()
-                raise RequestTimeout(
-                    f"the request body arrived too slowly ({received} bytes in {time.monotonic() - started:.1f} s); "
-                    f"send it within {self.grace_s:g} s plus {self.min_rate} bytes/s (VITSERVE_BODY_TIMEOUT_S, "
-                    "VITSERVE_BODY_MIN_RATE)",
-                    headers={"Connection": "close"},  # the rest of the body may still be on its way
-                ) from None
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > self.max_bytes:
-                raise self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            # One deadline for the whole body, moved on as bytes arrive: grace plus size at the minimum rate.
+            async with asyncio.timeout_at(started + self.grace_s) as deadline:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise _ClientGone
+                    chunk = message.get("body", b"")
+                    received += len(chunk)
+                    if received > self.max_bytes:
+                        raise self._too_large()
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+                    deadline.reschedule(started + self.grace_s + received / self.min_rate)
+        except TimeoutError:
+            METRICS.connections_refused.labels(reason="body_timeout").inc()
+            raise RequestTimeout(
+                f"the request body arrived too slowly ({received} bytes in {loop.time() - started:.1f} s); "
+                f"send it within {self.grace_s:g} s plus {self.min_rate} bytes/s (VITSERVE_BODY_TIMEOUT_S, "
+                "VITSERVE_BODY_MIN_RATE)",
+                headers={"Connection": "close"},  # the rest of the body may still be on its way
+            ) from None
 
     async def _streamed(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = 0
@@ -256,6 +264,12 @@ class ConcurrencyLimitMiddleware:
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+@functools.cache  # bounded: routes, methods and statuses all come from fixed sets
+def _http_series(route: str, method: str, status: int) -> tuple[Any, Any]:
+    """The labelled request counter and latency histogram (a label lookup costs more than the increment)."""
+    return METRICS.requests.labels(route, method, str(status)), METRICS.latency.labels(route, method)
+
+
 class MetricsMiddleware:
     """Count and time every HTTP request by route template, and each inference request by the model it served
     (`service.deps.served_model` notes it on the request)."""
@@ -283,8 +297,9 @@ class MetricsMiddleware:
             METRICS.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"] if scope["method"] in _METHODS else "other"
-            METRICS.requests.labels(route, method, str(status)).inc()
-            METRICS.latency.labels(route, method).observe(time.perf_counter() - started)
+            counter, histogram = _http_series(route, method, status)
+            counter.inc()
+            histogram.observe(time.perf_counter() - started)
             model = scope.get("state", {}).get("model")
             if model is not None:
                 counter = METRICS.request_success if status < 400 else METRICS.request_failure
