@@ -105,14 +105,22 @@ class Supervisor:
         log.info("engine %d ready: %s", self.engine.pid, json.loads(said)["models"])
         return True
 
-    def start_worker(self, index: int) -> bool:
+    def spawn_worker(self, index: int) -> Child:
         env = {**self.env, "VITSERVE_LISTEN_FD": str(self.listener.fileno()), "VITSERVE_WORKER_INDEX": str(index)}
         child = Child("worker", [sys.executable, "-m", "service.worker"], env, (self.listener.fileno(),))
         self.workers[index] = child
+        return child
+
+    def wait_worker(self, index: int) -> bool:
+        child = self.workers[index]
         if child.wait_ready() is None:
             return False
         log.info("worker %d (pid %d) ready", index, child.pid)
         return True
+
+    def start_worker(self, index: int) -> bool:
+        self.spawn_worker(index)
+        return self.wait_worker(index)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -121,8 +129,10 @@ class Supervisor:
             if not self.start_engine():
                 assert self.engine is not None
                 return self.engine.process.wait() or EXIT_CONFIG
+            for index in range(self.count):  # all at once: each takes about a second to import and attach
+                self.spawn_worker(index)
             for index in range(self.count):
-                if not self.start_worker(index) and not self.stopping:
+                if not self.wait_worker(index) and not self.stopping:
                     log.error("worker %d failed to start; stopping", index)
                     self.stopping = True
                     self._shutdown()
