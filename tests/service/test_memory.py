@@ -148,4 +148,3 @@ def test_rss_comes_back_after_a_burst_of_large_bodies(fresh: Server) -> None:
         lambda: proc_status_kib(pid, "VmRSS") * 1024 <= before + NEAR_BASELINE_MIB * MIB,
         timeout=15,
     )
-
