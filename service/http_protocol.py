@@ -74,6 +74,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.header_timer: asyncio.TimerHandle | None = None
         self.request_started = False  # a byte of the current request arrived; its headers are not complete
         self.refused = False
+        self.close_when_idle = False  # shutting down: close once no request is in progress (after a grace)
 
     # --- connection lifecycle -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -150,20 +151,30 @@ class GuardedProtocol(HttpToolsProtocol):
         # idle time before its first byte; this covers a request that starts and then trickles).
         if not self.transport.is_closing() and not self.pipeline:
             self._arm_header_timer()
+            if self.close_when_idle:
+                self.loop.call_later(IDLE_CLOSE_GRACE_S, self._close_if_idle)
 
     # --- drain and shutdown ---------------------------------------------------------------------------------
     def drain(self) -> None:
         """Draining has begun: a response still to be sent carries `Connection: close`."""
-        if self.cycle is not None and not self.cycle.response_complete:
+        self._last_response_says_close()
+
+    def _last_response_says_close(self) -> bool:
+        """Make the response in progress the last on this connection, if it can still say so (its headers are not
+        sent yet); closing after a response that did not say `Connection: close` would reset the client's next
+        request, already on its way."""
+        if self.cycle is not None and not self.cycle.response_complete and not self.cycle.response_started:
             self.cycle.keep_alive = False
+            return True
+        return False
 
     def shutdown(self) -> None:
-        if self.cycle is None or self.cycle.response_complete:
-            # Idle: close after a short grace; a request that arrives meanwhile is answered (with Connection:
-            # close, since draining is on by now), and `on_response_complete` then closes the connection.
+        if not self._last_response_says_close():
+            # Idle, or a response already under way: close once idle after a short grace; a request that arrives
+            # meanwhile is answered (with Connection: close, since draining is on by now), and the connection
+            # closes after it.
+            self.close_when_idle = True
             self.loop.call_later(IDLE_CLOSE_GRACE_S, self._close_if_idle)
-        else:
-            self.cycle.keep_alive = False
 
     def _close_if_idle(self) -> None:
         if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():

@@ -21,6 +21,7 @@ can be placed on the user's original image.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,7 +63,12 @@ _ORIENTATION = ExifTags.Base.Orientation
 _ORIENTATIONS_SWAPPING_AXES = (5, 6, 7, 8)  # transpose, rotate 90/270, transverse
 _JPEG_FORMATS = ("JPEG", "MPO")
 # 16-bit values 0..65535 onto 0..255: round(v / 257) maps 65535 to 255 exactly and keeps every step linear.
-_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "I;16": 2}
+# Bytes a pixel takes in Pillow's memory (not in the file): one band of 8 bits, 16-bit modes 2, and every other
+# mode 4, RGB and LA included (Pillow pads them to 32 bits).
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_BAND_PIXELS = 1 << 18  # the deep-to-8-bit conversion reads this many pixels at a time
+_BAND_TEMPORARIES = 8 * 4 * _BAND_PIXELS  # its float32 temporaries of one band, at most eight at once
+_DECODER_STATE = 4 * 2**20  # a codec's own buffers (zlib window, rows, strips): measured at about 100 KB
 _UINT16_TO_UINT8 = np.rint(np.arange(65536) / 257.0).astype(np.uint8)
 
 
@@ -184,13 +190,18 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> None:
 
 
 def decode_cost(image: Image.Image) -> int:
-    """Bytes the decode of an opened (not loaded) image takes at its peak: its pixels in the file's mode, the
-    RGB copy, and for transparent images the composite (see `_to_rgb`). Float and 32-bit modes cost 4 bytes a
-    pixel; their conversion to 8 bits works in bands, so its temporaries are bounded."""
+    """Bytes the decode of an opened (not loaded) image takes at its peak (see `_to_rgb`), as Pillow holds pixels
+    (`_BYTES_PER_PIXEL`): the file's mode, then the RGB copy (or, for RGB, the copy an EXIF rotation makes); for
+    16-bit and float modes the 8-bit copy made in bands before the deep pixels are freed; for transparent images
+    the RGBA copy (when the mode is not RGBA already) under the RGB composite. Measured against VmHWM for the
+    worst cases (tests/service/test_memory.py)."""
     pixels = image.size[0] * image.size[1]
     stored = _BYTES_PER_PIXEL.get(image.mode, 4)
-    transparent = "A" in image.getbands() or "transparency" in image.info
-    return pixels * (stored + (3 + 4 + 3 if transparent else 3))
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _DECODER_STATE + pixels * max(stored + 1, 1 + 4) + _BAND_TEMPORARIES  # deep + grey, grey + RGB
+    if "A" in image.getbands() or "transparency" in image.info:
+        return _DECODER_STATE + pixels * (stored + (0 if image.mode == "RGBA" else 4) + 4)
+    return _DECODER_STATE + pixels * (stored + 4)
 
 
 def _decode(image: Image.Image, target_size: tuple[int, int] | None, reservation: Reservation | None) -> Image.Image:
@@ -225,49 +236,61 @@ def _draft(image: Image.Image, target_size: tuple[int, int]) -> None:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB; a source it copies from is closed as soon as the copy exists, so that a 40-megapixel
+    image is held about twice at most, not four times (`decode_cost` counts the peak)."""
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _to_8bit_grey(image)
+        image = _replaced(image, _to_8bit_grey(image))
     if any(band in ("A", "a") for band in image.getbands()) or image.info.get("transparency") is not None:
         # White, not black: transparent pixels often hold black; logos and cut-outs are made for white pages.
-        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
-        white = Image.new("RGB", image.size, (255, 255, 255))
-        white.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))  # one RGB copy, not three RGBA ones
-        return white
-    return image if image.mode == "RGB" else image.convert("RGB")
+        rgba = image if image.mode == "RGBA" else _replaced(image, image.convert("RGBA"))
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba)  # RGBA onto RGB, masked by its alpha: no RGB or alpha copy of it is made
+        return _replaced(rgba, white)
+    return image if image.mode == "RGB" else _replaced(image, image.convert("RGB"))
+
+
+def _replaced(old: Image.Image, new: Image.Image) -> Image.Image:
+    """`new`, with `old`'s pixels freed now rather than when the last reference goes (the caller keeps one)."""
+    old.close()
+    return new
 
 
 def _to_8bit_grey(image: Image.Image) -> Image.Image:
     """Scale 16/32-bit integer or float greyscale to 0..255 (Pillow's own convert clips at 255 instead).
 
-    Works in bands of rows, so a 40-megapixel float image needs a few MB of temporaries, not five copies."""
-    values = np.asarray(image)  # Pillow's buffer viewed, not copied, for these modes
+    Reads the pixels in bands of rows (`np.asarray` of a whole image copies it), so a 40-megapixel float image
+    needs a few MB of temporaries besides the 8-bit result."""
+    out = np.empty((image.height, image.width), np.uint8)
     if image.mode.startswith("I;16"):
-        return Image.fromarray(_UINT16_TO_UINT8[values])
-    low, high = _finite_range(values)
-    out = np.empty(values.shape, np.uint8)
+        for rows, band in _bands(image):
+            out[rows] = _UINT16_TO_UINT8[band]
+        return Image.fromarray(out)
+    low, high = _finite_range(image)
     if image.mode == "I" and low >= 0 and high <= 65535:  # Pillow keeps 16-bit data of some files in mode I
-        for rows in _bands(values):
-            out[rows] = _UINT16_TO_UINT8[values[rows]]
+        for rows, band in _bands(image):
+            out[rows] = _UINT16_TO_UINT8[band]
         return Image.fromarray(out)
     if image.mode == "F" and low >= 0 and high <= 1:
         offset, scale = 0.0, 255.0
     else:  # an unknown range: stretch what is there
         offset, scale = float(low), 255.0 / (float(high) - float(low) or 1.0)
-    for rows in _bands(values):
-        band = np.nan_to_num(values[rows].astype(np.float32), nan=offset)
-        out[rows] = np.rint(np.clip((band - offset) * scale, 0, 255))
+    for rows, band in _bands(image):
+        values = np.nan_to_num(band.astype(np.float32), nan=offset)
+        out[rows] = np.rint(np.clip((values - offset) * scale, 0, 255))
     return Image.fromarray(out)
 
 
-def _bands(values: np.ndarray, pixels: int = 1 << 20) -> list[slice]:
-    step = max(1, pixels // max(1, values.shape[1]))
-    return [slice(start, start + step) for start in range(0, values.shape[0], step)]
+def _bands(image: Image.Image, pixels: int = _BAND_PIXELS) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, their values) of about `pixels` pixels at a time."""
+    step = max(1, pixels // max(1, image.width))
+    for top in range(0, image.height, step):
+        bottom = min(top + step, image.height)
+        yield slice(top, bottom), np.asarray(image.crop((0, top, image.width, bottom)))
 
 
-def _finite_range(values: np.ndarray) -> tuple[float, float]:
+def _finite_range(image: Image.Image) -> tuple[float, float]:
     low, high = np.inf, -np.inf
-    for rows in _bands(values):
-        band = values[rows]
+    for _, band in _bands(image):
         finite = band[np.isfinite(band)] if band.dtype.kind == "f" else band
         if finite.size:
             low, high = min(low, float(finite.min())), max(high, float(finite.max()))

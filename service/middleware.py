@@ -103,8 +103,10 @@ class RequestBodyMiddleware:
     sees it, so a slow upload holds only its connection and its reserved bytes, never an inference slot. The
     body must keep pace: it may take `grace_s` plus its size at `min_rate` bytes/s, checked as it arrives
     (a client that declares 15 MB and sends 10 bytes/s is cut off after about `grace_s`), else 408 and the
-    connection is closed. Its declared size (the limit, for a chunked body) is reserved from `budget` first;
-    when the budget stays full the answer is 503 + Retry-After.
+    connection is closed. Its bytes are reserved from `budget` as they arrive, `RESERVE_STEP` ahead, not as
+    declared: a declared size costs nothing until it is sent, so connections that declare large bodies and
+    trickle them cannot fill the budget (and lock honest uploads out) while holding next to no memory. When the
+    budget stays full the answer is 503 + Retry-After.
     """
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, budget: ByteBudget, grace_s: float, min_rate: int) -> None:
@@ -136,20 +138,13 @@ class RequestBodyMiddleware:
             await self._streamed(scope, receive, send)
 
     async def _buffered(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
-        reserved = await self.budget.reserve_async(self.max_bytes if size is None else size)
-        if reserved is None:
-            error = Overloaded(
-                "the server holds too many request bodies in flight (VITSERVE_BODY_BUDGET_BYTES); retry shortly",
-                headers={"Retry-After": "1"},
-            )
-            await send_error(scope, send, error)
-            return
+        reservation = _BodyReservation(self.budget, self.max_bytes if size is None else size)
         try:
             try:
-                body = await self._read(receive)
+                body = await self._read(receive, reservation)
             except _ClientGone:
                 return
-            except (PayloadTooLarge, RequestTimeout) as e:
+            except (PayloadTooLarge, RequestTimeout, Overloaded) as e:
                 await send_error(scope, send, e)
                 return
             delivered = False
@@ -163,9 +158,9 @@ class RequestBodyMiddleware:
 
             await self.app(scope, replay, send)
         finally:
-            self.budget.release(reserved)
+            reservation.release()
 
-    async def _read(self, receive: Receive) -> bytes:
+    async def _read(self, receive: Receive, reservation: _BodyReservation) -> bytes:
         chunks: list[bytes] = []
         received = 0
         loop = asyncio.get_running_loop()
@@ -181,6 +176,7 @@ class RequestBodyMiddleware:
                     received += len(chunk)
                     if received > self.max_bytes:
                         raise self._too_large()
+                    await reservation.cover(received)
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         return b"".join(chunks)
@@ -217,6 +213,36 @@ class RequestBodyMiddleware:
         except PayloadTooLarge as e:  # raised inside body reading that no handler turned into a response
             if not started:
                 await send_error(scope, send, e)
+
+
+RESERVE_STEP = 1 << 20  # a body's reservation runs this far ahead of its bytes: one budget call per MiB, not per chunk
+
+
+class _BodyReservation:
+    """The bytes of one request body reserved from the body budget: what has arrived, rounded up a step."""
+
+    def __init__(self, budget: ByteBudget, declared: int) -> None:
+        self.budget = budget
+        self.declared = declared
+        self.held = 0
+
+    async def cover(self, received: int) -> None:
+        """Hold at least `received` bytes (within the budget's size), or raise Overloaded (503)."""
+        if received <= self.held or self.held >= self.budget.limit:
+            return
+        want = max(min(received + RESERVE_STEP, self.declared), received) - self.held
+        got = await self.budget.reserve_async(want)
+        if got is None:
+            raise Overloaded(
+                "the server holds too many request bodies in flight (VITSERVE_BODY_BUDGET_BYTES); retry shortly",
+                headers={"Retry-After": "1", "Connection": "close"},  # the rest of the body may be on its way
+            )
+        self.held += got
+
+    def release(self) -> None:
+        if self.held:
+            self.budget.release(self.held)
+            self.held = 0
 
 
 class _ClientGone(Exception):

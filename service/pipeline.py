@@ -54,7 +54,9 @@ def prepare(
         t2 = time.perf_counter()
         prepared = Prepared(pixels=pixels, decode_ms=(t1 - t0) * 1e3, preprocess_ms=(t2 - t1) * 1e3)
         if for_overlay:
-            source = image.copy()
+            # A box reduction first (to at least twice the side): a copy of the whole image would cost as much
+            # as the decoded image itself again.
+            source = image.reduce(max(1, max(image.size) // (2 * OVERLAY_SOURCE_SIDE)))
             source.thumbnail((OVERLAY_SOURCE_SIDE, OVERLAY_SOURCE_SIDE))
             prepared.overlay_source = source
             prepared.overlay_box = crop_box(image.size, meta.preprocessing, original_size=source.size)
