@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             os.environ[f"VITSERVE_{name.upper()}"] = str(value)
 
-    from service.runtime import ProviderError
     from service.settings import Settings
-    from vit_artifact.metadata import ArtifactError
 
     try:
         settings = Settings()
@@ -151,14 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     if settings.exit_with_parent:
         exit_with_parent()
 
-    from service.app import create_app, load_repository
-    from service.memory import tune_allocator
-
-    tune_allocator()  # before the models load: large buffers from mmap, given back when freed
-    if settings.worker_count > 1:
+    if settings.worker_count > 1:  # before the app's imports: the supervisor stays a small process
         from service import supervisor
 
         return supervisor.run(settings)
+
+    from service.app import create_app, load_repository
+    from service.memory import tune_allocator
+    from service.runtime import ProviderError
+    from vit_artifact.metadata import ArtifactError
+
+    tune_allocator()  # before the models load: large buffers from mmap, given back when freed
     try:
         repository = load_repository(settings)
     except (ArtifactError, ProviderError) as e:

@@ -13,10 +13,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import onnxruntime as ort
 
 from vit_artifact.metadata import (
     ATTENTIONS,
@@ -28,6 +27,9 @@ from vit_artifact.metadata import (
     read_metadata,
 )
 from vit_artifact.serving import SERVING_FILE
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger("vitserve.runtime")
 
@@ -41,6 +43,8 @@ class ProviderError(Exception):
 
 def resolve_providers(choice: str) -> list[str]:
     """`auto` takes CUDA where onnxruntime-gpu sees a GPU, else CPU; `cuda` without one is an error."""
+    import onnxruntime as ort
+
     available = ort.get_available_providers()
     if choice == "cpu":
         return [CPU]
@@ -57,6 +61,8 @@ def resolve_providers(choice: str) -> list[str]:
 
 
 def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+    import onnxruntime as ort  # here, not at the top: an HTTP worker never builds a session (service/worker.py)
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
