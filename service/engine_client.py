@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vitserve.worker")
 
+ENGINE_START_S = 600.0  # how long a worker waits for the engine's socket: a large model can take minutes to load
+
 
 class EngineLink:
     """One connection to the engine, with this worker's slot pool and the requests awaiting an answer."""
@@ -53,7 +55,7 @@ class EngineLink:
     @classmethod
     async def connect(cls, path: str, count: int, geometry: wire.SlotGeometry) -> EngineLink:
         pool = wire.SlotPool.create(count, geometry)
-        reader, writer = await asyncio.open_unix_connection(path)
+        reader, writer = await _connect(path)
         hello = {"pid": os.getpid(), "fd": pool.fd, "count": count, "geometry": vars(geometry)}
         writer.write(wire.pack_json(hello))
         link = cls(pool, reader, writer)
@@ -167,6 +169,18 @@ class EngineLink:
                 await self._reader_task
         self.writer.close()
         self.pool.close()
+
+
+async def _connect(path: str, wait_s: float = ENGINE_START_S) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the engine, which may still be loading its models (workers start alongside it)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            return await asyncio.open_unix_connection(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def _retrieved(future: asyncio.Future) -> None:

@@ -97,14 +97,6 @@ class Supervisor:
         self.engine: Child | None = None
         self.stopping = False
 
-    def start_engine(self) -> bool:
-        self.engine = Child("engine", [sys.executable, "-m", "service.engine"], self.env)
-        said = self.engine.wait_ready()
-        if said is None:
-            return False
-        log.info("engine %d ready: %s", self.engine.pid, json.loads(said)["models"])
-        return True
-
     def spawn_worker(self, index: int) -> Child:
         env = {**self.env, "VITSERVE_LISTEN_FD": str(self.listener.fileno()), "VITSERVE_WORKER_INDEX": str(index)}
         child = Child("worker", [sys.executable, "-m", "service.worker"], env, (self.listener.fileno(),))
@@ -126,11 +118,18 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         try:
-            if not self.start_engine():
-                assert self.engine is not None
-                return self.engine.process.wait() or EXIT_CONFIG
-            for index in range(self.count):  # all at once: each takes about a second to import and attach
+            # Everything starts at once: the workers import their libraries (about a second) while the engine
+            # loads and warms up the models, and connect as soon as its socket is there.
+            self.engine = Child("engine", [sys.executable, "-m", "service.engine"], self.env)
+            for index in range(self.count):
                 self.spawn_worker(index)
+            said = self.engine.wait_ready()
+            if said is None:  # the engine could not load the models: the workers have served nothing yet
+                for child in self.workers.values():
+                    child.process.kill()
+                    child.process.wait()
+                return self.engine.process.wait() or EXIT_CONFIG
+            log.info("engine %d ready: %s", self.engine.pid, json.loads(said)["models"])
             for index in range(self.count):
                 if not self.wait_worker(index) and not self.stopping:
                     log.error("worker %d failed to start; stopping", index)

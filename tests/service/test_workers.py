@@ -170,3 +170,11 @@ def test_hot_reload_with_several_workers_is_refused_at_start():
     result = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "VITSERVE_WORKERS=1" in result.stderr and "VITSERVE_RELOAD_INTERVAL_S" in result.stderr
+
+
+def test_an_engine_that_cannot_load_the_models_ends_the_start_with_its_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VITSERVE_PORT": str(free_port()), **WORKERS}
+    env["VITSERVE_MODEL_DIR"] = str(tmp_path)  # no artifacts in it
+    result = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "no artifacts in" in result.stderr
