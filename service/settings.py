@@ -70,9 +70,9 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(
         True,
         description="decode a large JPEG at 1/2, 1/4 or 1/8 scale inside libjpeg (DCT scaling), never below the "
-        "model's resize: a 4 MP photo decodes about 2.5x faster, and the model input moves by 0.1-2.2/255 on "
-        "average (at most 56/255, on sharp edges) against a full decode; `false`: always decode at full "
-        "resolution, the pixels the model's framework sees from its own decode",
+        "model's resize: a 4 MP photo is decoded and preprocessed about 3x faster, and the model input moves by "
+        "0.1-2.2/255 on average, at most 56/255 (sharp edges), against a full decode; `false`: always decode at "
+        "full resolution, the pixels the model's framework gets from its own decode",
     )
     max_batch_files: int = Field(
         32,
