@@ -233,8 +233,8 @@ def _draft(image: Image.Image, target_size: tuple[int, int]) -> None:
     The tradeoff: a 12-megapixel photo decodes several times faster and in a fraction of the memory, and the
     resize that follows still only shrinks, so the crop is the same region. But the model then sees a
     DCT-domain downscale followed by the framework's resize instead of one resize from full resolution, which
-    moves pixel values slightly (measured in tests/service/test_imaging.py: about 1.5/255 on average for a
-    halved photo). Export-time parity checks decode without it.
+    moves pixel values slightly (README's images paragraph states the tolerance; benchmarks/decode.py measures
+    it). Export-time parity checks decode without it, and so does the service with `VITSERVE_JPEG_DRAFT=false`.
     """
     height, width = target_size
     if image.getexif().get(_ORIENTATION, 1) in _ORIENTATIONS_SWAPPING_AXES:
