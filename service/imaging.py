@@ -13,9 +13,14 @@ Everything a client sends leaves `decode_image` as an 8-bit RGB image or as a `S
 - colour: every mode becomes RGB; transparency is composited on white (as transformers' `convert_to_rgb`
   does), 16-bit and float greyscale are scaled to 0..255, not clipped.
 
-When the service names a `target_size`, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale (see `_draft`);
-the image's full size is kept in `image.info[ORIGINAL_SIZE]` (read it with `original_size`) so that overlays
-can be placed on the user's original image.
+When the service names a `target_size`, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale (see `_draft`;
+`draft=False`, the `VITSERVE_JPEG_DRAFT` setting, turns it off); the image's full size is kept in
+`image.info[ORIGINAL_SIZE]` (read it with `original_size`) so that overlays can be placed on the user's original
+image.
+
+Pillow decodes every format. Measured against libjpeg-turbo's own API (simplejpeg) and OpenCV on photos
+(benchmarks/decode.py, results in benchmarks/results/decode.md): the same pixels bit for bit, since all three
+run libjpeg-turbo, and no clear gain once the decoded pixels are in the Pillow image the resize needs.
 """
 
 from __future__ import annotations
@@ -79,12 +84,14 @@ def decode_image(
     *,
     max_pixels: int,
     target_size: tuple[int, int] | None = None,
+    draft: bool = True,
     reservation: Reservation | None = None,
 ) -> Image.Image:
     """Decode `data` into a loaded RGB image; or raise BadImage, UnsupportedMediaType or PayloadTooLarge.
 
-    `target_size` (height, width) is the size the image will be resized to next; a JPEG at least twice that
-    size on both sides is decoded at reduced scale, never below it. With a `reservation`, the memory the
+    `target_size` (height, width) is the size the image will be resized to next; with `draft`, a JPEG at least
+    twice that size on both sides is decoded at reduced scale, never below it (`_draft`); without, or without a
+    `target_size`, every image is decoded at full resolution. With a `reservation`, the memory the
     decode will take (`decode_cost`) is reserved from its budget before any pixel is decoded (503 when the
     budget stays full); the caller gives it back when it drops the image.
     """
@@ -93,7 +100,7 @@ def decode_image(
     image = _open(data, max_pixels)
     _check_size(image.size, max_pixels)
     try:
-        return _decode(image, target_size, reservation)
+        return _decode(image, target_size if draft else None, reservation)
     except ServiceError:
         raise
     except Exception as e:  # Pillow raises many types on damaged data; each one is the client's bad file.
@@ -228,8 +235,8 @@ def _draft(image: Image.Image, target_size: tuple[int, int]) -> None:
     The tradeoff: a 12-megapixel photo decodes several times faster and in a fraction of the memory, and the
     resize that follows still only shrinks, so the crop is the same region. But the model then sees a
     DCT-domain downscale followed by the framework's resize instead of one resize from full resolution, which
-    moves pixel values slightly (measured in tests/service/test_imaging.py: about 1.5/255 on average for a
-    halved photo). Export-time parity checks decode without it.
+    moves pixel values slightly (README's images paragraph states the tolerance; benchmarks/decode.py measures
+    it). Export-time parity checks decode without it, and so does the service with `VITSERVE_JPEG_DRAFT=false`.
     """
     height, width = target_size
     if image.getexif().get(_ORIENTATION, 1) in _ORIENTATIONS_SWAPPING_AXES:

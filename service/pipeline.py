@@ -41,13 +41,19 @@ def prepare(
     max_pixels: int,
     budget: ByteBudget | None = None,
     for_overlay: bool = False,
+    jpeg_draft: bool = True,
 ) -> Prepared:
     """Decode and preprocess one image. The decoded image's memory is reserved from `budget` while it lives,
-    which is only inside this call: what outlives it is the model input and, `for_overlay`, a small copy."""
+    which is only inside this call: what outlives it is the model input and, `for_overlay`, a small copy.
+    `jpeg_draft` lets a large JPEG decode at reduced scale (`VITSERVE_JPEG_DRAFT`, `imaging.decode_image`)."""
     with Reservation(budget) as reservation:
         t0 = time.perf_counter()
         image = decode_image(
-            data, max_pixels=max_pixels, target_size=meta.preprocessing.resize_size, reservation=reservation
+            data,
+            max_pixels=max_pixels,
+            target_size=meta.preprocessing.resize_size,
+            draft=jpeg_draft,
+            reservation=reservation,
         )
         t1 = time.perf_counter()
         pixels = preprocess(image, meta.preprocessing)

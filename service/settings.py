@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         40_000_000, gt=0, description="decoded image size limit: 413 from the header, before decoding"
     )
+    jpeg_draft: bool = Field(
+        True,
+        description="decode a large JPEG at 1/2, 1/4 or 1/8 scale inside libjpeg (DCT scaling), never below the "
+        "model's resize: a 4 MP photo is decoded and preprocessed about 3x faster, and the model input moves by "
+        "0.1-2.2/255 on average, at most 56/255 (sharp edges), against a full decode; `false`: always decode at "
+        "full resolution, the pixels the model's framework gets from its own decode",
+    )
     max_batch_files: int = Field(
         32,
         gt=0,

@@ -119,6 +119,7 @@ class ServiceState:
             max_pixels=self.settings.max_pixels,
             budget=self.decode_budget,
             for_overlay=for_overlay,
+            jpeg_draft=self.settings.jpeg_draft,
         )
 
     async def run_sized(self, size: int, fn: Callable[..., T], *args: Any) -> T:

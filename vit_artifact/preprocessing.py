@@ -16,6 +16,7 @@ Resampling uses Pillow's filters, which is what both frameworks run on a PIL ima
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,8 +47,8 @@ def preprocess_batch(images: Sequence[Image.Image], spec: Preprocessing) -> np.n
     """RGB images -> float32 model input (N, 3, H, W)."""
     height, width = spec.crop_size
     batch = np.empty((len(images), 3, height, width), dtype=np.float32)
-    for i, image in enumerate(images):
-        batch[i] = preprocess(image, spec)
+    for row, image in zip(batch, images, strict=True):
+        to_tensor(resize_and_crop(image, spec), spec, out=row)
     return batch
 
 
@@ -85,20 +86,39 @@ def _resize_window(
     return canvas
 
 
-def to_tensor(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+def to_tensor(image: Image.Image, spec: Preprocessing, *, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 RGB image -> float32 (3, H, W): rescale, subtract mean, divide by std, then order channels.
 
-    mean and std are per R, G, B channel; for a BGR model the channels are reversed after normalising.
+    mean and std are per R, G, B channel; for a BGR model the channels are reversed after normalising. Written
+    into `out` (a C-contiguous float32 (3, H, W) array, e.g. a row of a batch) when given.
+
+    A uint8 value has 256 possible results per channel, so the arithmetic runs once per value (`_value_table`)
+    and the image is one table lookup per channel, straight into the channels-first output: one pass over the
+    pixels instead of five (float64 copy, float32 copy, subtract, divide, transpose), bit for bit the same.
     """
     _require_rgb(image)
-    # Rescale in float64, round once to float32, as transformers does (timm's float32 x / 255: within 1 ulp).
-    pixels = (np.asarray(image, dtype=np.float64) * spec.rescale_factor).astype(np.float32)  # (H, W, 3)
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    tensor = ((pixels - mean) / std).transpose(2, 0, 1)  # (3, H, W)
-    if spec.channel_order == "BGR":
-        tensor = tensor[::-1]
-    return np.ascontiguousarray(tensor)
+    pixels = np.asarray(image)  # (H, W, 3) uint8
+    if out is None:
+        out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    table = _value_table(spec.rescale_factor, tuple(spec.mean), tuple(spec.std))
+    channels = (2, 1, 0) if spec.channel_order == "BGR" else (0, 1, 2)
+    for plane, channel in zip(out, channels, strict=True):
+        # mode="clip" skips the bounds check: a uint8 index is always inside the 256-entry table.
+        np.take(table[channel], pixels[..., channel], out=plane, mode="clip")
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _value_table(rescale_factor: float, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: the model input value of each uint8 value in each R, G, B channel.
+
+    The framework's arithmetic, element for element: rescale in float64, round once to float32, as transformers
+    does (timm's float32 x / 255: within 1 ulp), then subtract the float32 mean and divide by the float32 std.
+    """
+    values = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    table = (values[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    table.flags.writeable = False  # shared by every call with the same record
+    return table
 
 
 def crop_box(

@@ -468,3 +468,24 @@ def test_draft_barely_moves_the_model_input(name: str) -> None:
     assert drafted.width * 2 <= full.width + 1  # the draft did reduce
     diff = np.abs(preprocess(full, spec) - preprocess(drafted, spec)) * 255
     assert diff.mean() < 3 and diff.max() < 64
+
+
+def test_without_draft_a_large_jpeg_decodes_at_full_resolution(large_jpeg: bytes) -> None:
+    """`VITSERVE_JPEG_DRAFT=false`: the same pixels as a decode that names no target, bit for bit."""
+    strict = decode(large_jpeg, target_size=(224, 224), draft=False)
+    np.testing.assert_array_equal(np.asarray(strict), np.asarray(decode(large_jpeg)))
+    assert strict.size == original_size(strict) == (2000, 1500)
+
+
+def test_without_draft_the_model_input_is_the_full_decode(large_jpeg: bytes) -> None:
+    from service.pipeline import prepare
+    from tests.conftest import DEFAULT_MODEL
+    from vit_artifact.metadata import read_metadata
+
+    meta = read_metadata(DEFAULT_MODEL)
+    full = preprocess(decode(large_jpeg), meta.preprocessing)
+    strict = prepare(large_jpeg, meta, max_pixels=LIMIT, jpeg_draft=False).pixels
+    np.testing.assert_array_equal(strict, full)
+    drafted = prepare(large_jpeg, meta, max_pixels=LIMIT).pixels  # the default: 1/8 scale for a 32 px model
+    np.testing.assert_array_equal(drafted, preprocess(decode(large_jpeg, target_size=(32, 32)), meta.preprocessing))
+    assert np.abs(drafted - full).max() > 0  # the setting changes what the model sees
