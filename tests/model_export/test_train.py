@@ -39,3 +39,9 @@ def test_training_is_deterministic_for_a_seed():
     b, _ = train(settings, progress=False)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
+
+
+def test_training_puts_back_the_thread_count_and_determinism_flag():
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    train(TrainSettings(epochs=1, copies=1, batch_size=256, threads=1), progress=False)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
