@@ -36,7 +36,8 @@ default-model: dev-env
 	$(RUN) $(DEV_VENV)/bin/python -m model_export train-default --out models/digits-vit --int8
 
 # The INT8 benchmark model (width 192, where INT8 pays on a CPU): too large to commit (11 MB), so re-created here
-# with its INT8 variant, both scored on the held-out canvases (add --calibrate percentile for static INT8).
+# (about 13 minutes on 2 shared cores, deterministic) with its INT8 variant, both scored on the held-out canvases
+# (add --calibrate percentile for static INT8). The numbers are in README's INT8 section.
 large-model: dev-env
 	$(RUN) $(DEV_VENV)/bin/python -m model_export train-default --size large --out build/models/digits-vit-large --int8
 

@@ -1,10 +1,11 @@
 """The training command's pieces: the data is split by source digit, and training is deterministic."""
 
 import numpy as np
+import pytest
 import torch
 
 from model_export import digits
-from model_export.train import TrainSettings, train
+from model_export.train import RECIPES, TrainSettings, train
 
 
 def test_held_out_digits_are_never_trained_on():
@@ -39,3 +40,15 @@ def test_training_is_deterministic_for_a_seed():
     b, _ = train(settings, progress=False)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
+
+
+def test_training_puts_back_the_thread_count_and_determinism_flag():
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    train(TrainSettings(epochs=1, copies=1, batch_size=256, threads=1), progress=False)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+
+
+def test_the_large_recipe_scales_the_default_learning_rate_by_width():
+    default, large = RECIPES["default"], RECIPES["large"]
+    assert large.lr == pytest.approx(default.lr * default.model.dim / large.model.dim)
+    assert large.model.image_size == default.model.image_size  # the same canvases and held-out set
