@@ -126,7 +126,7 @@ class Engine:
 async def run(settings: Settings, socket_path: str, ready_fd: int) -> None:
     from service.app import load_repository
 
-    state = ServiceState(settings)
+    state = ServiceState(settings, serves_http=False)
     state.repository = await asyncio.get_running_loop().run_in_executor(None, load_repository, settings)
     state.start_batchers()
     engine = Engine(state)

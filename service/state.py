@@ -58,7 +58,9 @@ def batch_policy(settings: Settings, model: LoadedModel) -> BatchPolicy:
 
 
 class ServiceState:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, serves_http: bool = True) -> None:
+        """`serves_http` False: the engine process of multi-process mode, which holds no bodies or images (its
+        budgets would otherwise add to the workers' in the summed metrics)."""
         self.settings = settings
         self.repository: ModelRepository | None = None
         self.shutting_down = False  # set on SIGTERM (readiness turns 503 at once) and at shutdown
@@ -72,8 +74,8 @@ class ServiceState:
         self.engine: EngineLink | None = None
         self.all_ready_file: Path | None = None
         # Bytes of request bodies and of decoded images in flight, server-wide (service.memory).
-        self.body_budget = ByteBudget("body", settings.body_budget_bytes)
-        self.decode_budget = ByteBudget("decode", settings.decode_budget_bytes)
+        self.body_budget = ByteBudget("body", settings.body_budget_bytes) if serves_http else None
+        self.decode_budget = ByteBudget("decode", settings.decode_budget_bytes) if serves_http else None
         # Batchers of replaced versions, kept until no request waits on them; and how many requests each has.
         self._retiring: set[Batcher] = set()
         self._waiting: Counter[Batcher] = Counter()

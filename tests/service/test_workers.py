@@ -18,6 +18,7 @@ import pytest
 
 from service.pipeline import prepare, softmax
 from service.runtime import CPU, load_model
+from service.settings import Settings
 from tests.conftest import DEFAULT_MODEL, MODELS, ROOT, Server, free_port, metric, wait_until
 
 pytestmark = pytest.mark.server
@@ -86,6 +87,11 @@ def test_metric_totals_count_every_process(two_workers, held_out_pngs):
     assert all(r.status_code == 200 for r in responses)
     after = totals()
     assert [a - b for a, b in zip(after, before, strict=True)] == [30, 30, 30]
+    # Each worker holds half of each memory budget; summed, they are the server-wide settings (the engine none).
+    text = httpx.get(f"{two_workers.url}/metrics").text
+    settings = Settings(model_dir=MODELS)
+    assert metric(text, "vitserve_memory_budget_bytes", budget="body") == settings.body_budget_bytes
+    assert metric(text, "vitserve_memory_budget_bytes", budget="decode") == settings.decode_budget_bytes
 
 
 def test_attention_and_v2_work_through_the_engine(two_workers, held_out_pngs):
