@@ -62,7 +62,7 @@ class Engine:
         pool = None
         running: set[asyncio.Task] = set()
         try:
-            hello = json.loads(await reader.readexactly(wire.unpack_length(await reader.readexactly(wire.LENGTH_SIZE))))
+            hello = await wire.read_json(reader)
             worker = int(hello["pid"])
             geometry = wire.SlotGeometry(**hello["geometry"])
             pool = wire.SlotPool.attach(f"/proc/{worker}/fd/{hello['fd']}", int(hello["count"]), geometry)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import struct
@@ -52,6 +51,14 @@ class EngineLink:
         """The model's number in REQUEST messages: its place in the engine's sorted list."""
         return [m["name"] for m in self.welcome["models"]].index(model)
 
+    def check_slots(self, count: int) -> None:
+        """Refuse (503) a request of `count` images when this worker's pool has fewer slots free."""
+        if count > len(self.free):
+            raise Overloaded(
+                f"this worker has {len(self.free)} free input slots and the request has {count} images; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+
     @classmethod
     async def connect(cls, path: str, count: int, geometry: wire.SlotGeometry) -> EngineLink:
         pool = wire.SlotPool.create(count, geometry)
@@ -59,9 +66,7 @@ class EngineLink:
         hello = {"pid": os.getpid(), "fd": pool.fd, "count": count, "geometry": vars(geometry)}
         writer.write(wire.pack_json(hello))
         link = cls(pool, reader, writer)
-        link.welcome = json.loads(
-            await reader.readexactly(wire.unpack_length(await reader.readexactly(wire.LENGTH_SIZE)))
-        )
+        link.welcome = await wire.read_json(reader)
         link._reader_task = asyncio.get_running_loop().create_task(link._read_replies(), name="engine-replies")
         return link
 
@@ -70,12 +75,7 @@ class EngineLink:
     ) -> list[Result]:
         if not self.alive:
             raise Unavailable("the inference engine is not running; retry shortly", headers={"Retry-After": "1"})
-        if len(images) > len(self.free):
-            raise Overloaded(
-                f"this worker has {len(self.free)} free input slots and the request has {len(images)} images; "
-                "retry shortly",
-                headers={"Retry-After": "1"},
-            )
+        self.check_slots(len(images))
         slots = [self.free.pop() for _ in images]
         shape = (3, *model.meta.input_size)
         for slot, pixels in zip(slots, images, strict=True):
@@ -108,13 +108,7 @@ class EngineLink:
                     else []
                 )
                 attention = await self.reader.readexactly(attention_bytes) if attention_bytes else b""
-                error = None
-                if status != wire.OK:
-                    error = json.loads(
-                        await self.reader.readexactly(
-                            wire.unpack_length(await self.reader.readexactly(wire.LENGTH_SIZE))
-                        )
-                    )
+                error = await wire.read_json(self.reader) if status != wire.OK else None
                 self._answer(request_id, status, timings, attention, error)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -209,12 +203,7 @@ class RemoteBatcher:
 
     def check_room(self, count: int) -> None:
         """The engine's queue is not visible here; only this worker's own slots are."""
-        if count > len(self.link.free):
-            raise Overloaded(
-                f"this worker has {len(self.link.free)} free input slots and the request has {count} images; "
-                "retry shortly",
-                headers={"Retry-After": "1"},
-            )
+        self.link.check_slots(count)
 
     async def submit_many(self, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0) -> list[Result]:
         try:

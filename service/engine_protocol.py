@@ -18,6 +18,7 @@ Messages are little-endian structs on a Unix stream socket:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mmap
 import os
@@ -91,9 +92,7 @@ def pack_json(value: Any) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-def unpack_length(data: bytes) -> int:
-    (length,) = _LENGTH.unpack(data)
-    return int(length)
-
-
-LENGTH_SIZE = _LENGTH.size
+async def read_json(reader: asyncio.StreamReader) -> Any:
+    """One length-prefixed JSON value, as `pack_json` wrote it."""
+    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    return json.loads(await reader.readexactly(length))
