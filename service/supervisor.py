@@ -43,7 +43,7 @@ from service.settings import Settings
 log = logging.getLogger("vitserve.supervisor")
 
 EXIT_CONFIG = 2
-ENGINE_DIED = 1
+EXIT_FAILURE = 1  # the engine died, or a child did not stop cleanly
 POLL_S = 0.1
 
 
@@ -145,7 +145,7 @@ class Supervisor:
             )
             code = self._watch()
             clean = self._shutdown()
-            return code or (0 if clean else ENGINE_DIED)
+            return code or (0 if clean else EXIT_FAILURE)
         finally:
             shutil.rmtree(self.runtime, ignore_errors=True)
 
@@ -160,7 +160,7 @@ class Supervisor:
                     self.engine.process.returncode,
                 )
                 self.all_ready.unlink(missing_ok=True)
-                return ENGINE_DIED
+                return EXIT_FAILURE
             for index, child in list(self.workers.items()):
                 if child.process.poll() is not None and not self.stopping:
                     self._replace(index, child)
