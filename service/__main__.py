@@ -194,7 +194,9 @@ def serve(
     # exit code 0, so an orchestrator sees a clean shutdown.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     policy = ConnectionPolicy(
-        header_timeout_s=settings.header_timeout_s, max_connections=connection_limit(settings.max_connections)
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=connection_limit(settings.max_connections),
+        direct=app.state.direct,
     )
     config = uvicorn.Config(
         app,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -20,21 +20,20 @@ from service import __version__
 from service.batching import BatchPolicy
 from service.engine_client import attach_engine
 from service.errors import InvalidParameter, ServiceError, error_response
-from service.fast_path import FastPath
+from service.fast_path import DirectInfer, FastPath
 from service.http_protocol import AcceptErrorFilter
 from service.metrics import METRICS
 from service.middleware import (
-    REQUEST_ID_HEADER,
-    SECURITY_HEADERS,
     ConcurrencyLimitMiddleware,
     MetricsMiddleware,
     RequestBodyMiddleware,
     RequestContextMiddleware,
+    internal_error,
 )
 from service.reload import RepositoryWatcher
 from service.routes import demo, health, inference, metrics, models, v2
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
-from service.security import APIKeyMiddleware, cors_options, document_api_keys
+from service.security import APIKeyMiddleware, APIKeys, cors_options, document_api_keys
 from service.settings import Settings
 from service.state import ServiceState, batch_policy
 
@@ -100,22 +99,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The traceback goes to the log only; the body names the request, never a file, line or exception text.
-        # This handler answers from outside every middleware (Starlette's ServerErrorMiddleware), so it adds the
-        # request id and the safe headers itself.
-        request_id = getattr(request.state, "request_id", "?")
-        log.exception("request %s failed", request_id)
-        headers = {REQUEST_ID_HEADER: request_id, **{k.decode(): v.decode() for k, v in SECURITY_HEADERS}}
-        message = f"internal error; quote request id {request_id} when reporting it"
-        return error_response(ServiceError(message, headers=headers), request.url.path)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # Answers from outside every middleware (Starlette's ServerErrorMiddleware).
+        return internal_error(getattr(request.state, "request_id", "?"), request.url.path)
 
 
-def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState) -> None:
+def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, keys: APIKeys | None) -> None:
     assert state.body_budget is not None, "an app's state serves HTTP"
     # Added innermost first; the last added runs first on a request.
     app.add_middleware(FastPath, state=state, routes=app.routes)  # innermost: V2 infer past FastAPI's router
-    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests)  # once a body is in
+    app.add_middleware(ConcurrencyLimitMiddleware, admission=state.admission)  # once a body is in
     app.add_middleware(
         RequestBodyMiddleware,
         max_bytes=settings.max_body_bytes,
@@ -123,8 +116,8 @@ def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState) -
         grace_s=settings.body_timeout_s,
         min_rate=settings.body_min_rate,
     )
-    if settings.api_keys:
-        app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, open_routes=settings.open_routes)
+    if keys is not None:
+        app.add_middleware(APIKeyMiddleware, keys=keys)
     app.add_middleware(MetricsMiddleware)
     if settings.cors_origins:  # outside the key check: a preflight carries no key, and a 401 must be readable
         app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
@@ -174,7 +167,12 @@ def create_app(
     )
     app.state.vitserve = state
     _install_error_handlers(app)
-    _install_middleware(app, settings, state)
+    keys = APIKeys(settings.api_keys, settings.open_routes) if settings.api_keys else None
+    _install_middleware(app, settings, state, keys)
+    # The connection layer answers V2 infer itself (service.fast_path); CORS headers come from the middleware only.
+    app.state.direct = (
+        DirectInfer(state, settings, keys) if settings.direct_infer and not settings.cors_origins else None
+    )
     for module in (health, models, inference, v2, metrics, demo):
         app.include_router(module.router)
     if settings.api_keys:

@@ -1,28 +1,61 @@
-"""The hot routes, dispatched without FastAPI's router.
+"""The hot route, V2 `infer`, two ways past the general machinery.
 
-A profile of the server under load (py-spy, 64 connections of V2 requests for the default model) put about
-45% of the event loop's time in FastAPI's and Starlette's routing, dependency solving and request/response
-wrapping, against 17% in the route's own code. The Open Inference Protocol's `infer` has no query parameters
-and parses its body itself, so it gains nothing from that machinery: `FastPath` matches its two paths with one
-regular expression and calls the same handler (`service.routes.v2.infer_response`) directly. Everything around
-it is unchanged: it sits inside every vitserve middleware (request ids, metrics, keys, body limits, admission),
-errors are rendered by the same `error_response`, the route stays registered for the OpenAPI document, and
-metrics see the same route templates.
+**Past FastAPI's router** (`FastPath`, ASGI): a profile of the server under load (py-spy, 64 connections of V2
+requests for the default model) put about 45% of the event loop's time in FastAPI's and Starlette's routing,
+dependency solving and request/response wrapping. `infer` has no query parameters and parses its body itself,
+so `FastPath` matches its two paths with one regular expression and calls the handler
+(`service.routes.v2.infer_response`) directly, inside every vitserve middleware.
+
+**Past ASGI altogether** (`DirectInfer`, from the connection layer): what remained was ASGI itself (a scope, a
+task, a chain of eight middlewares and their send wrappers, two writes per response), about half of the event
+loop's time per request. The connection (`service.http_protocol.GuardedProtocol`) asks `DirectInfer.begin` at
+each request's headers; an eligible request is collected and answered here, with one write, applying the very
+same rules as the middleware, imported from where they live: the request id and safe headers, API keys, the
+body limit, budget and pace deadline, admission, metrics and the access log. A request is eligible when it is a
+POST to an `infer` path without a query or escapes, with a `Content-Length` up to `DIRECT_MAX_BODY` bytes (and
+within `VITSERVE_MAX_BODY_BYTES`), no `Expect: 100-continue`, while its body fits the body budget now and CORS
+is off; every other request (chunked, large, pipelined behind another, refused, cross-origin) takes the ASGI
+way, whose middleware answers it as before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import Any
+import time
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
+from starlette.datastructures import Headers
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.errors import ServiceError, error_response
+from service.metrics import METRICS
+from service.middleware import (
+    body_too_slow,
+    cut_off_by_shutdown,
+    internal_error,
+    record_request,
+    request_id_for,
+    with_context_headers,
+)
 from service.routes import v2
+from service.settings import Settings
 from service.state import ServiceState
 
+if TYPE_CHECKING:
+    from service.http_protocol import GuardedProtocol
+    from service.security import APIKeys
+
+INFER_TEMPLATES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")  # metric route labels
 _V2_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+# The direct path takes plain paths only: a query or a %-escape goes the ASGI way, which decodes it.
+_V2_INFER_RAW = re.compile(rb"^/v2/models/([^/?%]+)(?:/versions/([^/?%]+))?/infer$")
+# Bodies up to this size are collected by the connection itself; larger ones stream through the middleware.
+DIRECT_MAX_BODY = 1 << 20
 
 
 class FastPath:
@@ -38,11 +71,180 @@ class FastPath:
             await self.app(scope, receive, send)
             return
         name, version = match["name"], match["version"]
-        template = "/v2/models/{name}/infer" if version is None else "/v2/models/{name}/versions/{version}/infer"
-        scope["route"] = self.templates.get(template)
+        scope["route"] = self.templates.get(INFER_TEMPLATES[version is not None])
         scope["path_params"] = {"name": name} if version is None else {"name": name, "version": version}
         try:
             response = await v2.infer_response(self.state, Request(scope, receive), name, version)
         except ServiceError as e:
             response = error_response(e, scope["path"])
         await response(scope, receive, send)
+
+
+class DirectRequest:
+    """What `v2.infer_response` reads of a request: its body, headers and state."""
+
+    __slots__ = ("_body", "headers", "state")
+
+    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self._body = body
+        self.headers = Headers(raw=headers)
+        self.state = SimpleNamespace()
+
+    async def body(self) -> bytes:
+        return self._body
+
+
+class DirectInfer:
+    """The direct path of one server process: its state and the settings its rules need."""
+
+    def __init__(self, state: ServiceState, settings: Settings, keys: APIKeys | None) -> None:
+        assert state.body_budget is not None, "an app's state serves HTTP"
+        self.state = state
+        self.keys = keys
+        self.budget = state.body_budget
+        self.max_body = min(DIRECT_MAX_BODY, settings.max_body_bytes)
+        self.grace_s = settings.body_timeout_s
+        self.min_rate = settings.body_min_rate
+
+    def begin(self, connection: GuardedProtocol) -> Exchange | None:
+        """An exchange for the request whose headers just arrived on `connection`, or None: the ASGI way."""
+        if connection.parser.get_method() != b"POST" or connection.expect_100_continue:
+            return None
+        match = _V2_INFER_RAW.match(connection.url)
+        if match is None:
+            return None
+        size: int | None = None
+        for name, value in connection.headers:
+            if name == b"content-length":
+                size = int(value) if value.isdigit() and len(value) < 10 else None
+            elif name == b"transfer-encoding":
+                return None
+        if size is None or size > self.max_body:
+            return None
+        held = self.budget.reserve_now(size)
+        if held is None:
+            return None  # the middleware waits for room, then answers 503
+        return Exchange(self, connection, match, size, held)
+
+
+class _NoEvent:
+    def set(self) -> None:  # the connection sets its request's event when it closes; an exchange waits on none
+        pass
+
+
+class Exchange:
+    """One request on the direct path. On the connection it stands where uvicorn's request-response cycle
+    would, with the attributes the connection layer reads (response_started, response_complete, keep_alive,
+    disconnected, message_event)."""
+
+    message_event = _NoEvent()
+
+    def __init__(
+        self, direct: DirectInfer, connection: GuardedProtocol, match: re.Match[bytes], size: int, held: int
+    ) -> None:
+        self.direct = direct
+        self.connection = connection
+        self.path = connection.url.decode("ascii")
+        self.name = match[1].decode("ascii")
+        self.version = None if match[2] is None else match[2].decode("ascii")
+        self.headers = connection.headers
+        self.request_id = request_id_for(self.headers)
+        self.refused = None if direct.keys is None else direct.keys.check(self.path, self.headers)
+        self.size = size
+        self.held = held
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.started = time.perf_counter()
+        self.response_started = self.response_complete = self.disconnected = False
+        self.keep_alive = connection.parser.should_keep_alive() and not connection.policy.draining
+        self.model: Any = None
+        loop = connection.loop
+        self.arrived = loop.time()
+        self.pace_timer: asyncio.TimerHandle | None = loop.call_later(direct.grace_s, self._check_pace)
+        METRICS.in_flight.inc()
+
+    # --- the body -------------------------------------------------------------------------------------------
+    def on_body(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.received += len(chunk)
+
+    def on_complete(self) -> None:
+        """The whole body is in: answer it in a task the server waits for at shutdown, as uvicorn's are."""
+        if self.pace_timer is not None:
+            self.pace_timer.cancel()
+            self.pace_timer = None
+        task = self.connection.loop.create_task(self._run(b"".join(self.chunks)))
+        self.chunks = []
+        tasks = self.connection.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _check_pace(self) -> None:
+        """The body may take the grace period plus its size at the minimum rate, as in the middleware."""
+        loop = self.connection.loop
+        due = self.arrived + self.direct.grace_s + self.received / self.direct.min_rate
+        if loop.time() < due:
+            self.pace_timer = loop.call_later(due - loop.time(), self._check_pace)
+            return
+        self.pace_timer = None
+        error = body_too_slow(self.received, loop.time() - self.arrived, self.direct.grace_s, self.direct.min_rate)
+        self._finish(error_response(error, self.path))
+
+    # --- the answer -----------------------------------------------------------------------------------------
+    async def _run(self, body: bytes) -> None:
+        try:
+            response = await self._respond(body)
+        except asyncio.CancelledError:  # the shutdown's grace period ended first
+            self._finish(error_response(cut_off_by_shutdown(self.request_id), self.path))
+            raise
+        self._finish(response)
+
+    async def _respond(self, body: bytes) -> Response:
+        if self.refused is not None:
+            return error_response(self.refused, self.path)
+        direct = self.direct
+        refused = direct.state.admission.enter()
+        if refused is not None:
+            return error_response(refused, self.path)
+        request = DirectRequest(body, self.headers)
+        try:
+            return await v2.infer_response(direct.state, request, self.name, self.version)
+        except ServiceError as e:
+            return error_response(e, self.path)
+        except Exception:
+            return internal_error(self.request_id, self.path)
+        finally:
+            direct.state.admission.leave()
+            self.model = getattr(request.state, "model", None)
+
+    def _finish(self, response: Response) -> None:
+        """Write the whole response at once, count it, free what the request held, hand the connection back."""
+        if self.response_complete:
+            return
+        self.response_started = self.response_complete = True
+        status = response.status_code
+        connection = self.connection
+        parts = [STATUS_LINE[status]]
+        for name, value in (
+            *connection.server_state.default_headers,
+            *with_context_headers(response.raw_headers, self.request_id),
+        ):
+            if name == b"connection" and b"close" in value.lower():
+                self.keep_alive = False
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", response.body)  # type: ignore[arg-type]  # bytes: every response here is built whole
+        if not self.disconnected:
+            connection.transport.write(b"".join(parts))
+        if connection.access_log:
+            client = f"{connection.client[0]}:{connection.client[1]}" if connection.client else "-"
+            http = connection.parser.get_http_version() if connection.parser is not None else "1.1"
+            # uvicorn's own message and arguments: its access formatter reads them by position
+            connection.access_logger.info('%s - "%s %s HTTP/%s" %d', client, "POST", self.path, http, status)
+        self.direct.budget.release(self.held)
+        self.held = 0
+        METRICS.in_flight.dec()
+        record_request(INFER_TEMPLATES[self.version is not None], "POST", status, self.started, self.model)
+        connection.exchange_done(self)

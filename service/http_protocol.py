@@ -23,11 +23,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.metrics import METRICS
+
+if TYPE_CHECKING:
+    from service.fast_path import DirectInfer, Exchange
 
 log = logging.getLogger("vitserve.http")
 
@@ -38,11 +41,13 @@ IDLE_CLOSE_GRACE_S = 0.5
 
 @dataclass
 class ConnectionPolicy:
-    """What every connection of one server obeys; `draining` is flipped by the server on SIGTERM."""
+    """What every connection of one server obeys; `draining` is flipped by the server on SIGTERM. `direct`
+    answers V2 `infer` without ASGI (service.fast_path.DirectInfer); None sends every request through the app."""
 
     header_timeout_s: float
     max_connections: int
     draining: bool = False
+    direct: DirectInfer | None = None
 
 
 def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
@@ -75,6 +80,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.request_started = False  # a byte of the current request arrived; its headers are not complete
         self.refused = False
         self.close_when_idle = False  # shutting down: close once no request is in progress (after a grace)
+        self.receiving: Exchange | None = None  # a direct-path request whose body is arriving
 
     # --- connection lifecycle -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -141,9 +147,36 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
         self.request_started = False
+        direct = self.policy.direct
+        if direct is not None and (self.cycle is None or self.cycle.response_complete):  # not pipelined
+            exchange = direct.begin(self)
+            if exchange is not None:
+                self.cycle = self.receiving = exchange  # type: ignore[assignment]  # stands in for uvicorn's cycle
+                return
         super().on_headers_complete()
         if self.policy.draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answered with `Connection: close`: the client reconnects elsewhere
+
+    def on_body(self, body: bytes) -> None:
+        if self.receiving is None:
+            super().on_body(body)
+        elif not self.receiving.response_complete:  # else answered already (408): the rest is dropped
+            self.receiving.on_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self.receiving = self.receiving, None
+        if exchange is None:
+            super().on_message_complete()
+        elif not exchange.response_complete:
+            exchange.on_complete()
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        """A direct-path response is written: close, or take the next request as after any response."""
+        if not exchange.keep_alive:
+            self.receiving = None
+            self.transport.close()
+        elif not self.transport.is_closing():
+            self.on_response_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

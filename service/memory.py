@@ -71,6 +71,14 @@ class ByteBudget:
             self._take(size)
         return size
 
+    def reserve_now(self, size: int) -> int | None:
+        """Reserve `size` bytes if they fit now (no wait, not counted as a refusal: the caller has another way)."""
+        with self._changed:
+            if size > self.limit or not self._fits(size):
+                return None
+            self._take(size)
+        return size
+
     async def reserve_async(self, size: int, wait_s: float = BUDGET_WAIT_S) -> int | None:
         size = min(size, self.limit)
         deadline = time.monotonic() + wait_s

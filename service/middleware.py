@@ -1,5 +1,6 @@
 """Pure-ASGI middleware: request ids and safe headers on every response, the request body limit, and the limit
-on inference requests in progress.
+on inference requests in progress. Each rule is a function or class here that the direct path
+(service.fast_path) applies too.
 
 The body limit is enforced while the body is read: a `Content-Length` over the limit is refused before a byte
 of the body is read, and a chunked body is cut off as soon as it passes the limit, so nothing is buffered
@@ -17,6 +18,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable, error_response
@@ -29,7 +31,8 @@ REQUEST_ID_HEADER = "x-request-id"
 _DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit() accepts "²", which int() refuses
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Unique without a system call per request: a random prefix per process, then a counter (uuid4 reads urandom).
-_request_ids = (f"{uuid.uuid4().hex[:16]}{n:016x}" for n in itertools.count())
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_request_ids = (f"{_ID_PREFIX}{n:016x}" for n in itertools.count())
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -38,10 +41,7 @@ SECURITY_HEADERS = [
 
 
 def header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin-1")
-    return None
+    return header_in(scope.get("headers", []), name)
 
 
 async def send_error(scope: Scope, send: Send, error: ServiceError) -> None:
@@ -52,6 +52,45 @@ async def send_error(scope: Scope, send: Send, error: ServiceError) -> None:
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}  # a Response never reads the request; this is only its signature
+
+
+_ID_NAME = REQUEST_ID_HEADER.encode()
+
+
+def header_in(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def request_id_for(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's `X-Request-ID` if it is sane, else a new one."""
+    incoming = header_in(headers, _ID_NAME)
+    return incoming if incoming and _VALID_ID.match(incoming) else next(_request_ids)
+
+
+def with_context_headers(headers: list[tuple[bytes, bytes]], request_id: str) -> list[tuple[bytes, bytes]]:
+    """A response's headers with the request id (ours replaces any other) and the safe headers it lacks."""
+    out = [h for h in headers if h[0].lower() != _ID_NAME]
+    out.append((_ID_NAME, request_id.encode()))
+    present = {k.lower() for k, _ in out}
+    out += [h for h in SECURITY_HEADERS if h[0] not in present]
+    return out
+
+
+def cut_off_by_shutdown(request_id: str) -> Unavailable:
+    log.warning("request %s was cut off by the shutdown (VITSERVE_SHUTDOWN_GRACE_S)", request_id)
+    return Unavailable("the server shut down before this request finished; retry", headers={"Retry-After": "1"})
+
+
+def internal_error(request_id: str, path: str) -> Response:
+    """A fault of ours: the traceback goes to the log only; the body names the request, never a file, line or
+    exception text. Carries the request id and safe headers itself (it may answer from outside the middleware)."""
+    log.exception("request %s failed", request_id)
+    headers = {REQUEST_ID_HEADER: request_id, **{k.decode(): v.decode() for k, v in SECURITY_HEADERS}}
+    message = f"internal error; quote request id {request_id} when reporting it"
+    return error_response(ServiceError(message, headers=headers), path)
 
 
 class RequestContextMiddleware:
@@ -68,8 +107,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = header(scope, REQUEST_ID_HEADER.encode())
-        request_id = incoming if incoming and _VALID_ID.match(incoming) else next(_request_ids)
+        request_id = request_id_for(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
 
         started = False
@@ -78,10 +116,7 @@ class RequestContextMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                headers = [h for h in message.get("headers", []) if h[0].lower() != REQUEST_ID_HEADER.encode()]
-                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
-                headers += [h for h in SECURITY_HEADERS if h[0] not in {k.lower() for k, _ in headers}]
-                message = {**message, "headers": headers}
+                message = {**message, "headers": with_context_headers(message.get("headers", []), request_id)}
             await send(message)
 
         try:
@@ -89,11 +124,7 @@ class RequestContextMiddleware:
         except asyncio.CancelledError:
             if started:
                 raise
-            log.warning("request %s was cut off by the shutdown (VITSERVE_SHUTDOWN_GRACE_S)", request_id)
-            error = Unavailable(
-                "the server shut down before this request finished; retry", headers={"Retry-After": "1"}
-            )
-            await send_error(scope, send_with_headers, error)
+            await send_error(scope, send_with_headers, cut_off_by_shutdown(request_id))
 
 
 class RequestBodyMiddleware:
@@ -182,13 +213,7 @@ class RequestBodyMiddleware:
                         return b"".join(chunks)
                     deadline.reschedule(started + self.grace_s + received / self.min_rate)
         except TimeoutError:
-            METRICS.connections_refused.labels(reason="body_timeout").inc()
-            raise RequestTimeout(
-                f"the request body arrived too slowly ({received} bytes in {loop.time() - started:.1f} s); "
-                f"send it within {self.grace_s:g} s plus {self.min_rate} bytes/s (VITSERVE_BODY_TIMEOUT_S, "
-                "VITSERVE_BODY_MIN_RATE)",
-                headers={"Connection": "close"},  # the rest of the body may still be on its way
-            ) from None
+            raise body_too_slow(received, loop.time() - started, self.grace_s, self.min_rate) from None
 
     async def _streamed(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = 0
@@ -213,6 +238,16 @@ class RequestBodyMiddleware:
         except PayloadTooLarge as e:  # raised inside body reading that no handler turned into a response
             if not started:
                 await send_error(scope, send, e)
+
+
+def body_too_slow(received: int, elapsed_s: float, grace_s: float, min_rate: int) -> RequestTimeout:
+    """The body did not keep pace (counted; the connection is closed after the answer)."""
+    METRICS.connections_refused.labels(reason="body_timeout").inc()
+    return RequestTimeout(
+        f"the request body arrived too slowly ({received} bytes in {elapsed_s:.1f} s); "
+        f"send it within {grace_s:g} s plus {min_rate} bytes/s (VITSERVE_BODY_TIMEOUT_S, VITSERVE_BODY_MIN_RATE)",
+        headers={"Connection": "close"},  # the rest of the body may still be on its way
+    )
 
 
 RESERVE_STEP = 1 << 20  # a body's reservation runs this far ahead of its bytes: one budget call per MiB, not per chunk
@@ -254,35 +289,51 @@ def is_inference(scope: Scope) -> bool:
     return scope["method"] == "POST" and scope["path"].startswith(("/v1/", "/v2/"))
 
 
-class ConcurrencyLimitMiddleware:
-    """At most `limit` inference requests in progress (from a complete body to the answer); one more is
-    refused at once with 503 + Retry-After instead of queueing without bound. Probes and metrics never count.
-    """
+class Admission:
+    """At most `limit` inference requests in progress (from a complete body to the answer); one more is refused
+    at once with 503 + Retry-After instead of queueing without bound. One per server process, shared by the
+    middleware and the direct path (service.fast_path); one event loop, so no lock."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
+    def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.in_progress = 0  # one event loop: no lock needed
+        self.in_progress = 0
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_inference(scope):
-            await self.app(scope, receive, send)
-            return
+    def enter(self) -> Overloaded | None:
+        """Admit the request (then `leave()` when it is answered), or the error to answer with."""
         if self.in_progress >= self.limit:
             METRICS.refused.labels(reason="concurrency").inc()
-            error = Overloaded(
+            return Overloaded(
                 f"the server has {self.limit} inference requests in progress "
                 "(VITSERVE_MAX_CONCURRENT_REQUESTS); retry shortly",
                 detail={"limit": self.limit},
                 headers={"Retry-After": "1"},
             )
-            await send_error(scope, send, error)
-            return
         self.in_progress += 1
+        return None
+
+    def leave(self) -> None:
+        self.in_progress -= 1
+
+
+class ConcurrencyLimitMiddleware:
+    """`Admission` for inference requests; probes and metrics never count."""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_inference(scope):
+            await self.app(scope, receive, send)
+            return
+        refused = self.admission.enter()
+        if refused is not None:
+            await send_error(scope, send, refused)
+            return
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_progress -= 1
+            self.admission.leave()
 
 
 # Label values come from fixed sets, whatever a client sends: an invented method is "other", a path is its route
@@ -294,6 +345,16 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 def _http_series(route: str, method: str, status: int) -> tuple[Any, Any]:
     """The labelled request counter and latency histogram (a label lookup costs more than the increment)."""
     return METRICS.requests.labels(route, method, str(status)), METRICS.latency.labels(route, method)
+
+
+def record_request(route: str, method: str, status: int, started: float, model: Any) -> None:
+    """Count and time one answered HTTP request; an inference request also by the model it served."""
+    counter, histogram = _http_series(route, method if method in _METHODS else "other", status)
+    counter.inc()
+    histogram.observe(time.perf_counter() - started)
+    if model is not None:
+        counter = METRICS.request_success if status < 400 else METRICS.request_failure
+        counter.labels(model.name, model.meta.version).inc()
 
 
 class MetricsMiddleware:
@@ -322,11 +383,4 @@ class MetricsMiddleware:
         finally:
             METRICS.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            counter, histogram = _http_series(route, method, status)
-            counter.inc()
-            histogram.observe(time.perf_counter() - started)
-            model = scope.get("state", {}).get("model")
-            if model is not None:
-                counter = METRICS.request_success if status < 400 else METRICS.request_failure
-                counter.labels(model.name, model.meta.version).inc()
+            record_request(route, scope["method"], status, started, scope.get("state", {}).get("model"))

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import Unauthorized
 from service.metrics import METRICS
-from service.middleware import REQUEST_ID_HEADER, header, send_error
+from service.middleware import REQUEST_ID_HEADER, header_in, send_error
 from service.v2_codec import HEADER_LENGTH
 
 AUTH_HEADERS = ["Authorization", "X-API-Key"]
@@ -42,19 +42,20 @@ def is_open(path: str, open_routes: list[str]) -> bool:
     return any(path.startswith(r[:-1]) if r.endswith("*") else path == r for r in open_routes)
 
 
-def presented_key(scope: Scope) -> bytes | None:
-    authorization = header(scope, b"authorization")
+def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    authorization = header_in(headers, b"authorization")
     if authorization is not None:
         scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             return credentials.strip().encode("latin-1")
-    api_key = header(scope, b"x-api-key")
+    api_key = header_in(headers, b"x-api-key")
     return api_key.strip().encode("latin-1") if api_key else None
 
 
-class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: list[str], open_routes: list[str]) -> None:
-        self.app = app
+class APIKeys:
+    """The configured keys, as digests; `check` is the one decision, for the middleware and the direct path."""
+
+    def __init__(self, keys: list[str], open_routes: list[str]) -> None:
         # Digests, compared digest to digest: equal lengths, so not even a key's length shows in the timing.
         self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
         self.open_routes = open_routes
@@ -68,23 +69,34 @@ class APIKeyMiddleware:
             matched |= hmac.compare_digest(digest, key)
         return matched
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # A CORS preflight (OPTIONS, never with credentials) does not get here: the CORS middleware outside
-        # answers it.
-        if scope["type"] != "http" or is_open(scope["path"], self.open_routes):
-            await self.app(scope, receive, send)
-            return
-        candidate = presented_key(scope)
+    def check(self, path: str, headers: list[tuple[bytes, bytes]]) -> Unauthorized | None:
+        """None when the request may go on; else the 401 to answer with (counted)."""
+        if is_open(path, self.open_routes):
+            return None
+        candidate = presented_key(headers)
         if self.accepts(candidate):
-            await self.app(scope, receive, send)
-            return
+            return None
         METRICS.refused.labels(reason="unauthorized").inc()
         problem = "no API key was sent" if candidate is None else "the API key is not valid"
-        error = Unauthorized(
+        return Unauthorized(
             f"{problem}; send it as `Authorization: Bearer <key>` (or `X-API-Key: <key>`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-        await send_error(scope, send, error)
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: APIKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A CORS preflight (OPTIONS, never with credentials) does not get here: the CORS middleware outside
+        # answers it.
+        refused = self.keys.check(scope["path"], scope["headers"]) if scope["type"] == "http" else None
+        if refused is None:
+            await self.app(scope, receive, send)
+        else:
+            await send_error(scope, send, refused)
 
 
 def document_api_keys(app: FastAPI, open_routes: list[str]) -> None:

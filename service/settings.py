@@ -119,6 +119,11 @@ class Settings(BaseSettings):
         description="origins whose pages may call the API (`https://a.example,https://b.example`, or `*`)",
         json_schema_extra=_shown("none (closed)"),
     )
+    direct_infer: bool = Field(
+        True,
+        description="answer V2 `infer` requests with bodies up to 1 MiB from the connection layer, past ASGI (same "
+        "rules and answers, about half the event loop's cost); off while CORS is on",
+    )
     max_concurrent_requests: int = Field(
         256,
         gt=0,

@@ -20,6 +20,7 @@ from service.batching import Batcher, BatchPolicy, DynamicBatcher, Result
 from service.engine_client import EngineLink, RemoteBatcher
 from service.errors import NotFound, Unavailable
 from service.memory import ByteBudget
+from service.middleware import Admission
 from service.pipeline import Prepared, prepare
 from service.runtime import LoadedModel, ModelRepository
 from service.settings import Settings
@@ -76,6 +77,8 @@ class ServiceState:
         # Bytes of request bodies and of decoded images in flight, server-wide (service.memory).
         self.body_budget = ByteBudget("body", settings.body_budget_bytes) if serves_http else None
         self.decode_budget = ByteBudget("decode", settings.decode_budget_bytes) if serves_http else None
+        # Inference requests in progress (VITSERVE_MAX_CONCURRENT_REQUESTS), for the middleware and the direct path.
+        self.admission = Admission(settings.max_concurrent_requests)
         # Batchers of replaced versions, kept until no request waits on them; and how many requests each has.
         self._retiring: set[Batcher] = set()
         self._waiting: Counter[Batcher] = Counter()

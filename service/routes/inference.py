@@ -100,7 +100,9 @@ async def classify(
     responses=ERRORS,
     openapi_extra=IMAGE_BODY,
 )
-async def classify_default(request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K) -> ClassifyResponse:
+async def classify_default(
+    request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
+) -> ClassifyResponse:
     return await _classify(None, request, state, request_id, top_k)
 
 

@@ -11,12 +11,13 @@ Inputs: `pixel_values`, FP32 [N, 3, H, W] already preprocessed as the model's me
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 
 from service import __version__
 from service import v2_codec as codec
@@ -240,7 +241,19 @@ def _classification(values: np.ndarray, labels: list[str], k: int) -> list[bytes
     return rows
 
 
-async def infer_response(state: ServiceState, request: Request, name: str, version: str | None) -> Response:
+class InferRequest(Protocol):
+    """What `infer_response` reads of a request: a Starlette request, or service.fast_path's direct one."""
+
+    @property
+    def headers(self) -> Headers: ...
+
+    @property
+    def state(self) -> Any: ...
+
+    async def body(self) -> bytes: ...
+
+
+async def infer_response(state: ServiceState, request: InferRequest, name: str, version: str | None) -> Response:
     """The whole of V2 `infer` (also called directly by service.fast_path)."""
     model = _model(state, name, version)
     request.state.model = model  # for the per-model request counters, as `service.deps.served_model` does

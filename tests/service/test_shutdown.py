@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import os
 import signal
 import socket
@@ -31,6 +32,26 @@ pytestmark = pytest.mark.server
 CLIENTS = 16
 CLASSIFY = request_bytes(
     "POST", "/v1/classify", encode(Image.new("RGB", (32, 32), (20, 90, 200))), {"content-type": "image/png"}
+)
+# V2 infer is answered by the connection layer itself (service.fast_path): it must drain the same way.
+_PIXELS = bytes(3 * 32 * 32 * 4)
+_V2_HEAD = json.dumps(
+    {
+        "inputs": [
+            {
+                "name": "pixel_values",
+                "shape": [1, 3, 32, 32],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": len(_PIXELS)},
+            }
+        ]
+    }
+).encode()
+V2_INFER = request_bytes(
+    "POST",
+    "/v2/models/digits-vit/infer",
+    _V2_HEAD + _PIXELS,
+    {"inference-header-content-length": str(len(_V2_HEAD)), "content-type": "application/octet-stream"},
 )
 # Quick requests leave a connection idle (to the server) most often between two of them: the moment a shutdown
 # used to close it under a request already on its way (the old server lost one per client this way).
@@ -57,7 +78,7 @@ class KeepAliveClient:
                 reader = Reader(sock)
                 for sent in itertools.count():
                     try:
-                        sock.sendall(CLASSIFY if sent % 4 == 3 else HEALTH)
+                        sock.sendall((CLASSIFY, V2_INFER)[sent // 4 % 2] if sent % 4 == 3 else HEALTH)
                         response = reader.response()
                     except (ConnectionEnded, OSError) as e:
                         self.lost.append(repr(e))
@@ -92,17 +113,20 @@ def test_sigterm_answers_every_request_sent_on_keep_alive_connections(tmp_path) 
 
 def test_responses_during_the_drain_carry_connection_close(tmp_path) -> None:
     server = Server(MODELS, tmp_path / "server.log", VITSERVE_DRAIN_DELAY_S="2").wait_ready()
-    with connect(server.port) as sock:
-        reader = Reader(sock)
-        sock.sendall(request_bytes("GET", "/healthz"))
-        assert "connection" not in reader.response().headers  # keep-alive before the signal
+    with connect(server.port) as first, connect(server.port) as second:
+        for sock in (first, second):
+            sock.sendall(request_bytes("GET", "/healthz"))
+            assert "connection" not in Reader(sock).response().headers  # keep-alive before the signal
         server.process.send_signal(signal.SIGTERM)
         wait_for("readiness to turn off", lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 503)
-        sock.sendall(CLASSIFY)  # on the connection opened before the signal: served, and told to go
-        response = reader.response()
-        assert response.status == 200, response.body
-        assert response.headers["connection"] == "close"
-        assert reader.closed()
+        # On the connections opened before the signal: served, and told to go.
+        for sock, request in ((first, CLASSIFY), (second, V2_INFER)):
+            reader = Reader(sock)
+            sock.sendall(request)
+            response = reader.response()
+            assert response.status == 200, response.body
+            assert response.headers["connection"] == "close"
+            assert reader.closed()
     assert server.process.wait(timeout=60) == 0
     server.stop()
 
