@@ -52,12 +52,12 @@ def presented_key(scope: Scope) -> bytes | None:
     return api_key.strip().encode("latin-1") if api_key else None
 
 
-class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: list[str], open_routes: list[str]) -> None:
-        self.app = app
+class APIKeys:
+    """The configured keys, checked in constant time (HTTP here, gRPC in service.grpc_v2)."""
+
+    def __init__(self, keys: list[str]) -> None:
         # Digests, compared digest to digest: equal lengths, so not even a key's length shows in the timing.
         self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
-        self.open_routes = open_routes
 
     def accepts(self, candidate: bytes | None) -> bool:
         if candidate is None:
@@ -68,6 +68,13 @@ class APIKeyMiddleware:
             matched |= hmac.compare_digest(digest, key)
         return matched
 
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[str], open_routes: list[str]) -> None:
+        self.app = app
+        self.keys = APIKeys(keys)
+        self.open_routes = open_routes
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # A CORS preflight (OPTIONS, never with credentials) does not get here: the CORS middleware outside
         # answers it.
@@ -75,7 +82,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         candidate = presented_key(scope)
-        if self.accepts(candidate):
+        if self.keys.accepts(candidate):
             await self.app(scope, receive, send)
             return
         METRICS.refused.labels(reason="unauthorized").inc()
