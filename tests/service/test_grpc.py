@@ -1,14 +1,24 @@
 """V2 over gRPC (`VITSERVE_GRPC_PORT`) through the real clients, unmodified: tritonclient.grpc (sync and aio) and
-KServe's InferenceGRPCClient, against a real server with API keys, in one process and with two workers."""
+KServe's InferenceGRPCClient, against a real server with API keys, in one process and with two workers.
+
+tritonclient's and KServe's generated modules both define `inference.*` in protobuf's default descriptor pool,
+so no process may import both: pytest's own process never imports tritonclient.grpc (tests/service/test_v2.py
+imports kserve in it); each tritonclient test runs in a forked child (`in_child`), KServe's in a subprocess.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -58,12 +68,37 @@ def server(tmp_path_factory):
     assert srv.stop() == 0
 
 
-@pytest.fixture(scope="module")
-def triton(server):
+def in_child(test: Callable[..., None]) -> Callable[..., None]:
+    """Run `test` in a forked child process and fail with its traceback (see the module docstring)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, and leave without pytest's teardown
+            os.close(read)
+            try:
+                test(*args, **kwargs)
+                report = b""
+            except BaseException:
+                report = traceback.format_exc().encode()
+            with os.fdopen(write, "wb") as out:
+                out.write(report)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            report = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if report or status:
+            pytest.fail(report.decode() or f"the test's process ended with status {status}", pytrace=False)
+
+    return run
+
+
+def connect(server):
     import tritonclient.grpc as grpcclient
 
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        yield client
+    return grpcclient.InferenceServerClient(server.grpc_url)
 
 
 def _image_input(pngs: list[bytes]):
@@ -74,7 +109,9 @@ def _image_input(pngs: list[bytes]):
     return tensor
 
 
-def test_health_and_metadata(triton):
+@in_child
+def test_health_and_metadata(server):
+    triton = connect(server)
     # Live and ready are open without a key, as /v2/health/* is over HTTP; the rest needs one.
     assert triton.is_server_live() and triton.is_server_ready()
     assert triton.is_model_ready(MODEL, headers=AUTH) and triton.is_model_ready(MODEL, "1", headers=AUTH)
@@ -85,7 +122,9 @@ def test_health_and_metadata(triton):
     assert {o["name"] for o in model["outputs"]} >= {"logits", "probabilities", "attention_rollout"}
 
 
-def test_triton_sync_pixels_and_images(triton, digits):
+@in_child
+def test_triton_sync_pixels_and_images(server, digits):
+    triton = connect(server)
     import tritonclient.grpc as grpcclient
 
     x = digits["pixels"][:4]
@@ -108,6 +147,7 @@ def test_triton_sync_pixels_and_images(triton, digits):
     assert maps.shape == (12, 8, 8) and np.isclose(maps.max(axis=(1, 2)), 1.0).all()
 
 
+@in_child
 def test_triton_aio_concurrent_images(server, digits):
     import tritonclient.grpc.aio as aioclient
 
@@ -141,7 +181,9 @@ def test_kserve_grpc_client(server, digits, tmp_path):
     assert np.argmax(report["raw_probabilities"], 1).tolist() == digits["logits"][:3].argmax(1).tolist()
 
 
-def test_errors_are_grpc_status_codes(triton, digits):
+@in_child
+def test_errors_are_grpc_status_codes(server, digits):
+    triton = connect(server)
     import grpc
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -169,7 +211,10 @@ def test_errors_are_grpc_status_codes(triton, digits):
     assert code == "StatusCode.RESOURCE_EXHAUSTED" and "VITSERVE_MAX_BATCH_FILES" in message
 
 
-def test_metrics_count_grpc_calls(server, triton, digits):
+@in_child
+def test_metrics_count_grpc_calls(server, digits):
+    triton = connect(server)
+
     def scrape() -> str:
         return httpx.get(f"{server.url}/metrics").text
 
@@ -187,6 +232,7 @@ def test_metrics_count_grpc_calls(server, triton, digits):
     assert grew("vitserve_http_requests_total", route="/v2/models/{name}/infer", method="POST", status="200") == 0
 
 
+@in_child
 def test_two_workers_serve_grpc_and_drain_on_sigterm(tmp_path, digits):
     import tritonclient.grpc as grpcclient
 
