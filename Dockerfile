@@ -35,13 +35,17 @@ COPY service /app/service
 # Bytecode now, as root, because the running container cannot write next to its read-only sources: without
 # it every start would compile the service again (pip already compiled the virtual environment).
 RUN /opt/venv/bin/python -m compileall -q /app/vit_artifact /app/service
+# The gRPC stubs, generated now for this image's protobuf (VITSERVE_GRPC_STUBS_DIR below), for the same reason.
+RUN PYTHONPATH=/app /opt/venv/bin/python -m service.grpc_v2.stubs /opt/grpc-stubs \
+    && /opt/venv/bin/python -m compileall -q /opt/grpc-stubs
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VITSERVE_HOST=0.0.0.0 \
     VITSERVE_PORT=8000 \
-    VITSERVE_MODEL_DIR=/models
+    VITSERVE_MODEL_DIR=/models \
+    VITSERVE_GRPC_STUBS_DIR=/opt/grpc-stubs
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000

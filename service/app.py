@@ -149,8 +149,15 @@ def create_app(
             watcher = RepositoryWatcher(state, load, settings.reload_interval_s)
             watcher.start()
         app.state.watcher = watcher
+        grpc_server = None
+        if settings.grpc_port:
+            from service.grpc_v2.server import start
+
+            grpc_server = await start(state, shared_port=worker is not None)
         yield
         state.shutting_down = True
+        if grpc_server is not None:  # after HTTP's drain: in-flight calls finish within the grace, new ones are refused
+            await grpc_server.stop(settings.shutdown_grace_s)
         if watcher is not None:
             await watcher.stop()
         await state.stop_batchers()

@@ -99,6 +99,16 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.grpc_requests = Counter(
+            "vitserve_grpc_requests", "gRPC calls by method and status code", ["method", "code"], registry=r
+        )
+        self.grpc_latency = Histogram(
+            "vitserve_grpc_request_duration_seconds",
+            "gRPC call latency",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.refused = Counter(
             "vitserve_http_refused",
             "Requests refused before routing: unauthorized (401), concurrency limit (503)",

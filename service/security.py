@@ -53,7 +53,8 @@ def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
 
 
 class APIKeys:
-    """The configured keys, as digests; `check` is the one decision, for the middleware and the direct path."""
+    """The configured keys, as digests; `check` is the one decision, for the middleware, the direct path and gRPC
+    (service.grpc_v2), checked in constant time."""
 
     def __init__(self, keys: list[str], open_routes: list[str]) -> None:
         # Digests, compared digest to digest: equal lengths, so not even a key's length shows in the timing.

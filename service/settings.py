@@ -48,6 +48,20 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol over gRPC (`GRPCInferenceService`), on `VITSERVE_HOST`; "
+        "0: off (README: gRPC says why; Triton's convention is 8001)",
+        json_schema_extra=_shown("0 (off)"),
+    )
+    grpc_stubs_dir: Path | None = Field(
+        None,
+        description="where the gRPC stubs are generated (once per protobuf version) and looked for; the image "
+        "sets it to stubs generated at build time, as its root filesystem is read-only",
+        json_schema_extra=_shown("`$XDG_CACHE_HOME/vitserve/grpc-stubs`, else a temporary directory"),
+    )
     workers: int = Field(
         1,
         ge=0,

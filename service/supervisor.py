@@ -212,6 +212,14 @@ class Supervisor:
 
 
 def run(settings: Settings) -> int:
+    if settings.grpc_port:
+        # The workers share the gRPC port with SO_REUSEPORT, which would as gladly share it with another server:
+        # an exclusive bind first makes a port already in use an error here, as the HTTP port's is.
+        try:
+            socket.create_server((settings.host, settings.grpc_port)).close()
+        except OSError as e:
+            print(f"error: cannot serve gRPC on {settings.host}:{settings.grpc_port}: {e.strerror}", file=sys.stderr)
+            return 3
     try:
         supervisor = Supervisor(settings)
     except OSError as e:

@@ -193,6 +193,11 @@ def _b64(value: Any, name: str) -> bytes:
         ) from e
 
 
+def datatype_of(value: np.ndarray) -> str:
+    """The protocol's name for an array's element type (FP32, INT64, ...)."""
+    return next(k for k, t in NUMPY_TYPES.items() if np.dtype(t) == value.dtype)
+
+
 def encode_output(name: str, value: np.ndarray | list[bytes], shape: list[int], binary: bool) -> tuple[dict, bytes]:
     """One output tensor: its JSON entry, and its binary bytes when sent with the binary extension."""
     if isinstance(value, list):  # BYTES
@@ -200,7 +205,7 @@ def encode_output(name: str, value: np.ndarray | list[bytes], shape: list[int], 
         raw = encode_bytes_elements(value) if binary else b""
         data: Any = [v.decode() for v in value]
     else:
-        datatype = next(k for k, t in NUMPY_TYPES.items() if np.dtype(t) == value.dtype)
+        datatype = datatype_of(value)
         raw = np.ascontiguousarray(value).tobytes() if binary else b""
         data = value.reshape(-1).tolist()
     entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}

@@ -33,6 +33,8 @@ from vit_artifact.metadata import INPUT_NAME, ArtifactMetadata
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 IMAGE_INPUT = "image"
+# Server metadata's extensions; the gRPC service (service.grpc_v2) answers with the same list.
+EXTENSIONS = ["classification", "binary_tensor_data"]
 DEFAULT_OUTPUTS = ["logits", "probabilities"]
 ATTENTION_OUTPUTS: dict[str, Method] = {"attention_rollout": "rollout", "attention_cls": "cls"}
 INFER_BODY = {
@@ -71,14 +73,14 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 NOT_READY: dict[int | str, dict[str, Any]] = {503: {"description": "not ready: loading, or draining before shutdown"}}
 
 
-def _model(state: State, name: str, version: str | None) -> LoadedModel:
+def find_model(state: ServiceState, name: str, version: str | None) -> LoadedModel:
     model = state.model(name)
     if version is not None and version != model.meta.version:
         raise NotFound(f"model {name!r} has version {model.meta.version!r}, not {version!r}")
     return model
 
 
-def _metadata(model: LoadedModel) -> dict[str, Any]:
+def model_metadata_body(model: LoadedModel) -> dict[str, Any]:
     m = model.meta
     grid = list(m.grid)
     return {
@@ -105,7 +107,7 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
 
 @router.get("", operation_id="v2_server_metadata", summary="Server metadata")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "vitserve", "version": __version__, "extensions": ["classification", "binary_tensor_data"]}
+    return {"name": "vitserve", "version": __version__, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", operation_id="v2_live", summary="Server live")
@@ -120,7 +122,7 @@ async def ready(state: State) -> JSONResponse:
 
 @router.get("/models/{name}", operation_id="v2_model_metadata", summary="Model metadata", responses=_errors(404))
 async def model_metadata(name: str, state: State) -> Response:
-    return JSONResponse(_metadata(_model(state, name, None)))
+    return JSONResponse(model_metadata_body(find_model(state, name, None)))
 
 
 @router.get(
@@ -130,14 +132,14 @@ async def model_metadata(name: str, state: State) -> Response:
     responses=_errors(404),
 )
 async def model_version_metadata(name: str, version: str, state: State) -> Response:
-    return JSONResponse(_metadata(_model(state, name, version)))
+    return JSONResponse(model_metadata_body(find_model(state, name, version)))
 
 
 @router.get(
     "/models/{name}/ready", operation_id="v2_model_ready", summary="Model ready", responses=_errors(404) | NOT_READY
 )
 async def model_ready(name: str, state: State) -> Response:
-    return _ready(_model(state, name, None))
+    return _ready(find_model(state, name, None))
 
 
 @router.get(
@@ -147,7 +149,7 @@ async def model_ready(name: str, state: State) -> Response:
     responses=_errors(404) | NOT_READY,
 )
 async def model_version_ready(name: str, version: str, state: State) -> Response:
-    return _ready(_model(state, name, version))
+    return _ready(find_model(state, name, version))
 
 
 @router.post(
@@ -176,7 +178,7 @@ def _ready(model: LoadedModel) -> Response:
     return JSONResponse({"name": model.name, "ready": model.warmed_up}, 200 if model.warmed_up else 503)
 
 
-def _check_count(count: int, state: State) -> None:
+def _check_count(count: int, state: ServiceState) -> None:
     """Refuse more images than VITSERVE_MAX_BATCH_FILES up front (413): each image waits in the model's bounded
     queue, and a request larger than the queue would get a 503 that no retry can cure."""
     limit = state.settings.max_batch_files
@@ -184,7 +186,7 @@ def _check_count(count: int, state: State) -> None:
         raise PayloadTooLarge(f"{count} images in one request; the limit is {limit} (VITSERVE_MAX_BATCH_FILES)")
 
 
-async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest, binary: bytes) -> np.ndarray:
+async def _pixels(state: ServiceState, model: LoadedModel, request: codec.InferRequest, binary: bytes) -> np.ndarray:
     """The request's single input as model-ready pixels (N, 3, H, W)."""
     if len(request.inputs) != 1:
         raise BadRequest(
@@ -255,7 +257,7 @@ class InferRequest(Protocol):
 
 async def infer_response(state: ServiceState, request: InferRequest, name: str, version: str | None) -> Response:
     """The whole of V2 `infer` (also called directly by service.fast_path)."""
-    model = _model(state, name, version)
+    model = find_model(state, name, version)
     request.state.model = model  # for the per-model request counters, as `service.deps.served_model` does
     body = await request.body()
     header_length = request.headers.get(codec.HEADER_LENGTH)
@@ -263,12 +265,7 @@ async def infer_response(state: ServiceState, request: InferRequest, name: str, 
     # request's JSON header is small.
     json_size = min(codec.header_length_value(header_length) or len(body), len(body))
     parsed, binary = await state.run_sized(json_size, codec.parse_request, body, header_length)
-    outputs = _outputs(parsed)
-    pixels = await _pixels(state, model, parsed, binary)
-    size = _check_response_size(outputs, len(pixels), model.meta, parsed.parameters, state.settings.max_response_bytes)
-    with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
-    results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
-    tensors = await state.run_sized(size, _output_tensors, outputs, results, model.meta)
+    tensors, size = await infer_tensors(state, model, parsed, binary)
     header: dict[str, Any] = {"model_name": model.name, "model_version": model.meta.version}
     if parsed.id is not None:
         header["id"] = parsed.id
@@ -279,12 +276,35 @@ async def infer_response(state: ServiceState, request: InferRequest, name: str, 
     return Response(payload, media_type="application/octet-stream", headers={codec.HEADER_LENGTH: str(binary_start)})
 
 
+async def infer_tensors(
+    state: ServiceState, model: LoadedModel, parsed: codec.InferRequest, binary: bytes, *, packed: bool = False
+) -> tuple[list[codec.OutputTensor], int]:
+    """V2 inference, whatever the transport: a parsed request (inputs in JSON or in `binary`) -> its output
+    tensors, and their size on the wire estimated from above. REST (`infer_response`) and gRPC
+    (service.grpc_v2) both call it. `packed`: every output travels packed (gRPC), so none is sized as JSON."""
+    outputs = _outputs(parsed)
+    pixels = await _pixels(state, model, parsed, binary)
+    binary_default = bool(parsed.parameters.get("binary_data_output", False))
+    size = _check_response_size(
+        outputs, len(pixels), model.meta, binary_default, state.settings.max_response_bytes, packed=packed
+    )
+    with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
+    results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
+    return await state.run_sized(size, _output_tensors, outputs, results, model.meta), size
+
+
 # Upper bounds of an element's size on the wire: FP32 in binary, and as JSON text (`-0.0012345678918063641, `).
 _BINARY_BYTES, _JSON_BYTES, _CLASSIFICATION_BYTES = 4, 24, 40
 
 
 def _check_response_size(
-    outputs: list[codec.OutputRequest], n: int, meta: ArtifactMetadata, parameters: dict[str, Any], limit: int
+    outputs: list[codec.OutputRequest],
+    n: int,
+    meta: ArtifactMetadata,
+    binary_default: bool,
+    limit: int,
+    *,
+    packed: bool = False,
 ) -> int:
     """The response's size, estimated from above; refused (413) before any inference when it would pass
     VITSERVE_MAX_RESPONSE_BYTES."""
@@ -300,7 +320,7 @@ def _check_response_size(
         if k is not None:
             size += n * min(k, len(meta.labels)) * _CLASSIFICATION_BYTES
             continue
-        binary = bool(out.parameters.get("binary_data", parameters.get("binary_data_output", False)))
+        binary = packed or bool(out.parameters.get("binary_data", binary_default))
         size += n * per_image[out.name] * (_BINARY_BYTES if binary else _JSON_BYTES)
     if size > limit:
         raise PayloadTooLarge(

@@ -198,7 +198,11 @@ def test_a_full_queue_is_refused_at_once_with_503(executor):
         with pytest.raises(Overloaded) as caught:
             await batcher.submit(image(4), with_attention=False)
         assert isinstance(caught.value, ServiceError) and caught.value.status == 503
-        assert caught.value.headers == {"Retry-After": "1"} and caught.value.detail == {"queue_size": 2, "queued": 2, "images": 1}
+        assert caught.value.headers == {"Retry-After": "1"} and caught.value.detail == {
+            "queue_size": 2,
+            "queued": 2,
+            "images": 1,
+        }
         assert rejected() == before + 1
         assert not any(task.done() for task in queued)  # refused without waiting for a place
         model.release.set()
