@@ -107,7 +107,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, keys: APIKeys | None) -> None:
     assert state.body_budget is not None, "an app's state serves HTTP"
     # Added innermost first; the last added runs first on a request.
-    app.add_middleware(FastPath, state=state, routes=app.routes)  # innermost: V2 infer past FastAPI's router
+    app.add_middleware(FastPath, state=state)  # innermost: V2 infer past FastAPI's router
     app.add_middleware(ConcurrencyLimitMiddleware, admission=state.admission)  # once a body is in
     app.add_middleware(
         RequestBodyMiddleware,

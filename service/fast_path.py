@@ -54,16 +54,15 @@ INFER_TEMPLATES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{versi
 _V2_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 # The direct path takes plain paths only: a query or a %-escape goes the ASGI way, which decodes it.
 _V2_INFER_RAW = re.compile(rb"^/v2/models/([^/?%]+)(?:/versions/([^/?%]+))?/infer$")
+_ROUTES = tuple(SimpleNamespace(path=template) for template in INFER_TEMPLATES)
 # Bodies up to this size are collected by the connection itself; larger ones stream through the middleware.
 DIRECT_MAX_BODY = 1 << 20
 
 
 class FastPath:
-    def __init__(self, app: ASGIApp, state: ServiceState, routes: list[Any]) -> None:
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
         self.state = state
-        # The registered routes, so that metrics label a fast-path request with the same template.
-        self.templates = {getattr(r, "path", None): r for r in routes}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _V2_INFER.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -71,7 +70,7 @@ class FastPath:
             await self.app(scope, receive, send)
             return
         name, version = match["name"], match["version"]
-        scope["route"] = self.templates.get(INFER_TEMPLATES[version is not None])
+        scope["route"] = _ROUTES[version is not None]  # what metrics and traces read of a route: its template
         scope["path_params"] = {"name": name} if version is None else {"name": name, "version": version}
         try:
             response = await v2.infer_response(self.state, Request(scope, receive), name, version)

@@ -138,7 +138,13 @@ def test_request_ids_metrics_and_access_log(keyed: Server) -> None:
     made = exchange(keyed.port, INFER, body, {**headers, "x-request-id": "no spaces allowed"})
     assert made.status == 200 and len(made.headers["x-request-id"]) == 32
     assert metric(keyed.url, "vitserve_http_requests", **route) == before + 2
-    assert metric(keyed.url, "nv_inference_request_success", model="digits-vit") == success + 2
+    assert exchange(keyed.port, INFER + "?via=asgi", body, headers).status == 200  # labelled alike
+    assert metric(keyed.url, "vitserve_http_requests", **route) == before + 3
+    versioned = {**route, "route": "/v2/models/{name}/versions/{version}/infer"}
+    for path in ("/v2/models/digits-vit/versions/1/infer", "/v2/models/digits-vit/versions/1/infer?via=asgi"):
+        assert exchange(keyed.port, path, body, headers).status == 200
+    assert metric(keyed.url, "vitserve_http_requests", **versioned) == 2
+    assert metric(keyed.url, "nv_inference_request_success", model="digits-vit") == success + 5
     assert metric(keyed.url, "vitserve_requests_in_flight") == 1  # the scrape itself
     wait_for("the access log line", lambda: f'"POST {INFER} HTTP/1.1" 200' in keyed.log.read_text())
 
