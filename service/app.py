@@ -32,7 +32,7 @@ from service.middleware import (
     RequestContextMiddleware,
 )
 from service.reload import RepositoryWatcher
-from service.routes import demo, health, inference, metrics, models, v2
+from service.routes import demo, health, inference, metrics, models, shared_memory, v2
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
 from service.security import APIKeyMiddleware, cors_options, document_api_keys
 from service.settings import Settings
@@ -175,7 +175,7 @@ def create_app(
     app.state.vitserve = state
     _install_error_handlers(app)
     _install_middleware(app, settings, state)
-    for module in (health, models, inference, v2, metrics, demo):
+    for module in (health, models, inference, v2, shared_memory, metrics, demo):
         app.include_router(module.router)
     if settings.api_keys:
         document_api_keys(app, settings.open_routes)

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from service import __version__
+from service import shared_memory as shm
 from service import v2_codec as codec
 from service.batching import Result
 from service.deps import State
@@ -103,8 +104,11 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
 
 
 @router.get("", operation_id="v2_server_metadata", summary="Server metadata")
-async def server_metadata() -> dict[str, Any]:
-    return {"name": "vitserve", "version": __version__, "extensions": ["classification", "binary_tensor_data"]}
+async def server_metadata(state: State) -> dict[str, Any]:
+    extensions = ["classification", "binary_tensor_data"]
+    if state.settings.system_shared_memory:
+        extensions.append(shm.EXTENSION)
+    return {"name": "vitserve", "version": __version__, "extensions": extensions}
 
 
 @router.get("/health/live", operation_id="v2_live", summary="Server live")
@@ -195,7 +199,7 @@ async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest,
         if tensor.datatype != "BYTES":
             raise BadRequest(f"input {IMAGE_INPUT!r} must be BYTES (encoded images), not {tensor.datatype}")
         _check_count(codec.element_count(tensor.shape), state)  # before decoding: a huge shape costs nothing
-        images, _ = codec.decode_input(tensor, binary, 0)
+        images = await _decode_input(state, tensor, binary)
         assert isinstance(images, list)
         if not images:
             raise BadRequest(f"input {IMAGE_INPUT!r} holds no images")
@@ -212,10 +216,19 @@ async def _pixels(state: State, model: LoadedModel, request: codec.InferRequest,
             f"input {INPUT_NAME!r} has shape {tensor.shape}; this model takes [N, {', '.join(map(str, want))}]"
         )
     _check_count(tensor.shape[0], state)
-    values, _ = codec.decode_input(tensor, binary, 0)
+    values = await _decode_input(state, tensor, binary)
     assert isinstance(values, np.ndarray)
     if not np.isfinite(values).all():
         raise BadRequest(f"input {INPUT_NAME!r} holds NaN or infinite values")
+    return values
+
+
+async def _decode_input(state: State, tensor: codec.TensorIn, binary: bytes) -> np.ndarray | list[bytes]:
+    """The input's values, from the body (JSON or binary) or from a shared memory region."""
+    from_region = await shm.read_input(state, tensor)
+    if from_region is not None:
+        tensor, binary = from_region
+    values, _ = codec.decode_input(tensor, binary, 0)
     return values
 
 
@@ -251,11 +264,14 @@ async def infer_response(state: ServiceState, request: Request, name: str, versi
     json_size = min(codec.header_length_value(header_length) or len(body), len(body))
     parsed, binary = await state.run_sized(json_size, codec.parse_request, body, header_length)
     outputs = _outputs(parsed)
+    placed = shm.output_refs(state, outputs)  # outputs to write into shared memory regions (usually none)
     pixels = await _pixels(state, model, parsed, binary)
     size = _check_response_size(outputs, len(pixels), model.meta, parsed.parameters, state.settings.max_response_bytes)
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
     results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
     tensors = await state.run_sized(size, _output_tensors, outputs, results, model.meta)
+    if placed:
+        tensors = await shm.write_outputs(state, placed, tensors)
     header: dict[str, Any] = {"model_name": model.name, "model_version": model.meta.version}
     if parsed.id is not None:
         header["id"] = parsed.id
@@ -283,6 +299,8 @@ def _check_response_size(
     }
     size = 0
     for out in outputs:
+        if shm.names_region(out.parameters):  # written into a shared memory region, not the response
+            continue
         k = out.parameters.get("classification")
         if k is not None:
             size += n * min(k, len(meta.labels)) * _CLASSIFICATION_BYTES
