@@ -31,7 +31,7 @@ from service.middleware import (
     internal_error,
 )
 from service.reload import RepositoryWatcher
-from service.routes import demo, health, inference, metrics, models, v2
+from service.routes import demo, health, inference, metrics, models, shared_memory, v2
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
 from service.security import APIKeyMiddleware, APIKeys, cors_options, document_api_keys
 from service.settings import Settings
@@ -180,7 +180,7 @@ def create_app(
     app.state.direct = (
         DirectInfer(state, settings, keys) if settings.direct_infer and not settings.cors_origins else None
     )
-    for module in (health, models, inference, v2, metrics, demo):
+    for module in (health, models, inference, v2, shared_memory, metrics, demo):
         app.include_router(module.router)
     if settings.api_keys:
         document_api_keys(app, settings.open_routes)

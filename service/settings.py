@@ -190,6 +190,18 @@ class Settings(BaseSettings):
         json_schema_extra=_shown("32 MiB"),
     )
 
+    # Triton's system shared memory extension (service/shared_memory.py).
+    system_shared_memory: bool = Field(
+        False,
+        description="Triton's system shared memory extension (`/v2/systemsharedmemory`; V2 inputs and outputs by "
+        "region): any client that may call the API can then read and write the POSIX shared memory objects under "
+        "/dev/shm that the server's user may open, so turn it on only for trusted clients on the same host "
+        "(README: System shared memory); off: 403",
+    )
+    system_shared_memory_max_regions: int = Field(
+        64, gt=0, description="registered shared memory regions, server-wide; registering more is a 400"
+    )
+
     # Reliability.
     on_model_error: Literal["fail", "skip"] = Field(
         "fail",

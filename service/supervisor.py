@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from service.settings import Settings
+from service.shared_memory import REGISTRY_ENV
 
 log = logging.getLogger("vitserve.supervisor")
 
@@ -83,11 +84,13 @@ class Supervisor:
         self.count = settings.worker_count
         self.runtime = Path(tempfile.mkdtemp(prefix="vitserve-"))
         (self.runtime / "metrics").mkdir()
+        (self.runtime / "shared-memory").mkdir()  # the registry of shared memory regions every worker reads
         self.all_ready = self.runtime / "all-ready"
         self.env = {
             **os.environ,
             "PROMETHEUS_MULTIPROC_DIR": str(self.runtime / "metrics"),
             "VITSERVE_ENGINE_SOCKET": str(self.runtime / "engine.sock"),
+            REGISTRY_ENV: str(self.runtime / "shared-memory"),
             "VITSERVE_ALL_READY_FILE": str(self.all_ready),
             "VITSERVE_EXIT_WITH_PARENT": "1",
         }

@@ -193,19 +193,20 @@ def _b64(value: Any, name: str) -> bytes:
         ) from e
 
 
-def datatype_of(value: np.ndarray) -> str:
-    """The protocol's name for an array's element type (FP32, INT64, ...)."""
+def datatype_of(value: np.ndarray | list[bytes]) -> str:
+    """The protocol's name for an output's element type (FP32, INT64, ...; BYTES for a list of byte strings)."""
+    if isinstance(value, list):
+        return "BYTES"
     return next(k for k, t in NUMPY_TYPES.items() if np.dtype(t) == value.dtype)
 
 
 def encode_output(name: str, value: np.ndarray | list[bytes], shape: list[int], binary: bool) -> tuple[dict, bytes]:
     """One output tensor: its JSON entry, and its binary bytes when sent with the binary extension."""
+    datatype = datatype_of(value)
     if isinstance(value, list):  # BYTES
-        datatype = "BYTES"
         raw = encode_bytes_elements(value) if binary else b""
         data: Any = [v.decode() for v in value]
     else:
-        datatype = datatype_of(value)
         raw = np.ascontiguousarray(value).tobytes() if binary else b""
         data = value.reshape(-1).tolist()
     entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
@@ -223,6 +224,9 @@ class OutputTensor:
     request: OutputRequest
     value: np.ndarray | list[bytes]
     shape: list[int]
+    # An output written elsewhere (a shared memory region, service.shared_memory): its entry carries these
+    # parameters and no data.
+    placed: dict[str, Any] | None = None
 
 
 def encode_response(header: dict[str, Any], outputs: list[OutputTensor], binary_all: bool) -> tuple[bytes, int | None]:
@@ -233,6 +237,16 @@ def encode_response(header: dict[str, Any], outputs: list[OutputTensor], binary_
     """
     entries, chunks, any_binary = [], [], False
     for out in outputs:
+        if out.placed is not None:
+            entries.append(
+                {
+                    "name": out.request.name,
+                    "datatype": datatype_of(out.value),
+                    "shape": out.shape,
+                    "parameters": out.placed,
+                }
+            )
+            continue
         binary = bool(out.request.parameters.get("binary_data", binary_all))
         entry, raw = encode_output(out.request.name, out.value, out.shape, binary)
         any_binary = any_binary or binary

@@ -140,7 +140,9 @@ class InferenceService:
 
     @rpc(lambda _: "/v2")
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return self.pb2.ServerMetadataResponse(name="vitserve", version=__version__, extensions=v2.EXTENSIONS)
+        return self.pb2.ServerMetadataResponse(
+            name="vitserve", version=__version__, extensions=v2.extensions(self.state.settings)
+        )
 
     @rpc(lambda request: _model_path(request.name, request.version))
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -20,12 +20,14 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 
 from service import __version__
+from service import shared_memory as shm
 from service import v2_codec as codec
 from service.batching import Result
 from service.deps import State
 from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.pipeline import softmax
 from service.runtime import LoadedModel
+from service.settings import Settings
 from service.state import ServiceState
 from vit_artifact.attention import Method, attention_map
 from vit_artifact.metadata import INPUT_NAME, ArtifactMetadata
@@ -34,7 +36,14 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 IMAGE_INPUT = "image"
 # Server metadata's extensions; the gRPC service (service.grpc_v2) answers with the same list.
-EXTENSIONS = ["classification", "binary_tensor_data"]
+EXTENSIONS = ["classification", "binary_tensor_data"]  # always on; `extensions()` adds the optional ones
+
+
+def extensions(settings: Settings) -> list[str]:
+    """What `GET /v2` (and gRPC's ServerMetadata) lists: exactly the extensions this server implements now."""
+    return [*EXTENSIONS, *([shm.EXTENSION] if settings.system_shared_memory else [])]
+
+
 DEFAULT_OUTPUTS = ["logits", "probabilities"]
 ATTENTION_OUTPUTS: dict[str, Method] = {"attention_rollout": "rollout", "attention_cls": "cls"}
 INFER_BODY = {
@@ -106,8 +115,8 @@ def model_metadata_body(model: LoadedModel) -> dict[str, Any]:
 
 
 @router.get("", operation_id="v2_server_metadata", summary="Server metadata")
-async def server_metadata() -> dict[str, Any]:
-    return {"name": "vitserve", "version": __version__, "extensions": EXTENSIONS}
+async def server_metadata(state: State) -> dict[str, Any]:
+    return {"name": "vitserve", "version": __version__, "extensions": extensions(state.settings)}
 
 
 @router.get("/health/live", operation_id="v2_live", summary="Server live")
@@ -198,7 +207,7 @@ async def _pixels(state: ServiceState, model: LoadedModel, request: codec.InferR
         if tensor.datatype != "BYTES":
             raise BadRequest(f"input {IMAGE_INPUT!r} must be BYTES (encoded images), not {tensor.datatype}")
         _check_count(codec.element_count(tensor.shape), state)  # before decoding: a huge shape costs nothing
-        images, _ = codec.decode_input(tensor, binary, 0)
+        images = await _decode_input(state, tensor, binary)
         assert isinstance(images, list)
         if not images:
             raise BadRequest(f"input {IMAGE_INPUT!r} holds no images")
@@ -215,10 +224,19 @@ async def _pixels(state: ServiceState, model: LoadedModel, request: codec.InferR
             f"input {INPUT_NAME!r} has shape {tensor.shape}; this model takes [N, {', '.join(map(str, want))}]"
         )
     _check_count(tensor.shape[0], state)
-    values, _ = codec.decode_input(tensor, binary, 0)
+    values = await _decode_input(state, tensor, binary)
     assert isinstance(values, np.ndarray)
     if not np.isfinite(values).all():
         raise BadRequest(f"input {INPUT_NAME!r} holds NaN or infinite values")
+    return values
+
+
+async def _decode_input(state: State, tensor: codec.TensorIn, binary: bytes) -> np.ndarray | list[bytes]:
+    """The input's values, from the body (JSON or binary) or from a shared memory region."""
+    from_region = await shm.read_input(state, tensor)
+    if from_region is not None:
+        tensor, binary = from_region
+    values, _ = codec.decode_input(tensor, binary, 0)
     return values
 
 
@@ -283,6 +301,7 @@ async def infer_tensors(
     tensors, and their size on the wire estimated from above. REST (`infer_response`) and gRPC
     (service.grpc_v2) both call it. `packed`: every output travels packed (gRPC), so none is sized as JSON."""
     outputs = _outputs(parsed)
+    placed = shm.output_refs(state, outputs)  # outputs to write into shared memory regions (usually none)
     pixels = await _pixels(state, model, parsed, binary)
     binary_default = bool(parsed.parameters.get("binary_data_output", False))
     size = _check_response_size(
@@ -290,7 +309,10 @@ async def infer_tensors(
     )
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
     results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
-    return await state.run_sized(size, _output_tensors, outputs, results, model.meta), size
+    tensors = await state.run_sized(size, _output_tensors, outputs, results, model.meta)
+    if placed:
+        tensors = await shm.write_outputs(state, placed, tensors)
+    return tensors, size
 
 
 # Upper bounds of an element's size on the wire: FP32 in binary, and as JSON text (`-0.0012345678918063641, `).
@@ -316,6 +338,8 @@ def _check_response_size(
     }
     size = 0
     for out in outputs:
+        if shm.names_region(out.parameters):  # written into a shared memory region, not the response
+            continue
         k = out.parameters.get("classification")
         if k is not None:
             size += n * min(k, len(meta.labels)) * _CLASSIFICATION_BYTES
