@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from service import __version__
+from service import __version__, tracing
 from service.batching import BatchPolicy
 from service.engine_client import attach_engine
 from service.errors import InvalidParameter, ServiceError, error_response
@@ -128,6 +128,7 @@ def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState) -
     app.add_middleware(MetricsMiddleware)
     if settings.cors_origins:  # outside the key check: a preflight carries no key, and a 401 must be readable
         app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
+    tracing.install(app, settings)  # inside the request id, outside every refusal: each request is one span
     app.add_middleware(RequestContextMiddleware)  # outermost: every response gets an id and the safe headers
 
 

@@ -97,6 +97,19 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="`debug`, `info`, `warning`, `error`"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`text`: one line per record for people; `json`: one JSON object per line (time, level, "
+        "logger, message, request_id, process; the access log's client, method, path, status as fields) for log "
+        "pipelines",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector (`http://collector:4318`; `/v1/traces` is added): send an OpenTelemetry "
+        "span per request with one per stage. Unset: OpenTelemetry's own `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or "
+        "`OTEL_EXPORTER_OTLP_ENDPOINT` turns tracing on; with none of them, tracing is off and costs nothing",
+        json_schema_extra=_shown("none (off)"),
+    )
 
     # Security. Keys are never logged: `repr=False` keeps them out of the settings' repr and error messages.
     api_keys: CommaList = Field(
