@@ -20,6 +20,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable, error_response
+from service.logs import REQUEST_ID
 from service.memory import ByteBudget
 from service.metrics import METRICS
 
@@ -71,6 +72,7 @@ class RequestContextMiddleware:
         incoming = header(scope, REQUEST_ID_HEADER.encode())
         request_id = incoming if incoming and _VALID_ID.match(incoming) else next(_request_ids)
         scope.setdefault("state", {})["request_id"] = request_id
+        REQUEST_ID.set(request_id)  # for service.logs; this request's task holds its own value
 
         started = False
 
