@@ -26,6 +26,7 @@ from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.pipeline import softmax
 from service.runtime import LoadedModel
 from service.state import ServiceState
+from service.tracing import TRACE_KEY
 from vit_artifact.attention import Method, attention_map
 from vit_artifact.metadata import INPUT_NAME, ArtifactMetadata
 
@@ -255,6 +256,8 @@ async def infer_response(state: ServiceState, request: Request, name: str, versi
     size = _check_response_size(outputs, len(pixels), model.meta, parsed.parameters, state.settings.max_response_bytes)
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
     results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
+    if (trace := request.scope.get(TRACE_KEY)) is not None:  # queue, inference and encode spans (service.otel)
+        trace.inferred((), results)
     tensors = await state.run_sized(size, _output_tensors, outputs, results, model.meta)
     header: dict[str, Any] = {"model_name": model.name, "model_version": model.meta.version}
     if parsed.id is not None:

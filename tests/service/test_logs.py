@@ -28,7 +28,9 @@ def formatted(formatter: logging.Formatter, rec: logging.LogRecord, role: str | 
 def test_json_lines_carry_the_request_id_and_the_access_fields() -> None:
     token = REQUEST_ID.set("abc123")
     try:
-        access = record("uvicorn.access", '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "POST", "/v1/classify", "1.1", 200)
+        access = record(
+            "uvicorn.access", '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "POST", "/v1/classify", "1.1", 200
+        )
         entry = json.loads(formatted(JsonFormatter(), access, "worker 1"))
     finally:
         REQUEST_ID.reset(token)
@@ -56,9 +58,7 @@ def json_lines(log: Path) -> list[dict[str, Any]]:
 
 
 def access_line(log: Path, request_id: str) -> dict[str, Any] | None:
-    return next(
-        (e for e in json_lines(log) if e["logger"] == "uvicorn.access" and e["request_id"] == request_id), None
-    )
+    return next((e for e in json_lines(log) if e["logger"] == "uvicorn.access" and e["request_id"] == request_id), None)
 
 
 @pytest.mark.server
