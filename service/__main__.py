@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"error: invalid configuration: {problems}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.logs import setup_logging
+
+    setup_logging(settings, "supervisor" if settings.worker_count > 1 else None)
     if settings.exit_with_parent:
         exit_with_parent()
 
@@ -189,6 +191,7 @@ def serve(
     import uvicorn
 
     from service.http_protocol import ConnectionPolicy, protocol_for
+    from service.logs import UVICORN_LOG_CONFIG
 
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; this handler turns that into
     # exit code 0, so an orchestrator sees a clean shutdown.
@@ -203,6 +206,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=UVICORN_LOG_CONFIG,  # uvicorn's lines through service.logs' handler: its format, request ids
         http=protocol_for(policy),
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works (call_later)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from service import __version__
+from service import __version__, tracing
 from service.batching import BatchPolicy
 from service.engine_client import attach_engine
 from service.errors import InvalidParameter, ServiceError, error_response
@@ -121,6 +121,7 @@ def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, k
     app.add_middleware(MetricsMiddleware)
     if settings.cors_origins:  # outside the key check: a preflight carries no key, and a 401 must be readable
         app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
+    tracing.install(app, settings)  # inside the request id, outside every refusal: each request is one span
     app.add_middleware(RequestContextMiddleware)  # outermost: every response gets an id and the safe headers
 
 
@@ -176,10 +177,10 @@ def create_app(
     _install_error_handlers(app)
     keys = APIKeys(settings.api_keys, settings.open_routes) if settings.api_keys else None
     _install_middleware(app, settings, state, keys)
-    # The connection layer answers V2 infer itself (service.fast_path); CORS headers come from the middleware only.
-    app.state.direct = (
-        DirectInfer(state, settings, keys) if settings.direct_infer and not settings.cors_origins else None
-    )
+    # The connection layer answers V2 infer itself (service.fast_path); CORS headers and spans come from the
+    # middleware only.
+    direct = settings.direct_infer and not settings.cors_origins and tracing.traces_endpoint(settings) is None
+    app.state.direct = DirectInfer(state, settings, keys) if direct else None
     for module in (health, models, inference, v2, shared_memory, metrics, demo):
         app.include_router(module.router)
     if settings.api_keys:

@@ -150,14 +150,13 @@ async def run(settings: Settings, socket_path: str, ready_fd: int) -> None:
 
 def main() -> int:
     from service.__main__ import EXIT_CONFIG, exit_with_parent
+    from service.logs import setup_logging
     from service.memory import tune_allocator
     from service.runtime import ProviderError
     from vit_artifact.metadata import ArtifactError
 
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s"
-    )
+    setup_logging(settings, "engine")
     exit_with_parent()
     tune_allocator()
     if importlib.util.find_spec("uvloop"):

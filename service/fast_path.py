@@ -14,7 +14,7 @@ same rules as the middleware, imported from where they live: the request id and 
 body limit, budget and pace deadline, admission, metrics and the access log. A request is eligible when it is a
 POST to an `infer` path without a query or escapes, with a `Content-Length` up to `DIRECT_MAX_BODY` bytes (and
 within `VITSERVE_MAX_BODY_BYTES`), no `Expect: 100-continue`, while its body fits the body budget now and CORS
-is off; every other request (chunked, large, pipelined behind another, refused, cross-origin) takes the ASGI
+and tracing are off (their headers and spans come from middleware); every other request (chunked, large, pipelined behind another, refused, cross-origin) takes the ASGI
 way, whose middleware answers it as before.
 """
 
@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.errors import ServiceError, error_response
+from service.logs import REQUEST_ID
 from service.metrics import METRICS
 from service.middleware import (
     body_too_slow,
@@ -191,6 +192,7 @@ class Exchange:
 
     # --- the answer -----------------------------------------------------------------------------------------
     async def _run(self, body: bytes) -> None:
+        REQUEST_ID.set(self.request_id)  # for service.logs; this task holds its own value
         try:
             response = await self._respond(body)
         except asyncio.CancelledError:  # the shutdown's grace period ended first

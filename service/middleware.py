@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable, error_response
+from service.logs import REQUEST_ID
 from service.memory import ByteBudget
 from service.metrics import METRICS
 
@@ -109,6 +110,7 @@ class RequestContextMiddleware:
             return
         request_id = request_id_for(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
+        REQUEST_ID.set(request_id)  # for service.logs; this request's task holds its own value
 
         started = False
 

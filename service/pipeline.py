@@ -32,6 +32,7 @@ class Prepared:
     preprocess_ms: float
     overlay_source: Image.Image | None = None  # the upright photo, reduced for display, when an overlay is due
     overlay_box: tuple[float, float, float, float] | None = None  # the region the model saw, in its pixels
+    started: float = 0.0  # perf_counter when decoding began: tracing places its spans from it (service.tracing)
 
 
 def prepare(
@@ -58,7 +59,7 @@ def prepare(
         t1 = time.perf_counter()
         pixels = preprocess(image, meta.preprocessing)
         t2 = time.perf_counter()
-        prepared = Prepared(pixels=pixels, decode_ms=(t1 - t0) * 1e3, preprocess_ms=(t2 - t1) * 1e3)
+        prepared = Prepared(pixels=pixels, decode_ms=(t1 - t0) * 1e3, preprocess_ms=(t2 - t1) * 1e3, started=t0)
         if for_overlay:
             # A box reduction first (to at least twice the side): a copy of the whole image would cost as much
             # as the decoded image itself again.

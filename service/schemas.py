@@ -88,6 +88,25 @@ class AttentionResponse(BaseModel):
     request_id: str
 
 
+class AttentionBatchItem(BaseModel):
+    index: int = Field(description="position of the file in the request")
+    filename: str | None = None
+    map: list[list[float]] | None = Field(None, description="grid rows of attention, normalised to [0, 1]")
+    predictions: list[Prediction] | None = None
+    error: ErrorInfo | None = Field(None, description="set instead of map and predictions when this image failed")
+
+
+class AttentionBatchResponse(BaseModel):
+    model: str
+    version: str
+    method: AttentionMethod
+    params: AttentionParams
+    grid: Grid
+    results: list[AttentionBatchItem]
+    timings: Timings
+    request_id: str
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str

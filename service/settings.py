@@ -111,6 +111,19 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="`debug`, `info`, `warning`, `error`"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`text`: one line per record for people; `json`: one JSON object per line (time, level, "
+        "logger, message, request_id, process; the access log's client, method, path, status as fields) for log "
+        "pipelines",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector (`http://collector:4318`; `/v1/traces` is added): send an OpenTelemetry "
+        "span per request with one per stage. Unset: OpenTelemetry's own `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or "
+        "`OTEL_EXPORTER_OTLP_ENDPOINT` turns tracing on; with none of them, tracing is off and costs nothing",
+        json_schema_extra=_shown("none (off)"),
+    )
 
     # Security. Keys are never logged: `repr=False` keeps them out of the settings' repr and error messages.
     api_keys: CommaList = Field(
@@ -136,7 +149,7 @@ class Settings(BaseSettings):
     direct_infer: bool = Field(
         True,
         description="answer V2 `infer` requests with bodies up to 1 MiB from the connection layer, past ASGI (same "
-        "rules and answers, about half the event loop's cost); off while CORS is on",
+        "rules and answers, about half the event loop's cost); off while CORS or tracing is on",
     )
     max_concurrent_requests: int = Field(
         256,

@@ -9,7 +9,6 @@ and the memory budgets, so the whole server keeps the totals the settings name.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import socket
@@ -35,15 +34,12 @@ def share(settings: Settings, workers: int) -> Settings:
 def main() -> int:
     from service.__main__ import exit_with_parent, serve
     from service.app import WorkerLink, create_app
+    from service.logs import setup_logging, worker_role
     from service.memory import tune_allocator
 
     settings = Settings()
     workers = settings.worker_count
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[worker {os.environ.get('VITSERVE_WORKER_INDEX', '?')}]: "
-        "%(message)s",
-    )
+    setup_logging(settings, worker_role())
     exit_with_parent()  # the supervisor's death (even SIGKILL) drains and stops its workers
     tune_allocator()
     link = WorkerLink(

@@ -28,6 +28,8 @@ from vitserve_client.errors import (
     VitserveError,
 )
 from vitserve_client.models import (
+    AttentionBatchItem,
+    AttentionBatchResponse,
     AttentionPNG,
     AttentionResponse,
     BatchItem,
@@ -44,6 +46,8 @@ __all__ = [
     "USE_CLIENT_DEFAULT",
     "APIError",
     "AsyncClient",
+    "AttentionBatchItem",
+    "AttentionBatchResponse",
     "AttentionPNG",
     "AttentionResponse",
     "AuthenticationError",

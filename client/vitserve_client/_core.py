@@ -19,6 +19,7 @@ from vitserve_client._images import PNG_SIGNATURE, ImageInput, to_upload
 from vitserve_client._version import __version__
 from vitserve_client.errors import REQUEST_ID_HEADER, TransportError, UnexpectedResponseError, error_from_response
 from vitserve_client.models import (
+    AttentionBatchResponse,
     AttentionMethod,
     AttentionPNG,
     AttentionResponse,
@@ -228,6 +229,26 @@ class BaseClient:
         if format == "png":
             return Call("POST", path, _png, params=params, files=files)
         return Call("POST", path, _json(AttentionResponse), params=params, files=files)
+
+    def _attention_batch(
+        self,
+        images: Iterable[ImageInput],
+        model: str | None,
+        *,
+        method: AttentionMethod,
+        layer: int | None,
+        head: int | None,
+        head_fusion: HeadFusion | None,
+        discard_ratio: float | None,
+        top_k: int | None,
+    ) -> Call[AttentionBatchResponse]:
+        files = [("files", to_upload(image)) for image in images]
+        if not files:
+            raise ValueError("attention_batch needs at least one image")
+        params = _query(
+            method=method, layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio, top_k=top_k
+        )
+        return Call("POST", _route(model, "attention/batch"), _json(AttentionBatchResponse), params=params, files=files)
 
     # --- responses and retries ------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
     vitserve-client classify photos/ --json --concurrency 8     # JSON lines, one per image, in order
     vitserve-client attention digit.png -o overlay.png --method layer --layer -1 --head 2
     vitserve-client attention digit.png --json                  # the map as JSON
+    vitserve-client attention digits/ --json                    # several images in one batch request
     vitserve-client models
     vitserve-client --url http://gpu-box:8000 health
 
@@ -88,10 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _connection_options(classify, top=False)
 
-    attention = commands.add_parser("attention", help="attention map of one image: PNG overlay or JSON grid")
-    attention.add_argument("image", metavar="IMG")
-    attention.add_argument("-o", "--output", type=Path, help="write the PNG overlay here")
-    attention.add_argument("--json", action="store_true", help="print the map as JSON")
+    attention = commands.add_parser(
+        "attention",
+        help="attention maps: a PNG overlay or JSON grid of one image; several images (or a folder) in one "
+        "batch request",
+    )
+    attention.add_argument("images", nargs="+", metavar="IMG", help="image files, or folders of them")
+    attention.add_argument("-o", "--output", type=Path, help="write the PNG overlay here (one image only)")
+    attention.add_argument("--json", action="store_true", help="print the map as JSON (JSON lines for several)")
     attention.add_argument("--model", help="model name (default: the server's default model)")
     attention.add_argument("--method", choices=["rollout", "cls", "layer"], default="rollout")
     attention.add_argument("--layer", type=int, help="layer for --method layer (negative counts from the end)")
@@ -256,8 +261,10 @@ def render_grid(grid: Sequence[Sequence[float]]) -> str:
 
 
 def run_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not Path(args.image).is_file():
-        parser.error(f"no such file: {args.image}")
+    try:
+        paths = expand_images(args.images)
+    except ValueError as e:
+        parser.error(str(e))
     params = {
         "model": args.model,
         "method": args.method,
@@ -266,21 +273,48 @@ def run_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         "head_fusion": args.head_fusion,
         "discard_ratio": args.discard_ratio,
     }
+    if len(args.images) > 1 or len(paths) > 1 or Path(args.images[0]).is_dir():
+        if args.output is not None or args.alpha is not None:
+            parser.error("-o/--alpha draw one image's overlay; several images come back as maps (--json or text)")
+        return _attention_batch(paths, params, args)
+    image = paths[0]
     with Client(**_client_options(args)) as client:
         if args.output is not None:
-            png = client.attention(args.image, **params, format="png", alpha=args.alpha)
+            png = client.attention(image, **params, format="png", alpha=args.alpha)
             png.save(args.output)
             sys.stderr.write(f"wrote {args.output} ({len(png.data)} bytes)\n")
         if args.json or args.output is None:
-            result = client.attention(args.image, **params)
+            result = client.attention(image, **params)
             if args.json:
                 sys.stdout.write(result.model_dump_json() + "\n")
             else:
                 top = result.predictions[0]
-                sys.stdout.write(f"{args.image}: {result.method} attention, prediction {top.label} ")
+                sys.stdout.write(f"{image}: {result.method} attention, prediction {top.label} ")
                 sys.stdout.write(f"({top.probability:.3f}), {result.grid.height}x{result.grid.width} grid\n")
                 sys.stdout.write(render_grid(result.map) + "\n")
     return OK
+
+
+def _attention_batch(paths: Sequence[Path], params: dict[str, Any], args: argparse.Namespace) -> int:
+    """Several images' maps in one request (`attention_batch`): JSON lines or text grids, one per image, in order."""
+    with Client(**_client_options(args)) as client:
+        batch = client.attention_batch(paths, **params)
+    for path, item in zip(paths, batch.results, strict=True):
+        if args.json:
+            record = {"image": str(path), "method": batch.method, "params": batch.params.model_dump(mode="json")}
+            record.update(item.model_dump(mode="json", exclude={"index", "filename"}))
+            sys.stdout.write(json.dumps(record) + "\n")
+        elif item.error is not None or item.map is None or not item.predictions:
+            message = item.error.message if item.error else "no result"
+            sys.stdout.write(f"{path}: error {item.error.code if item.error else ''}: {message}\n")
+        else:
+            top = item.predictions[0]
+            sys.stdout.write(f"{path}: {batch.method} attention, prediction {top.label} ({top.probability:.3f})\n")
+            sys.stdout.write(render_grid(item.map) + "\n")
+    failed = sum(not item.ok for item in batch.results)
+    if failed:
+        sys.stderr.write(f"{failed} of {len(paths)} images failed\n")
+    return FAILED if failed else OK
 
 
 def run_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -39,6 +39,7 @@ from vitserve_client._core import (
 )
 from vitserve_client._images import ImageInput
 from vitserve_client.models import (
+    AttentionBatchResponse,
     AttentionMethod,
     AttentionPNG,
     AttentionResponse,
@@ -147,6 +148,33 @@ class Client(BaseClient):
     ) -> BatchResponse:
         """Several images in one request; one result per image, in order, with `.error` set where one failed."""
         return self._send(self._classify_batch(images, model, top_k), timeout)
+
+    def attention_batch(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        model: str | None = None,
+        method: AttentionMethod = "rollout",
+        layer: int | None = None,
+        head: int | None = None,
+        head_fusion: HeadFusion | None = None,
+        discard_ratio: float | None = None,
+        top_k: int | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> AttentionBatchResponse:
+        """Attention maps of several images in one request, as JSON grids; one result per image, in order, with
+        `.error` set where one failed. The parameters are `attention`'s (a bad layer or head fails the request)."""
+        call = self._attention_batch(
+            images,
+            model,
+            method=method,
+            layer=layer,
+            head=head,
+            head_fusion=head_fusion,
+            discard_ratio=discard_ratio,
+            top_k=top_k,
+        )
+        return self._send(call, timeout)
 
     @overload
     def attention(
@@ -308,6 +336,33 @@ class AsyncClient(BaseClient):
     ) -> BatchResponse:
         """Several images in one request; one result per image, in order, with `.error` set where one failed."""
         return await self._send(self._classify_batch(images, model, top_k), timeout)
+
+    async def attention_batch(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        model: str | None = None,
+        method: AttentionMethod = "rollout",
+        layer: int | None = None,
+        head: int | None = None,
+        head_fusion: HeadFusion | None = None,
+        discard_ratio: float | None = None,
+        top_k: int | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> AttentionBatchResponse:
+        """Attention maps of several images in one request, as JSON grids; one result per image, in order, with
+        `.error` set where one failed. The parameters are `attention`'s (a bad layer or head fails the request)."""
+        call = self._attention_batch(
+            images,
+            model,
+            method=method,
+            layer=layer,
+            head=head,
+            head_fusion=head_fusion,
+            discard_ratio=discard_ratio,
+            top_k=top_k,
+        )
+        return await self._send(call, timeout)
 
     @overload
     async def attention(

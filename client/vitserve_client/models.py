@@ -122,6 +122,39 @@ class AttentionResponse(_Body):
         return np.asarray(self.map, dtype=np.float32).reshape(self.grid.height, self.grid.width)
 
 
+class AttentionBatchItem(_Body):
+    index: int = Field(description="position of the image in the request")
+    filename: str | None = None
+    map: list[list[float]] | None = Field(None, description="grid rows of attention, normalised to [0, 1]")
+    predictions: list[Prediction] | None = None
+    error: ErrorInfo | None = Field(None, description="set instead of map and predictions when this image failed")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_numpy(self) -> np.ndarray:
+        """The map as a (grid height, grid width) float32 array; ValueError for an image that failed."""
+        if self.map is None:
+            raise ValueError(f"image {self.index} has no map: {self.error.message if self.error else 'no result'}")
+        try:
+            import numpy as np
+        except ImportError as e:
+            raise ImportError("to_numpy() needs numpy: pip install 'vitserve-client[numpy]'") from e
+        return np.asarray(self.map, dtype=np.float32)
+
+
+class AttentionBatchResponse(_Body):
+    model: str
+    version: str
+    method: AttentionMethod
+    params: AttentionParams
+    grid: Grid
+    results: list[AttentionBatchItem]
+    timings: Timings
+    request_id: str
+
+
 class AttentionPNG(_Body):
     """An attention overlay rendered by the server (`format="png"`)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -14,7 +15,10 @@ from service.batching import Result
 from service.deps import RequestId, State, served_model
 from service.errors import InvalidParameter, ServiceError
 from service.pipeline import Prepared, attention_grid, describe, overlay_png, top_k
+from service.runtime import LoadedModel
 from service.schemas import (
+    AttentionBatchItem,
+    AttentionBatchResponse,
     AttentionMethod,
     AttentionParams,
     AttentionResponse,
@@ -27,6 +31,7 @@ from service.schemas import (
     HeadFusion,
     Timings,
 )
+from service.tracing import TRACE_KEY
 from service.uploads import BATCH_BODY, IMAGE_BODY, Upload, read_image, read_images
 from vit_artifact.metadata import ArtifactMetadata
 
@@ -69,6 +74,8 @@ async def _classify(name: str | None, request: Request, state: State, request_id
     data = (await read_image(request)).data
     prepared = await state.prepare(data, model.meta)
     result = await state.infer(model, prepared.pixels, with_attention=False)
+    if (trace := request.scope.get(TRACE_KEY)) is not None:  # the one cost of tracing when it is off
+        trace.inferred([prepared], [result])
     return ClassifyResponse(
         model=model.name,
         version=model.meta.version,
@@ -122,6 +129,8 @@ async def _batch(name: str | None, request: Request, state: State, request_id: s
     good = [(i, p) for i, p in enumerate(outcomes) if isinstance(p, Prepared)]
     # Admitted together or not at all; in the queue they coalesce with each other and with other requests.
     results = await state.infer_many(model, [p.pixels for _, p in good], with_attention=False)
+    if (trace := request.scope.get(TRACE_KEY)) is not None:
+        trace.inferred([p for _, p in good], results)
     items = [
         BatchItem(index=i, filename=u.filename, error=o if isinstance(o, ErrorInfo) else None)
         for i, (u, o) in enumerate(zip(uploads, outcomes, strict=True))
@@ -165,8 +174,8 @@ async def classify_batch_default(
     return await _batch(None, request, state, request_id, top_k)
 
 
-class AttentionQuery:
-    """The attention routes' query parameters (FastAPI validates types and ranges: 422 otherwise)."""
+class MapQuery:
+    """How to draw the attention map (FastAPI validates types and ranges: 422 otherwise); the batch route's query."""
 
     def __init__(
         self,
@@ -186,44 +195,61 @@ class AttentionQuery:
             float | None,
             Query(ge=0.0, lt=1.0, description="rollout: drop this fraction of the weakest attention (default 0)"),
         ] = None,
-        format: Annotated[str, Query(pattern="^(json|png)$", description="json map, or a PNG overlay")] = "json",
-        alpha: Annotated[float, Query(ge=0.0, le=1.0, description="PNG overlay opacity")] = 0.5,
         top_k: TopK = DEFAULT_TOP_K,
     ) -> None:
         self.method = method
         self.params = AttentionParams(layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio)
+        self.top_k = top_k
+
+
+class AttentionQuery:
+    """The one-image attention routes' query: the map, and whether it comes back as JSON or a PNG overlay."""
+
+    def __init__(
+        self,
+        map: Annotated[MapQuery, Depends()],
+        format: Annotated[str, Query(pattern="^(json|png)$", description="json map, or a PNG overlay")] = "json",
+        alpha: Annotated[float, Query(ge=0.0, le=1.0, description="PNG overlay opacity")] = 0.5,
+    ) -> None:
+        self.map = map
         self.format = format
         self.alpha = alpha
-        self.top_k = top_k
+
+
+def _attention_model(request: Request, state: State, name: str | None) -> LoadedModel:
+    model = served_model(request, state, name)
+    if not model.has_attention:
+        raise InvalidParameter(f"model {model.name} was exported without the attention graph")
+    return model
 
 
 async def _attention(
     name: str | None, request: Request, state: State, request_id: str, q: AttentionQuery
 ) -> Response | AttentionResponse:
     started = time.perf_counter()
-    model = served_model(request, state, name)
-    if not model.has_attention:
-        raise InvalidParameter(f"model {model.name} was exported without the attention graph")
-    meta = model.meta
+    model = _attention_model(request, state, name)
+    meta, m = model.meta, q.map
     data = (await read_image(request)).data
     prepared = await state.prepare(data, meta, for_overlay=q.format == "png")
     result = await state.infer(model, prepared.pixels, with_attention=True)
-    heatmap = await state.run_cpu(attention_grid, result.attentions, meta, q.method, q.params)
-    predictions = top_k(result.logits, meta.labels, q.top_k)
+    if (trace := request.scope.get(TRACE_KEY)) is not None:
+        trace.inferred([prepared], [result])
+    heatmap = await state.run_cpu(attention_grid, result.attentions, meta, m.method, m.params)
+    predictions = top_k(result.logits, meta.labels, m.top_k)
     if q.format == "png":
         png = await state.run_cpu(
             overlay_png,
             prepared,
             heatmap,
             alpha=q.alpha,
-            title=describe(q.method, q.params, predictions[0]),
+            title=describe(m.method, m.params, predictions[0]),
         )
         return Response(content=png, media_type="image/png")
     return AttentionResponse(
         model=model.name,
         version=meta.version,
-        method=q.method,
-        params=q.params,
+        method=m.method,
+        params=m.params,
         grid=Grid(height=meta.grid[0], width=meta.grid[1]),
         map=heatmap.astype(np.float64).round(5).tolist(),
         predictions=predictions,
@@ -264,3 +290,73 @@ async def attention_default(
     request: Request, state: State, request_id: RequestId, q: Annotated[AttentionQuery, Depends()]
 ) -> Response | AttentionResponse:
     return await _attention(None, request, state, request_id, q)
+
+
+def _maps(results: Sequence[Result], meta: ArtifactMetadata, q: MapQuery) -> list[np.ndarray]:
+    """Every image's map; a bad layer, head or combination fails on the first, as the request's error."""
+    maps = []
+    for result in results:
+        assert result.attentions is not None, "the batcher returns attentions when they were asked for"
+        maps.append(attention_grid(result.attentions, meta, q.method, q.params))
+    return maps
+
+
+async def _attention_batch(
+    name: str | None, request: Request, state: State, request_id: str, q: MapQuery
+) -> AttentionBatchResponse:
+    started = time.perf_counter()
+    model = _attention_model(request, state, name)
+    meta = model.meta
+    uploads = await read_images(request, state.settings.max_batch_files)
+    state.check_room(model, len(uploads))  # a queue that cannot take them all: 503 before any is decoded
+    outcomes = await asyncio.gather(*(_prepare_or_error(state, u, meta) for u in uploads))
+    good = [(i, p) for i, p in enumerate(outcomes) if isinstance(p, Prepared)]
+    results = await state.infer_many(model, [p.pixels for _, p in good], with_attention=True)
+    if (trace := request.scope.get(TRACE_KEY)) is not None:
+        trace.inferred([p for _, p in good], results)
+    maps = await state.run_cpu(_maps, results, meta, q)
+    items = [
+        AttentionBatchItem(index=i, filename=u.filename, error=o if isinstance(o, ErrorInfo) else None)
+        for i, (u, o) in enumerate(zip(uploads, outcomes, strict=True))
+    ]
+    for (i, _), result, heatmap in zip(good, results, maps, strict=True):
+        items[i].map = heatmap.astype(np.float64).round(5).tolist()
+        items[i].predictions = top_k(result.logits, meta.labels, q.top_k)
+    return AttentionBatchResponse(
+        model=model.name,
+        version=meta.version,
+        method=q.method,
+        params=q.params,
+        grid=Grid(height=meta.grid[0], width=meta.grid[1]),
+        results=items,
+        timings=_timings([p for _, p in good], list(results), started),
+        request_id=request_id,
+    )
+
+
+@router.post(
+    "/models/{name}/attention/batch",
+    response_model=AttentionBatchResponse,
+    operation_id="attention_batch",
+    summary="Attention maps of several images in one request",
+    responses=ERRORS,
+    openapi_extra=BATCH_BODY,
+)
+async def attention_batch(
+    name: str, request: Request, state: State, request_id: RequestId, q: Annotated[MapQuery, Depends()]
+) -> AttentionBatchResponse:
+    return await _attention_batch(name, request, state, request_id, q)
+
+
+@router.post(
+    "/attention/batch",
+    response_model=AttentionBatchResponse,
+    operation_id="attention_batch_default",
+    summary="Attention maps of several images, default model",
+    responses=ERRORS,
+    openapi_extra=BATCH_BODY,
+)
+async def attention_batch_default(
+    request: Request, state: State, request_id: RequestId, q: Annotated[MapQuery, Depends()]
+) -> AttentionBatchResponse:
+    return await _attention_batch(None, request, state, request_id, q)

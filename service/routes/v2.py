@@ -29,6 +29,7 @@ from service.pipeline import softmax
 from service.runtime import LoadedModel
 from service.settings import Settings
 from service.state import ServiceState
+from service.tracing import TRACE_KEY, RequestTrace
 from vit_artifact.attention import Method, attention_map
 from vit_artifact.metadata import INPUT_NAME, ArtifactMetadata
 
@@ -283,7 +284,8 @@ async def infer_response(state: ServiceState, request: InferRequest, name: str, 
     # request's JSON header is small.
     json_size = min(codec.header_length_value(header_length) or len(body), len(body))
     parsed, binary = await state.run_sized(json_size, codec.parse_request, body, header_length)
-    tensors, size = await infer_tensors(state, model, parsed, binary)
+    trace = request.scope.get(TRACE_KEY) if isinstance(request, Request) else None  # tracing on: ASGI only
+    tensors, size = await infer_tensors(state, model, parsed, binary, trace=trace)
     header: dict[str, Any] = {"model_name": model.name, "model_version": model.meta.version}
     if parsed.id is not None:
         header["id"] = parsed.id
@@ -295,7 +297,13 @@ async def infer_response(state: ServiceState, request: InferRequest, name: str, 
 
 
 async def infer_tensors(
-    state: ServiceState, model: LoadedModel, parsed: codec.InferRequest, binary: bytes, *, packed: bool = False
+    state: ServiceState,
+    model: LoadedModel,
+    parsed: codec.InferRequest,
+    binary: bytes,
+    *,
+    packed: bool = False,
+    trace: RequestTrace | None = None,
 ) -> tuple[list[codec.OutputTensor], int]:
     """V2 inference, whatever the transport: a parsed request (inputs in JSON or in `binary`) -> its output
     tensors, and their size on the wire estimated from above. REST (`infer_response`) and gRPC
@@ -309,6 +317,8 @@ async def infer_tensors(
     )
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
     results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
+    if trace is not None:  # queue, inference and encode spans (service.otel)
+        trace.inferred((), results)
     tensors = await state.run_sized(size, _output_tensors, outputs, results, model.meta)
     if placed:
         tensors = await shm.write_outputs(state, placed, tensors)

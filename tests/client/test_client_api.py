@@ -10,7 +10,15 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from vitserve_client import AsyncClient, AttentionPNG, AttentionResponse, ClassifyResponse, Client
+from vitserve_client import (
+    AsyncClient,
+    AttentionBatchResponse,
+    AttentionPNG,
+    AttentionResponse,
+    ClassifyResponse,
+    Client,
+    NotFoundError,
+)
 from vitserve_client._core import BaseClient
 
 
@@ -26,7 +34,7 @@ def test_clients_mirror_each_other_method_for_method() -> None:
     assert (
         set(sync)
         == set(asynchronous)
-        == {"health", "ready", "models", "model", "classify", "classify_batch", "attention"}
+        == {"health", "ready", "models", "model", "classify", "classify_batch", "attention", "attention_batch"}
     )
     for name, signature in sync.items():
         assert asynchronous[name] == signature, name
@@ -142,6 +150,28 @@ def test_attention_json(api: Any, digits: list[Any]) -> None:
     assert not np.allclose(layer.to_numpy(), grid)
     fused = api.attention(digits[0].png, method="rollout", head_fusion="max", discard_ratio=0.5, top_k=2)
     assert fused.params.head_fusion == "max" and fused.params.discard_ratio == 0.5 and len(fused.predictions) == 2
+
+
+def test_attention_batch_with_a_bad_item(api: Any, digits: list[Any]) -> None:
+    images = [digits[0].image, b"these bytes are no image", digits[1].png]
+    batch = api.attention_batch(images, method="layer", layer=-1, head=2, top_k=2)
+    assert isinstance(batch, AttentionBatchResponse) and batch.method == "layer" and batch.params.head == 2
+    assert [item.index for item in batch.results] == [0, 1, 2] and [item.ok for item in batch.results] == [
+        True,
+        False,
+        True,
+    ]
+    bad = batch.results[1]
+    assert bad.error is not None and bad.error.code == "bad_image" and bad.map is None
+    with pytest.raises(ValueError, match="no map"):
+        bad.to_numpy()
+    single = api.attention(digits[0].image, method="layer", layer=-1, head=2, top_k=2)
+    np.testing.assert_allclose(batch.results[0].to_numpy(), single.to_numpy(), atol=1e-4)
+    assert [p.label for p in batch.results[0].predictions or []] == [p.label for p in single.predictions]
+    with pytest.raises(NotFoundError, match="layer 99"):
+        api.attention_batch([digits[0].image], method="layer", layer=99)
+    with pytest.raises(ValueError, match="at least one"):
+        api.attention_batch([])
 
 
 def test_attention_png(api: Any, digits: list[Any], tmp_path: Path) -> None:

@@ -100,6 +100,23 @@ def test_attention_png_and_json(server: Any, digit_dir: Path, tmp_path: Path) ->
     assert run.returncode == 1 and "layer 99 does not exist" in run.stderr
 
 
+def test_attention_of_several_images_is_one_batch_request(server: Any, digit_dir: Path, tmp_path: Path) -> None:
+    images = sorted(digit_dir.glob("*.png"))[:3]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"no image here")
+    run = cli("attention", str(images[0]), str(bad), str(images[1]), "--json", "--method", "cls", url=server.url)
+    assert run.returncode == 1 and "1 of 3 images failed" in run.stderr, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [str(images[0]), str(bad), str(images[1])]
+    assert lines[1]["error"]["code"] == "bad_image" and lines[1]["map"] is None
+    assert all(line["method"] == "cls" and len(line["map"]) == 8 for line in (lines[0], lines[2]))
+    run = cli("attention", str(digit_dir), "--method", "rollout", url=server.url)  # a folder: text grids
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("rollout attention, prediction") == len(list(digit_dir.glob("*.png")))
+    run = cli("attention", str(images[0]), str(images[1]), "-o", str(tmp_path / "x.png"), url=server.url)
+    assert run.returncode == 2 and "one image's overlay" in run.stderr
+
+
 def test_models_and_health(server: Any) -> None:
     run = cli("models", url=server.url)
     assert run.returncode == 0

@@ -6,8 +6,11 @@ repository; these helpers only build requests and read responses.
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Iterator
+import os
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -109,3 +112,32 @@ def allocates_no_image(pid: int) -> Iterator[None]:
         pytest.skip(unavailable)
     peak = proc_status(pid)["VmHWM"]
     assert peak - before < MEMORY_SLACK_KB, f"peak RSS rose by {(peak - before) / 1024:.0f} MB"
+
+
+def in_child(test: Callable[..., None]) -> Callable[..., None]:
+    """Run `test` in a forked child process and fail with its traceback: for clients whose generated protobuf
+    modules clash in one process (tritonclient.grpc and kserve both define `inference.*`), so that pytest's own
+    process imports neither."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, and leave without pytest's teardown
+            os.close(read)
+            try:
+                test(*args, **kwargs)
+                report = b""
+            except BaseException:
+                report = traceback.format_exc().encode()
+            with os.fdopen(write, "wb") as out:
+                out.write(report)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            report = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if report or status:
+            pytest.fail(report.decode() or f"the test's process ended with status {status}", pytrace=False)
+
+    return run

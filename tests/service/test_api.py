@@ -357,6 +357,8 @@ OPERATIONS = {
     ("POST", "/v1/models/{name}/classify/batch"): "classify_batch",
     ("POST", "/v1/attention"): "attention_default",
     ("POST", "/v1/models/{name}/attention"): "attention",
+    ("POST", "/v1/attention/batch"): "attention_batch_default",
+    ("POST", "/v1/models/{name}/attention/batch"): "attention_batch",
 }
 
 

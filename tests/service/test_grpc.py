@@ -2,23 +2,18 @@
 KServe's InferenceGRPCClient, against a real server with API keys, in one process and with two workers.
 
 tritonclient's and KServe's generated modules both define `inference.*` in protobuf's default descriptor pool,
-so no process may import both: pytest's own process never imports tritonclient.grpc (tests/service/test_v2.py
-imports kserve in it); each tritonclient test runs in a forked child (`in_child`), KServe's in a subprocess.
+so no process may import both: pytest's own process imports neither; each tritonclient test runs in a forked
+child (`in_child`, as test_v2's KServe REST test does), KServe's gRPC client in a subprocess.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
-import traceback
-from collections.abc import Callable
-from typing import Any
 
 import httpx
 import numpy as np
@@ -28,6 +23,7 @@ from PIL import Image
 
 from model_export.digits import held_out_set
 from tests.conftest import DEFAULT_MODEL, MODELS, ROOT, Server, free_port, metric, wait_until
+from tests.service.conftest import in_child
 from vit_artifact.metadata import read_metadata
 from vit_artifact.preprocessing import preprocess_batch
 
@@ -66,33 +62,6 @@ def server(tmp_path_factory):
     srv = GrpcServer(tmp_path_factory.mktemp("grpc") / "server.log").wait_ready()
     yield srv
     assert srv.stop() == 0
-
-
-def in_child(test: Callable[..., None]) -> Callable[..., None]:
-    """Run `test` in a forked child process and fail with its traceback (see the module docstring)."""
-
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report, and leave without pytest's teardown
-            os.close(read)
-            try:
-                test(*args, **kwargs)
-                report = b""
-            except BaseException:
-                report = traceback.format_exc().encode()
-            with os.fdopen(write, "wb") as out:
-                out.write(report)
-            os._exit(0)
-        os.close(write)
-        with os.fdopen(read, "rb") as pipe:
-            report = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        if report or status:
-            pytest.fail(report.decode() or f"the test's process ended with status {status}", pytrace=False)
-
-    return run
 
 
 def connect(server):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from model_export.digits import held_out_set
 from tests.conftest import DEFAULT_MODEL
+from tests.service.conftest import in_child
 from vit_artifact.metadata import read_metadata
 from vit_artifact.preprocessing import preprocess_batch
 
@@ -156,6 +157,7 @@ def test_bad_v2_requests_get_400_with_a_message(server, body, headers, message):
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200  # still serving
 
 
+@in_child  # kserve defines inference.* in protobuf's pool, as tritonclient.grpc does (tests/service/test_grpc.py)
 def test_kserve_client(server, digits):
     from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 

@@ -1,0 +1,96 @@
+"""Logs: `VITSERVE_LOG_FORMAT=json` gives one JSON object per line from every process (one process, or supervisor,
+engine and workers), and every line logged while a request is handled, uvicorn's access line included, carries
+its request id; the text format carries it too."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, TextFormatter
+from tests.conftest import MODELS, Server, wait_until
+
+
+def record(name: str, message: str, *args: Any) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.INFO, __file__, 1, message, args, None)
+
+
+def formatted(formatter: logging.Formatter, rec: logging.LogRecord, role: str | None = None) -> str:
+    RequestIdFilter(role).filter(rec)
+    return formatter.format(rec)
+
+
+def test_json_lines_carry_the_request_id_and_the_access_fields() -> None:
+    token = REQUEST_ID.set("abc123")
+    try:
+        access = record(
+            "uvicorn.access", '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "POST", "/v1/classify", "1.1", 200
+        )
+        entry = json.loads(formatted(JsonFormatter(), access, "worker 1"))
+    finally:
+        REQUEST_ID.reset(token)
+    assert entry["request_id"] == "abc123" and entry["process"] == "worker 1" and entry["level"] == "INFO"
+    assert entry["logger"] == "uvicorn.access" and entry["message"].endswith('"POST /v1/classify HTTP/1.1" 200')
+    assert entry | {"client": "127.0.0.1:5000", "method": "POST", "path": "/v1/classify", "status": 200} == entry
+    assert entry["time"].endswith("+00:00")
+    outside = json.loads(formatted(JsonFormatter(), record("vitserve", "loaded %d models", 2)))
+    assert outside["request_id"] is None and outside["message"] == "loaded 2 models" and outside["process"] == "server"
+
+
+def test_text_lines_name_the_role_and_the_request() -> None:
+    token = REQUEST_ID.set("abc123")
+    try:
+        line = formatted(TextFormatter(), record("vitserve.engine", "batch of %d", 3), "engine")
+    finally:
+        REQUEST_ID.reset(token)
+    assert line.endswith(" INFO vitserve.engine[engine]: batch of 3 [abc123]")
+    assert formatted(TextFormatter(), record("vitserve", "ready")).endswith(" INFO vitserve: ready")
+
+
+def json_lines(log: Path) -> list[dict[str, Any]]:
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]  # every line is one JSON object, or this fails
+
+
+def access_line(log: Path, request_id: str) -> dict[str, Any] | None:
+    return next((e for e in json_lines(log) if e["logger"] == "uvicorn.access" and e["request_id"] == request_id), None)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_json_logs_from_a_running_server(tmp_path: Path, held_out_pngs: list[bytes], workers: str) -> None:
+    log = tmp_path / "server.log"
+    srv = Server(MODELS, log, VITSERVE_LOG_FORMAT="json", VITSERVE_LOG_LEVEL="info", VITSERVE_WORKERS=workers)
+    srv.wait_ready()
+    try:
+        for i in range(3):
+            request_id = f"json-log-{workers}-{i}"
+            response = httpx.post(
+                f"{srv.url}/v1/classify",
+                content=held_out_pngs[i],
+                headers={"content-type": "image/png", "x-request-id": request_id},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+            wait_until(lambda rid=request_id: access_line(log, rid) is not None, f"the access line of {request_id}")
+            entry = access_line(log, request_id)
+            assert entry is not None
+            assert entry["method"] == "POST" and entry["path"] == "/v1/classify" and entry["status"] == 200
+            assert entry["level"] == "INFO" and entry["pid"] > 0
+    finally:
+        assert srv.stop() == 0
+    entries = json_lines(log)
+    assert all(set(e) >= {"time", "level", "logger", "message", "request_id", "process"} for e in entries)
+    roles = {e["process"] for e in entries}
+    if workers == "1":
+        assert roles == {"server"}
+    else:
+        assert {"supervisor", "engine", "worker 0", "worker 1"} >= roles >= {"supervisor", "engine"}
+        assert any(r.startswith("worker") for r in roles)
+    # Outside a request there is no id; inside one, only that request's.
+    assert all(e["request_id"] is None for e in entries if e["logger"] != "uvicorn.access")
