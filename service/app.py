@@ -31,8 +31,9 @@ from service.middleware import (
     RequestBodyMiddleware,
     RequestContextMiddleware,
 )
-from service.reload import RepositoryWatcher
-from service.routes import demo, health, inference, metrics, models, v2
+from service.reload import Loader, RepositoryWatcher
+from service.routes import demo, health, inference, metrics, models, stats, v2
+from service.routes import repository as repository_routes
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
 from service.security import APIKeyMiddleware, cors_options, document_api_keys
 from service.settings import Settings
@@ -70,6 +71,11 @@ def load_repository(settings: Settings) -> ModelRepository:
 def _load_version(settings: Settings, providers: list[str], directory: Path) -> tuple[LoadedModel, BatchPolicy]:
     model = load_model(directory, providers=providers, threads=settings.threads)
     return model, batch_policy(settings, model)
+
+
+def version_loader(settings: Settings) -> Loader:
+    """How a reload or the repository extension loads a version: as at start (hashes, sessions, warm-up)."""
+    return functools.partial(_load_version, settings, resolve_providers(settings.provider))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -151,10 +157,11 @@ def create_app(
             METRICS.load_seconds.labels(model.name, model.meta.version).set(model.load_seconds)
         state.start_batchers()
         watcher = None
-        if settings.reload_interval_s > 0:
-            load = functools.partial(_load_version, settings, resolve_providers(settings.provider))
-            watcher = RepositoryWatcher(state, load, settings.reload_interval_s)
-            watcher.start()
+        if worker is None:  # in multi-process mode the engine polls and loads (service/engine.py)
+            watcher = RepositoryWatcher(state, version_loader(settings), settings.reload_interval_s)
+            state.admin = watcher
+            if settings.reload_interval_s > 0:
+                watcher.start()
         app.state.watcher = watcher
         yield
         state.shutting_down = True
@@ -175,7 +182,16 @@ def create_app(
     app.state.vitserve = state
     _install_error_handlers(app)
     _install_middleware(app, settings, state)
-    for module in (health, models, inference, v2, metrics, demo):
+    for module in (
+        health,
+        models,
+        inference,
+        stats,
+        repository_routes,
+        v2,
+        metrics,
+        demo,
+    ):  # stats before v2's `{name}`
         app.include_router(module.router)
     if settings.api_keys:
         document_api_keys(app, settings.open_routes)

@@ -325,8 +325,8 @@ class MetricsMiddleware:
             method = scope["method"] if scope["method"] in _METHODS else "other"
             counter, histogram = _http_series(route, method, status)
             counter.inc()
-            histogram.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            histogram.observe(elapsed)
             model = scope.get("state", {}).get("model")
             if model is not None:
-                counter = METRICS.request_success if status < 400 else METRICS.request_failure
-                counter.labels(model.name, model.meta.version).inc()
+                METRICS.observe_request(model.name, model.meta.version, status < 400, elapsed)

@@ -103,8 +103,16 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
 
 
 @router.get("", operation_id="v2_server_metadata", summary="Server metadata")
-async def server_metadata() -> dict[str, Any]:
-    return {"name": "vitserve", "version": __version__, "extensions": ["classification", "binary_tensor_data"]}
+async def server_metadata(state: State) -> dict[str, Any]:
+    return {"name": "vitserve", "version": __version__, "extensions": extensions(state)}
+
+
+def extensions(state: ServiceState) -> list[str]:
+    """The protocol extensions this server implements; `model_repository` only while admin keys enable it."""
+    names = ["classification", "binary_tensor_data", "statistics"]
+    if state.settings.admin_keys:
+        names.append("model_repository")
+    return names
 
 
 @router.get("/health/live", operation_id="v2_live", summary="Server live")
