@@ -27,8 +27,7 @@ router = APIRouter(prefix="/v2/repository", tags=["open inference protocol (v2):
 
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
 _ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "no admin key, or not a valid one"},
-    403: {"description": "the extension is off: VITSERVE_ADMIN_KEYS is not set"},
+    403: {"description": "the extension is off: VITSERVE_ADMIN_KEYS is not set (when set: 401 without an admin key)"},
 }
 
 
