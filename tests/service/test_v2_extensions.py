@@ -259,3 +259,77 @@ def test_hot_reload_across_workers_under_traffic(tmp_path):
     finally:
         assert srv.stop() == 0
     assert "version 2 keeps serving" in srv.log.read_text()
+
+
+# --- unload drains ------------------------------------------------------------------------------------------
+
+
+def test_unload_lets_admitted_requests_finish_and_refuses_new_ones():
+    # Requests wait for company in batches of 2 (a minute's delay): the test decides when the admitted one runs.
+    old = inprocess.load(DEFAULT_MODEL)
+    app = inprocess.app(
+        inprocess.repository(old), max_batch_size=2, max_queue_delay_ms=60_000, admin_keys=["admin-key"]
+    )
+    state = app.state.vitserve
+    pixels = np.zeros((3, 32, 32), np.float32)
+
+    async def main() -> None:
+        async with inprocess.serve(app) as client:
+            admitted = asyncio.create_task(
+                client.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+            )
+            await inprocess.eventually(lambda: _queued(client), "the request waits in the batch queue")
+            answer = await client.post(f"/v2/repository/models/{MODEL}/unload", headers=admin())
+            assert answer.status_code == 200, answer.text
+            refused = await client.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+            assert refused.status_code == 404 and "was unloaded" in refused.json()["error"]["message"]
+            assert (await client.get(f"/v2/models/{MODEL}/ready")).status_code == 404
+            assert not admitted.done()
+            # A request that looked the model up before the unload and reaches inference only now joins it.
+            joined = await state.infer(old, pixels, with_attention=False)
+            assert joined.batch_size == 2
+            assert (await admitted).status_code == 200
+
+    asyncio.run(main())
+
+
+async def _queued(client: httpx.AsyncClient) -> bool:
+    return await inprocess.queued(client) == 1
+
+
+def test_unload_across_workers_lets_admitted_requests_finish(tmp_path):
+    # A 5 s batch window holds a lone request in the engine's queue while the model is unloaded.
+    srv = Server(
+        MODELS,
+        tmp_path / "server.log",
+        VITSERVE_WORKERS="2",
+        VITSERVE_MAX_QUEUE_DELAY_MS="5000",
+        VITSERVE_ADMIN_KEYS="admin-key",
+    ).wait_ready()
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            admitted = asyncio.ensure_future(
+                client.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+            )
+
+            async def queued() -> bool:
+                text = (await client.get("/metrics")).text
+                return metric(text, "vitserve_queue_depth", model=MODEL) >= 1
+
+            await inprocess.eventually(queued, "the request waits in the engine's batch queue")
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as other:
+                unload = await other.post(f"/v2/repository/models/{MODEL}/unload", headers=admin())
+                assert unload.status_code == 200, unload.text
+            for _ in range(6):  # fresh connections: every worker refuses it now
+                async with httpx.AsyncClient(base_url=srv.url, timeout=60) as fresh:
+                    refused = await fresh.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+                    assert refused.status_code == 404 and "was unloaded" in refused.json()["error"]["message"]
+            assert not admitted.done()
+            answer = await admitted
+            assert answer.status_code == 200 and answer.json()["version"] == "1", answer.text
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        assert srv.stop() == 0
