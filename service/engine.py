@@ -46,7 +46,9 @@ from vit_artifact.metadata import ArtifactError
 
 log = logging.getLogger("vitserve.engine")
 
-RETAIN_S = 5.0  # a replaced version stays reachable this long past the request timeout
+# A replaced version stays reachable this long past the request timeout. Only a request a worker looked up before
+# the switch and had not yet sent (it was being decoded) can still name it: once here, a request holds its version.
+RETAIN_S = 5.0
 ACK_S = 10.0  # how long a change waits for each worker to acknowledge the new catalog
 
 
@@ -105,17 +107,16 @@ class Engine:
         self.catalogs = self.catalogs % 2**32 + 1
         number = self.catalogs
         message = wire.REPLY.pack(number, wire.CATALOG, 0, 0) + wire.pack_json(self.catalog())
-        waits = []
-        for pid, writer in self.links.items():
-            self.acks[(pid, number)] = ack = asyncio.get_running_loop().create_future()
-            waits.append(ack)
-            writer.write(message)
-        if waits:
-            _, late = await asyncio.wait(waits, timeout=ACK_S)
+        keys = [(pid, number) for pid in self.links]
+        for key in keys:
+            self.acks[key] = asyncio.get_running_loop().create_future()
+            self.links[key[0]].write(message)
+        if keys:
+            _, late = await asyncio.wait([self.acks[key] for key in keys], timeout=ACK_S)
             if late:
                 log.warning("%d workers did not acknowledge the new model catalog in %g s", len(late), ACK_S)
-        for pid in list(self.links):
-            self.acks.pop((pid, number), None)
+        for key in keys:
+            del self.acks[key]
 
     def check_fits(self, model: LoadedModel) -> None:
         """Refuse a version whose input or classes do not fit the workers' slots (sized at start)."""
@@ -168,6 +169,9 @@ class Engine:
         finally:
             self.links.pop(worker, None)
             self.geometries.pop(worker, None)
+            for (pid, _), ack in self.acks.items():  # a worker gone is no longer waited for
+                if pid == worker and not ack.done():
+                    ack.set_result(None)
             for job in running:  # nobody waits for these answers any more; unqueued images are skipped
                 job.cancel()
             await asyncio.gather(*running, return_exceptions=True)

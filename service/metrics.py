@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,6 +35,7 @@ class Metrics(Collector):
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._request_series: dict[tuple[str, str, bool], tuple[Any, Any]] = {}
         model = ["model", "version"]
         self.inference_count = Counter(
             "nv_inference_count", "Images inferred (a batch of N counts N)", model, registry=r
@@ -191,13 +193,16 @@ class Metrics(Collector):
         self.last_inference.labels(model, version).set(time.time())
 
     def observe_request(self, model: str, version: str, ok: bool, seconds: float) -> None:
-        """One inference request's outcome and end-to-end time (`MetricsMiddleware`)."""
-        if ok:
-            self.request_success.labels(model, version).inc()
-            self.request_us.labels(model, version).inc(seconds * 1e6)
-        else:
-            self.request_failure.labels(model, version).inc()
-            self.failure_us.labels(model, version).inc(seconds * 1e6)
+        """One inference request's outcome and end-to-end time (`MetricsMiddleware`, on every request)."""
+        series = self._request_series.get((model, version, ok))
+        if series is None:  # a label lookup costs more than the increment: once per model version and outcome
+            count, duration = (self.request_success, self.request_us) if ok else (self.request_failure, self.failure_us)
+            series = self._request_series[(model, version, ok)] = (
+                count.labels(model, version),
+                duration.labels(model, version),
+            )
+        series[0].inc()
+        series[1].inc(seconds * 1e6)
 
     def collect(self) -> Iterable[Metric]:
         """Every metric family, as `/metrics` exposes it: this process's, or in multi-process mode
