@@ -30,8 +30,9 @@ from service.middleware import (
     RequestContextMiddleware,
     internal_error,
 )
-from service.reload import RepositoryWatcher
-from service.routes import demo, health, inference, metrics, models, shared_memory, v2
+from service.reload import Loader, RepositoryWatcher
+from service.routes import demo, health, inference, metrics, models, shared_memory, stats, v2
+from service.routes import repository as repository_routes
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
 from service.security import APIKeyMiddleware, APIKeys, cors_options, document_api_keys
 from service.settings import Settings
@@ -69,6 +70,11 @@ def load_repository(settings: Settings) -> ModelRepository:
 def _load_version(settings: Settings, providers: list[str], directory: Path) -> tuple[LoadedModel, BatchPolicy]:
     model = load_model(directory, providers=providers, threads=settings.threads)
     return model, batch_policy(settings, model)
+
+
+def version_loader(settings: Settings) -> Loader:
+    """How a reload or the repository extension loads a version: as at start (hashes, sessions, warm-up)."""
+    return functools.partial(_load_version, settings, resolve_providers(settings.provider))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -145,10 +151,11 @@ def create_app(
             METRICS.load_seconds.labels(model.name, model.meta.version).set(model.load_seconds)
         state.start_batchers()
         watcher = None
-        if settings.reload_interval_s > 0:
-            load = functools.partial(_load_version, settings, resolve_providers(settings.provider))
-            watcher = RepositoryWatcher(state, load, settings.reload_interval_s)
-            watcher.start()
+        if worker is None:  # in multi-process mode the engine polls and loads (service/engine.py)
+            watcher = RepositoryWatcher(state, version_loader(settings), settings.reload_interval_s)
+            state.admin = watcher
+            if settings.reload_interval_s > 0:
+                watcher.start()
         app.state.watcher = watcher
         grpc_server = None
         if settings.grpc_port:
@@ -181,7 +188,8 @@ def create_app(
     # middleware only.
     direct = settings.direct_infer and not settings.cors_origins and tracing.traces_endpoint(settings) is None
     app.state.direct = DirectInfer(state, settings, keys) if direct else None
-    for module in (health, models, inference, v2, shared_memory, metrics, demo):
+    for module in (health, models, inference, stats, repository_routes, v2, shared_memory, metrics, demo):
+        # stats before v2's `{name}`
         app.include_router(module.router)
     if settings.api_keys:
         document_api_keys(app, settings.open_routes)

@@ -4,16 +4,22 @@
 `policy`), so routes and `ServiceState` work the same in one process or many: the worker writes a request's
 pixels into free slots of its pool, sends one REQUEST, and awaits the REPLY; logits are read back from the
 slots. If the engine goes away, every waiting request gets 503 and the worker stops being ready.
+
+What the worker serves is what the engine's catalog says (`apply_catalog`): at the welcome, and again after
+every reload, load or unload in the engine, each applied with `ServiceState.swap`/`unload` on the event loop
+and acknowledged, so the engine knows every worker has switched. The repository extension's load and unload
+are asked of the engine (`EngineLink.load_model`, `unload_model`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +27,9 @@ import numpy as np
 
 from service import engine_protocol as wire
 from service.batching import BatchPolicy, Result
-from service.errors import Overloaded, Unavailable
+from service.errors import Overloaded, ServiceError, Unavailable
 from service.runtime import LoadedModel, LoadFailure, ModelRepository, discover
-from vit_artifact.metadata import read_metadata
+from vit_artifact.metadata import ArtifactMetadata, read_metadata
 
 if TYPE_CHECKING:
     from service.state import ServiceState
@@ -31,6 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("vitserve.worker")
 
 ENGINE_START_S = 600.0  # how long a worker waits for the engine's socket: a large model can take minutes to load
+VERSION_ID = "engine_version"  # where a worker's LoadedModel keeps the id REQUEST messages name it by
+
+
+def version_id(model: LoadedModel) -> int:
+    return int(model.extra[VERSION_ID])
 
 
 class EngineLink:
@@ -45,11 +56,29 @@ class EngineLink:
         self.next_id = 0
         self.alive = True
         self.welcome: dict[str, Any] = {}
+        self.on_catalog: Callable[[dict[str, Any]], None] | None = None  # `apply_catalog`, once attached
+        self.admin_pending: dict[int, asyncio.Future[None]] = {}
         self._reader_task: asyncio.Task | None = None
 
-    def index(self, model: str) -> int:
-        """The model's number in REQUEST messages: its place in the engine's sorted list."""
-        return [m["name"] for m in self.welcome["models"]].index(model)
+    def _request_id(self) -> int:
+        self.next_id = (self.next_id + 1) % 2**32
+        return self.next_id
+
+    async def load_model(self, name: str) -> None:
+        """The repository extension's load, carried out by the engine; returns once every worker serves it."""
+        await self._admin({"op": "load", "name": name})
+
+    async def unload_model(self, name: str) -> None:
+        await self._admin({"op": "unload", "name": name})
+
+    async def _admin(self, command: dict[str, Any]) -> None:
+        if not self.alive:
+            raise Unavailable("the inference engine is not running; retry shortly", headers={"Retry-After": "1"})
+        request_id = self._request_id()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.admin_pending[request_id] = future
+        self.writer.write(wire.REQUEST.pack(request_id, 0, wire.ADMIN, 0) + wire.pack_json(command))
+        await future
 
     def check_slots(self, count: int) -> None:
         """Refuse (503) a request of `count` images when this worker's pool has fewer slots free."""
@@ -80,8 +109,7 @@ class EngineLink:
         shape = (3, *model.meta.input_size)
         for slot, pixels in zip(slots, images, strict=True):
             self.pool.pixels(slot, shape)[:] = pixels  # the one copy of the pixels on this side
-        self.next_id = (self.next_id + 1) % 2**32
-        request_id = self.next_id
+        request_id = self._request_id()
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieved)
         self.pending[request_id] = (future, slots, model)
@@ -99,6 +127,16 @@ class EngineLink:
                 request_id, status, count, attention_bytes = wire.REPLY.unpack(
                     await self.reader.readexactly(wire.REPLY.size)
                 )
+                if status == wire.CATALOG:
+                    catalog = await wire.read_json(self.reader)
+                    if self.on_catalog is not None:
+                        self.on_catalog(catalog)  # swapped in before the acknowledgement: no await between
+                    self.writer.write(wire.REQUEST.pack(request_id, 0, wire.CATALOG_ACK, 0))
+                    continue
+                if request_id in self.admin_pending:
+                    error = await wire.read_json(self.reader) if status != wire.OK else None
+                    self._admin_answer(self.admin_pending.pop(request_id), error)
+                    continue
                 timings = (
                     [
                         wire.TIMING.unpack(t)
@@ -114,6 +152,19 @@ class EngineLink:
             pass
         finally:
             self._engine_gone()
+
+    @staticmethod
+    def _admin_answer(future: asyncio.Future[None], error: dict[str, Any] | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(
+                ServiceError(
+                    error["message"], detail=error["detail"], status=error.get("status"), code=error.get("code")
+                )
+            )
 
     def _answer(self, request_id: int, status: int, timings: list, attention: bytes, error: dict | None) -> None:
         future, slots, model = self.pending.pop(request_id)
@@ -155,6 +206,10 @@ class EngineLink:
                     Unavailable("the inference engine stopped; retry shortly", headers={"Retry-After": "1"})
                 )
         self.pending.clear()
+        for admin in self.admin_pending.values():
+            if not admin.done():
+                admin.set_exception(Unavailable("the inference engine stopped; retry shortly"))
+        self.admin_pending.clear()
 
     async def close(self) -> None:
         if self._reader_task is not None:
@@ -189,9 +244,9 @@ def _chunks(data: bytes, size: int) -> list[bytes]:
 class RemoteBatcher:
     """A model's batcher as a worker sees it: admission and batching happen in the engine."""
 
-    def __init__(self, link: EngineLink, index: int, model: LoadedModel, policy: BatchPolicy) -> None:
+    def __init__(self, link: EngineLink, model: LoadedModel, policy: BatchPolicy) -> None:
         self.link = link
-        self.index = index
+        self.index = version_id(model)
         self.model = model
         self.policy = policy
 
@@ -234,22 +289,41 @@ async def attach_engine(state: ServiceState, socket_path: str, slots: int) -> No
     settings = state.settings
     directories = discover(settings.model_dir, settings.models)
     link = await EngineLink.connect(socket_path, slots, slot_geometry(directories))
-    welcome = link.welcome
-    models: dict[str, LoadedModel] = {}
-    for entry in welcome["models"]:
-        directory = Path(entry["directory"])
-        meta = read_metadata(directory, verify_hashes=False)  # the engine has verified the graphs' hashes
-        if meta.name != entry["name"]:
-            meta = meta.model_copy(update={"name": entry["name"]})
-        models[entry["name"]] = LoadedModel(
+    state.engine = link
+    state.admin = link
+    state.repository = ModelRepository({}, link.welcome["default"])
+    apply_catalog(state, link.welcome, start=False)
+    link.on_catalog = functools.partial(apply_catalog, state)
+
+
+def apply_catalog(state: ServiceState, catalog: dict[str, Any], *, start: bool = True) -> None:
+    """Serve what the engine's catalog lists: versions new to this worker swapped in (metadata only: the engine
+    has verified the graphs), models gone unloaded, unavailable ones noted. `start` False: at the welcome, before
+    the app starts its batchers."""
+    repository = state.models()
+    listed = set()
+    for entry in catalog["models"]:
+        meta = ArtifactMetadata.model_validate(entry["meta"])
+        listed.add(meta.name)
+        served = repository.models.get(meta.name)
+        if served is not None and version_id(served) == entry["id"]:
+            continue
+        model = LoadedModel(
             meta=meta,
-            directory=directory,
+            directory=Path(entry["directory"]),
             classify=None,
             attention=None,
             provider=entry["provider"],
             load_seconds=entry["load_seconds"],
             warmed_up=True,
+            extra={VERSION_ID: entry["id"]},
+            fingerprint=entry["fingerprint"],
         )
-    unavailable = {name: LoadFailure(error, "") for name, error in welcome["unavailable"].items()}
-    state.engine = link
-    state.repository = ModelRepository(models, welcome["default"], unavailable)
+        if start:
+            state.swap(model, BatchPolicy(**entry["policy"]))
+        else:
+            repository.models[meta.name] = model
+    for name in set(repository.models) - listed:
+        state.unload(name)
+    repository.unavailable = {name: LoadFailure(error, "") for name, error in catalog["unavailable"].items()}
+    state.unloaded = set(catalog["unloaded"])

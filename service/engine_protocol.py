@@ -10,10 +10,18 @@ asked for rarely) come back in the answer itself as raw float32 bytes.
 Messages are little-endian structs on a Unix stream socket:
 
     worker -> engine  HELLO    memfd path, slot count, slot geometry (JSON, length-prefixed), once
-    engine -> worker  WELCOME  models, versions, providers, batch policies, unavailable models (JSON), once
-    worker -> engine  REQUEST  request id, model index, flags, n, n slot numbers
+    engine -> worker  WELCOME  the catalog (below) and the engine's pid (JSON), once
+    worker -> engine  REQUEST  request id, version id, flags, n, n slot numbers
     engine -> worker  REPLY    request id, status, n x (queue ms, compute ms, batch size), attention bytes,
                                error JSON (message, detail) when status is not OK
+    engine -> worker  CATALOG  a REPLY header with status CATALOG and the catalog number, then the catalog JSON:
+                               each served version's id, metadata and directory; unavailable and unloaded models
+    worker -> engine  ACK      a REQUEST header with flag CATALOG_ACK and the catalog number: switched to it
+    worker -> engine  ADMIN    a REQUEST header with flag ADMIN, then {"op": "load" | "unload", "name"} (JSON);
+                               answered by a REPLY with no images (an error JSON with its HTTP status if refused)
+
+A REQUEST names a model *version* by the id the engine gave it in a catalog, so a request a worker admitted
+before a reload reaches the version it looked up (service/engine.py).
 """
 
 from __future__ import annotations
@@ -30,10 +38,12 @@ import numpy as np
 
 # Status of a REPLY: what the engine's batcher said, as the worker must re-raise it.
 OK, OVERLOADED, UNAVAILABLE, FAILED = 0, 1, 2, 3
-ATTENTION = 1  # REQUEST flag: run the attention graph
+CATALOG = 4  # not an answer: the engine's new catalog follows
+# REQUEST flags: run the attention graph; an admin command follows; the catalog numbered request id is in force.
+ATTENTION, ADMIN, CATALOG_ACK = 1, 2, 4
 
 _LENGTH = struct.Struct("<I")
-REQUEST = struct.Struct("<IHBH")  # request id, model index, flags, image count; then count x u16 slot numbers
+REQUEST = struct.Struct("<IHBH")  # request id, version id, flags, image count; then count x u16 slot numbers
 REPLY = struct.Struct("<IBHI")  # request id, status, image count, attention byte count; then timings, bytes, error
 TIMING = struct.Struct("<ffH")  # queue ms, compute ms, batch size
 SLOT_INDEX = struct.Struct("<H")

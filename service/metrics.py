@@ -8,6 +8,9 @@ metrics that Triton has no equivalent for are `vitserve_*`.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,6 +21,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 disable_created_metrics()  # `_created` series double the exposition for no dashboard's benefit
 
@@ -25,9 +30,12 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class Metrics:
+class Metrics(Collector):
+    """Every metric, and (as a `Collector`) the one reading of them that `/metrics` and the statistics share."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._request_series: dict[tuple[str, str, bool], tuple[Any, Any]] = {}
         model = ["model", "version"]
         self.inference_count = Counter(
             "nv_inference_count", "Images inferred (a batch of N counts N)", model, registry=r
@@ -39,11 +47,41 @@ class Metrics:
             "nv_inference_request_success", "Successful inference requests", model, registry=r
         )
         self.request_failure = Counter("nv_inference_request_failure", "Failed inference requests", model, registry=r)
+        self.request_us = Counter(
+            "nv_inference_request_duration_us",
+            "Cumulative time successful inference requests took, end to end",
+            model,
+            registry=r,
+        )
+        self.failure_us = Counter(
+            "vitserve_inference_request_failure_duration_us",
+            "Cumulative time failed inference requests took, end to end (Triton's statistics `fail.ns`)",
+            model,
+            registry=r,
+        )
         self.queue_us = Counter(
             "nv_inference_queue_duration_us", "Cumulative time requests waited in the batch queue", model, registry=r
         )
         self.compute_us = Counter(
             "nv_inference_compute_infer_duration_us", "Cumulative runtime time, per request", model, registry=r
+        )
+        # Triton's statistics extension reports executions and their compute time per batch size (`batch_stats`);
+        # the sizes are bounded by the batching policy, so the series are too.
+        self.batch_exec = Counter(
+            "vitserve_batch_executions", "Runtime executions by batch size", [*model, "batch_size"], registry=r
+        )
+        self.batch_compute_us = Counter(
+            "vitserve_batch_compute_duration_us",
+            "Cumulative runtime time of executions, by batch size",
+            [*model, "batch_size"],
+            registry=r,
+        )
+        self.last_inference = Gauge(
+            "vitserve_last_inference_timestamp_seconds",
+            "When the model version last ran a batch (Unix time)",
+            model,
+            registry=r,
+            multiprocess_mode="max",
         )
         self.requests = Counter(
             "vitserve_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
@@ -160,15 +198,35 @@ class Metrics:
         self.queue_us.labels(model, version).inc(sum(queue_ms) * 1e3)
         for q in queue_ms:
             self.queue_time.labels(model).observe(q / 1e3)
+        self.batch_exec.labels(model, version, str(size)).inc()
+        self.batch_compute_us.labels(model, version, str(size)).inc(compute_ms * 1e3)
+        self.last_inference.labels(model, version).set(time.time())
 
-    def exposition(self) -> bytes:
-        """The text `/metrics` answers: this process's metrics, or in multi-process mode (`PROMETHEUS_MULTIPROC_DIR`
-        set by the supervisor) every process's, summed as each metric's type says."""
+    def observe_request(self, model: str, version: str, ok: bool, seconds: float) -> None:
+        """One inference request's outcome and end-to-end time (`MetricsMiddleware`, on every request)."""
+        series = self._request_series.get((model, version, ok))
+        if series is None:  # a label lookup costs more than the increment: once per model version and outcome
+            count, duration = (self.request_success, self.request_us) if ok else (self.request_failure, self.failure_us)
+            series = self._request_series[(model, version, ok)] = (
+                count.labels(model, version),
+                duration.labels(model, version),
+            )
+        series[0].inc()
+        series[1].inc(seconds * 1e6)
+
+    def collect(self) -> Iterable[Metric]:
+        """Every metric family, as `/metrics` exposes it: this process's, or in multi-process mode
+        (`PROMETHEUS_MULTIPROC_DIR`, set by the supervisor) every process's, summed as each metric's type says.
+        The one source of the numbers `/metrics` and the V2 statistics extension report."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            return registry.collect()
+        return self.registry.collect()
+
+    def exposition(self) -> bytes:
+        """The text `/metrics` answers (see `collect`)."""
+        return generate_latest(self)
 
 
 METRICS = Metrics()

@@ -353,10 +353,10 @@ def record_request(route: str, method: str, status: int, started: float, model: 
     """Count and time one answered HTTP request; an inference request also by the model it served."""
     counter, histogram = _http_series(route, method if method in _METHODS else "other", status)
     counter.inc()
-    histogram.observe(time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    histogram.observe(elapsed)
     if model is not None:
-        counter = METRICS.request_success if status < 400 else METRICS.request_failure
-        counter.labels(model.name, model.meta.version).inc()
+        METRICS.observe_request(model.name, model.meta.version, status < 400, elapsed)
 
 
 class MetricsMiddleware:

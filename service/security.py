@@ -9,6 +9,11 @@ With keys on, the OpenAPI document declares both ways to send a key (`document_a
 that needs one, and on no open one, so Swagger UI at `/docs` offers Authorize and generated clients send the
 header. Without keys the document declares no scheme: a client generated from it has nothing to configure.
 
+The V2 model repository extension (`ADMIN_PREFIX`: index, load, unload) is another matter: it changes what is
+served, so it takes an admin key (`VITSERVE_ADMIN_KEYS`, sent the same ways), never an API key, and with no
+admin key configured it is off (403). `APIKeyMiddleware` lets those paths through to `require_admin`, which
+decides alone.
+
 A presented key's SHA-256 is compared with every configured key's by `hmac.compare_digest`, all of them every
 time, so the answer's timing says nothing about how much of a key (or its length) was right. Keys are never
 logged.
@@ -23,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import Unauthorized
+from service.errors import Forbidden, Unauthorized
 from service.metrics import METRICS
 from service.middleware import REQUEST_ID_HEADER, header_in, send_error
 from service.v2_codec import HEADER_LENGTH
@@ -34,6 +39,7 @@ SECURITY_SCHEMES: dict[str, dict[str, str]] = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`"},
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "`X-API-Key: <key>`"},
 }
+ADMIN_PREFIX = "/v2/repository/"
 UNAUTHORIZED_RESPONSE = {"description": "no API key was sent, or it is not valid (`WWW-Authenticate: Bearer`)"}
 
 
@@ -52,14 +58,12 @@ def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return api_key.strip().encode("latin-1") if api_key else None
 
 
-class APIKeys:
-    """The configured keys, as digests; `check` is the one decision, for the middleware, the direct path and gRPC
-    (service.grpc_v2), checked in constant time."""
+class KeySet:
+    """Keys, kept as digests and compared digest to digest: equal lengths, so not even a key's length shows in
+    the timing."""
 
-    def __init__(self, keys: list[str], open_routes: list[str]) -> None:
-        # Digests, compared digest to digest: equal lengths, so not even a key's length shows in the timing.
+    def __init__(self, keys: list[str]) -> None:
         self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
-        self.open_routes = open_routes
 
     def accepts(self, candidate: bytes | None) -> bool:
         if candidate is None:
@@ -70,9 +74,18 @@ class APIKeys:
             matched |= hmac.compare_digest(digest, key)
         return matched
 
+
+class APIKeys(KeySet):
+    """The API keys; `check` is the one decision, for the middleware, the direct path and gRPC (service.grpc_v2).
+    The repository extension's routes are left to their own gate (`require_admin`)."""
+
+    def __init__(self, keys: list[str], open_routes: list[str]) -> None:
+        super().__init__(keys)
+        self.open_routes = open_routes
+
     def check(self, path: str, headers: list[tuple[bytes, bytes]]) -> Unauthorized | None:
         """None when the request may go on; else the 401 to answer with (counted)."""
-        if is_open(path, self.open_routes):
+        if is_open(path, self.open_routes) or path.startswith(ADMIN_PREFIX):
             return None
         candidate = presented_key(headers)
         if self.accepts(candidate):
@@ -98,6 +111,23 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
         else:
             await send_error(scope, send, refused)
+
+
+def require_admin(scope: Scope, admin_keys: KeySet | None) -> None:
+    """The repository extension's gate: 403 while no admin key is configured, 401 without a valid one."""
+    if admin_keys is None:
+        raise Forbidden(
+            "the model repository extension is disabled on this server; set VITSERVE_ADMIN_KEYS to enable it"
+        )
+    candidate = presented_key(scope["headers"])
+    if not admin_keys.accepts(candidate):
+        METRICS.refused.labels(reason="unauthorized").inc()
+        problem = "no admin key was sent" if candidate is None else "the admin key is not valid"
+        raise Unauthorized(
+            f"{problem}; the model repository extension needs a key of VITSERVE_ADMIN_KEYS as "
+            "`Authorization: Bearer <key>` (or `X-API-Key: <key>`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def document_api_keys(app: FastAPI, open_routes: list[str]) -> None:

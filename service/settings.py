@@ -137,6 +137,13 @@ class Settings(BaseSettings):
         description="a file of keys, one a line (`#` comments), added to `VITSERVE_API_KEYS`: mount a Kubernetes "
         "Secret here",
     )
+    admin_keys: CommaList = Field(
+        default_factory=list,
+        repr=False,
+        description="comma-separated admin keys for the V2 model repository extension (`/v2/repository/...`: index, "
+        "load, unload), sent like API keys; API keys do not open it; unset: those routes answer 403",
+        json_schema_extra=_shown("none (repository extension off)"),
+    )
     open_routes: CommaList = Field(
         default_factory=lambda: list(DEFAULT_OPEN_ROUTES),
         description="routes answered without a key; `/prefix/*` matches below the prefix; empty: every route needs a key",
@@ -245,15 +252,6 @@ class Settings(BaseSettings):
         """`workers`, with 0 resolved to the CPUs this process may use."""
         return self.workers or usable_cpus()
 
-    @model_validator(mode="after")
-    def _reload_in_one_process(self) -> Settings:
-        if self.worker_count > 1 and self.reload_interval_s > 0:
-            raise ValueError(
-                "hot reload (VITSERVE_RELOAD_INTERVAL_S) works with one worker process only for now; set "
-                "VITSERVE_WORKERS=1, or restart the server to serve new versions"
-            )
-        return self
-
     @field_validator("model_dir")
     @classmethod
     def _model_dir_exists(cls, value: Path) -> Path:
@@ -261,12 +259,12 @@ class Settings(BaseSettings):
             raise ValueError(f"model directory {value} does not exist; set VITSERVE_MODEL_DIR")
         return value
 
-    @field_validator("api_keys", "open_routes", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "open_routes", "cors_origins", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split(value)
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys")
     @classmethod
     def _keys_are_header_safe(cls, value: list[str]) -> list[str]:
         for key in value:

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,15 @@ T = TypeVar("T")
 
 # Work on at most this many bytes of JSON or tensors runs on the event loop (about 50 us for 64 KiB).
 INLINE_BYTES = 64 * 1024
+
+
+class RepositoryAdmin(Protocol):
+    """Who carries out the repository extension's load and unload: `service.reload.RepositoryWatcher` in one
+    process, or in an HTTP worker the engine link (`service.engine_client.EngineLink`), which asks the engine."""
+
+    async def load_model(self, name: str) -> None: ...
+
+    async def unload_model(self, name: str) -> None: ...
 
 
 def settings_policy(settings: Settings) -> BatchPolicy:
@@ -73,6 +82,9 @@ class ServiceState:
         # Multi-process mode (service.worker): the link to the engine that runs every model, and the file the
         # supervisor keeps while every worker and the engine are up (readiness is the whole server's).
         self.engine: EngineLink | None = None
+        # Models an admin unloaded (repository extension): 404 with a way back, and left alone by the reload poll.
+        self.unloaded: set[str] = set()
+        self.admin: RepositoryAdmin | None = None
         self.all_ready_file: Path | None = None
         # Bytes of request bodies and of decoded images in flight, server-wide (service.memory).
         self.body_budget = ByteBudget("body", settings.body_budget_bytes) if serves_http else None
@@ -103,6 +115,12 @@ class ServiceState:
         repository = self.models()
         model = repository.get(name)
         if model is None:
+            if (name or repository.default) in self.unloaded:
+                unloaded = name or repository.default
+                raise NotFound(
+                    f"model {unloaded!r} was unloaded; POST /v2/repository/models/{unloaded}/load serves it again",
+                    detail={"available": sorted(repository.models)},
+                )
             failure = repository.unavailable.get(name or repository.default)
             if failure is not None:
                 raise Unavailable(
@@ -143,7 +161,7 @@ class ServiceState:
     def _start_batcher(self, model: LoadedModel, policy: BatchPolicy) -> Batcher:
         batcher: Batcher
         if self.engine is not None:
-            batcher = RemoteBatcher(self.engine, self.engine.index(model.name), model, policy)
+            batcher = RemoteBatcher(self.engine, model, policy)
         else:
             batcher = DynamicBatcher(model, policy, self.runtime_pool)
         batcher.start()
@@ -159,9 +177,10 @@ class ServiceState:
         return (await self.infer_many(model, [pixels], with_attention=with_attention))[0]
 
     async def infer_many(
-        self, model: LoadedModel, images: Sequence[np.ndarray], *, with_attention: bool
+        self, model: LoadedModel, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0
     ) -> list[Result]:
-        """A request's images (3, H, W) through the batcher, admitted all together or refused (503) with none run."""
+        """A request's images (3, H, W) through the batcher, admitted all together or refused (503) with none run.
+        `source`: the HTTP worker it came from, in the engine of multi-process mode."""
         if not images:
             return []
         batcher = self._batcher(model)
@@ -170,7 +189,7 @@ class ServiceState:
             return list(await asyncio.gather(*alone))
         self._waiting[batcher] += 1
         try:
-            return await batcher.submit_many(images, with_attention=with_attention)
+            return await batcher.submit_many(images, with_attention=with_attention, source=source)
         finally:
             self._waiting[batcher] -= 1
             if not self._waiting[batcher]:
@@ -189,6 +208,10 @@ class ServiceState:
         batcher = self.batchers.get(model.name)
         if batcher is None or batcher.model is not model:  # replaced by a reload since the lookup
             batcher = next((b for b in self._retiring if b.model is model), None)
+        if batcher is None and self.engine is not None:
+            # An HTTP worker cannot run a version alone (the sessions are in the engine): it forwards, and the
+            # engine finishes the request on that version while it still holds it.
+            batcher = self._start_batcher(model, self.policy(model))
         return batcher
 
     async def _infer_alone(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
@@ -216,12 +239,28 @@ class ServiceState:
         self.batchers[model.name] = self._start_batcher(model, policy)
         repository.models[model.name] = model
         repository.unavailable.pop(model.name, None)
+        self.unloaded.discard(model.name)
         if old_batcher is not None:
-            self._retiring.add(old_batcher)
-            task = asyncio.get_running_loop().create_task(self._retire(old_batcher), name=f"retire-{model.name}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._retire_later(old_batcher)
         return old_model
+
+    def unload(self, name: str) -> LoadedModel | None:
+        """Stop serving `name` (repository extension); returns the version it served. Like `swap`, with no await:
+        requests that looked it up before finish on it, later ones get 404."""
+        repository = self.models()
+        old_model = repository.models.pop(name, None)
+        repository.unavailable.pop(name, None)
+        self.unloaded.add(name)
+        old_batcher = self.batchers.pop(name, None)
+        if old_batcher is not None:
+            self._retire_later(old_batcher)
+        return old_model
+
+    def _retire_later(self, batcher: Batcher) -> None:
+        self._retiring.add(batcher)
+        task = asyncio.get_running_loop().create_task(self._retire(batcher), name=f"retire-{batcher.model.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _retire(self, batcher: Batcher) -> None:
         # Every submit ends within the batcher's timeout, so the wait is bounded; a request that looks the old

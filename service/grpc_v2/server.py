@@ -163,6 +163,7 @@ class InferenceService:
             raise refused
         budget, held = self.state.body_budget, 0
         model = None
+        started = time.perf_counter()
         try:
             if budget is not None:
                 held = await budget.reserve_async(request.ByteSize()) or 0
@@ -180,14 +181,14 @@ class InferenceService:
                 size, codec.build_response, self.pb2, model.name, model.meta.version, parsed.id, tensors, raw
             )
         except BaseException:
-            if model is not None:
-                METRICS.request_failure.labels(model.name, model.meta.version).inc()
+            if model is not None:  # the same series as HTTP's, which the statistics extension reads
+                METRICS.observe_request(model.name, model.meta.version, False, time.perf_counter() - started)
             raise
         finally:
             self.state.admission.leave()
             if held and budget is not None:
                 budget.release(held)
-        METRICS.request_success.labels(model.name, model.meta.version).inc()
+        METRICS.observe_request(model.name, model.meta.version, True, time.perf_counter() - started)
         return response
 
 

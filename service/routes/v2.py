@@ -37,12 +37,14 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 IMAGE_INPUT = "image"
 # Server metadata's extensions; the gRPC service (service.grpc_v2) answers with the same list.
-EXTENSIONS = ["classification", "binary_tensor_data"]  # always on; `extensions()` adds the optional ones
+EXTENSIONS = ["classification", "binary_tensor_data", "statistics"]  # always on; `extensions()` adds the others
 
 
 def extensions(settings: Settings) -> list[str]:
-    """What `GET /v2` (and gRPC's ServerMetadata) lists: exactly the extensions this server implements now."""
-    return [*EXTENSIONS, *([shm.EXTENSION] if settings.system_shared_memory else [])]
+    """What `GET /v2` (and gRPC's ServerMetadata) lists: exactly the extensions this server implements now;
+    `model_repository` only while admin keys enable it, `system_shared_memory` only when turned on."""
+    optional = {"model_repository": bool(settings.admin_keys), shm.EXTENSION: settings.system_shared_memory}
+    return [*EXTENSIONS, *(name for name, on in optional.items() if on)]
 
 
 DEFAULT_OUTPUTS = ["logits", "probabilities"]

@@ -24,13 +24,14 @@ from PIL import Image
 
 from service.routes import demo
 from service.runtime import ModelRepository
-from service.security import is_open
+from service.security import ADMIN_PREFIX, is_open
 from service.settings import DEFAULT_OPEN_ROUTES, Settings
 from tests.conftest import MODELS, Server, free_port, metric, run_cli
 from tests.service import inprocess
 from tests.service.conftest import encode
 
 KEYS = ["k1-0123456789abcdef", "k2-fedcba9876543210"]
+ADMIN_KEY = "admin-0123456789abcdef"  # the repository extension's: API keys do not open it
 PNG = encode(Image.fromarray(skimage.data.camera()).resize((32, 32)))
 V2_BODY = {"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
 
@@ -42,7 +43,7 @@ def repo() -> ModelRepository:
 
 @pytest.fixture(scope="module")
 def keyed(repo) -> Iterator[TestClient]:
-    with TestClient(inprocess.app(repo, api_keys=KEYS)) as c:
+    with TestClient(inprocess.app(repo, api_keys=KEYS, admin_keys=[ADMIN_KEY])) as c:
         yield c
 
 
@@ -420,7 +421,10 @@ def test_no_route_serves_a_file_named_in_its_path(keyed):
             path = template
             for parameter in re.findall(r"\{\w+\}", template):
                 path = path.replace(parameter, value)
-            response = keyed.request(method, path, content=PNG, headers=auth)
+            # The path the server sees (the client removes dot segments) says which key and body its route takes.
+            admin = httpx.URL(f"http://x{path}").path.startswith(ADMIN_PREFIX)
+            headers = {**auth, "Authorization": f"Bearer {ADMIN_KEY if admin else KEYS[0]}"}
+            response = keyed.request(method, path, content=b"{}" if admin else PNG, headers=headers)
             # No such model or file; or, where the path still matches, system shared memory refused (off by
             # default) before any name is read.
             expected = {403, 404} if template.startswith("/v2/systemsharedmemory/") else {404}

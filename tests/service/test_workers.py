@@ -175,14 +175,6 @@ def test_a_killed_engine_answers_503_and_ends_the_server_non_zero(tmp_path, held
     assert srv.process.wait(timeout=60) == 1
 
 
-def test_hot_reload_with_several_workers_is_refused_at_start():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VITSERVE_PORT": str(free_port())}
-    env |= {"VITSERVE_WORKERS": "2", "VITSERVE_RELOAD_INTERVAL_S": "1"}
-    result = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "VITSERVE_WORKERS=1" in result.stderr and "VITSERVE_RELOAD_INTERVAL_S" in result.stderr
-
-
 def test_an_engine_that_cannot_load_the_models_ends_the_start_with_its_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VITSERVE_PORT": str(free_port()), **WORKERS}
     env["VITSERVE_MODEL_DIR"] = str(tmp_path)  # no artifacts in it
