@@ -12,6 +12,8 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 COPY requirements/serve.txt /tmp/serve.txt
+COPY service/__init__.py /tmp/src/service/__init__.py
+COPY service/grpc_v2 /tmp/src/service/grpc_v2
 # Binary wheels only: nothing is compiled, so the build needs no compiler either. A machine whose TLS goes
 # through an inspecting proxy passes its CA bundle as a build secret (`--secret id=pip_cert,src=<bundle>`):
 # it is mounted for this step only and never written into a layer.
@@ -20,9 +22,13 @@ RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     python3 -m venv /opt/venv; \
     /opt/venv/bin/python -m pip install --only-binary=:all: --no-deps -r /tmp/serve.txt; \
+    PYTHONPATH=/tmp/src /opt/venv/bin/python -m service.grpc_v2.stubs /opt/grpc-stubs; \
+    /opt/venv/bin/python -m pip uninstall -y -q grpcio-tools; \
+    PYTHONPATH=/tmp/src /opt/venv/bin/python -c \
+        "from pathlib import Path; from service.grpc_v2.stubs import load; load(Path('/opt/grpc-stubs'))"; \
     /opt/venv/bin/python -m pip check; \
     /opt/venv/bin/python -m pip uninstall -y -q pip setuptools; \
-    /opt/venv/bin/python -c "import fastapi, numpy, onnxruntime, PIL, uvicorn"
+    /opt/venv/bin/python -c "import fastapi, grpc, numpy, onnxruntime, PIL, uvicorn"
 
 FROM ${BASE_IMAGE}
 RUN groupadd --gid 10001 vitserve \
@@ -35,9 +41,10 @@ COPY service /app/service
 # Bytecode now, as root, because the running container cannot write next to its read-only sources: without
 # it every start would compile the service again (pip already compiled the virtual environment).
 RUN /opt/venv/bin/python -m compileall -q /app/vit_artifact /app/service
-# The gRPC stubs, generated now for this image's protobuf (VITSERVE_GRPC_STUBS_DIR below), for the same reason.
-RUN PYTHONPATH=/app /opt/venv/bin/python -m service.grpc_v2.stubs /opt/grpc-stubs \
-    && /opt/venv/bin/python -m compileall -q /opt/grpc-stubs
+# The gRPC stubs, generated in the build stage for this image's protobuf (VITSERVE_GRPC_STUBS_DIR below; the
+# compiler, grpcio-tools, stays there: the running server only imports them).
+COPY --from=build /opt/grpc-stubs /opt/grpc-stubs
+RUN /opt/venv/bin/python -m compileall -q /opt/grpc-stubs
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \

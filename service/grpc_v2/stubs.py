@@ -46,10 +46,20 @@ class Stubs:
     pb2_grpc: ModuleType  # the service: add_GRPCInferenceServiceServicer_to_server, GRPCInferenceServiceStub
 
 
-def key() -> str:
-    """What the generated code depends on: the .proto and the versions of protobuf and grpcio-tools."""
-    versions = "-".join(importlib.metadata.version(p) for p in ("protobuf", "grpcio-tools"))
-    return f"{hashlib.sha256(PROTO.read_bytes()).hexdigest()[:12]}-{versions}"
+def key(base: Path) -> str:
+    """What the generated code depends on: the .proto and the versions of protobuf and grpcio-tools. Where
+    grpcio-tools is not installed (the image generates at build time and leaves the compiler out), stubs made
+    for this .proto and protobuf by any grpcio-tools are taken."""
+    prefix = f"{hashlib.sha256(PROTO.read_bytes()).hexdigest()[:12]}-{importlib.metadata.version('protobuf')}"
+    try:
+        return f"{prefix}-{importlib.metadata.version('grpcio-tools')}"
+    except importlib.metadata.PackageNotFoundError:
+        made = sorted(base.glob(f"{prefix}-*"))
+        if not made:
+            raise StubError(
+                f"no gRPC stubs for this .proto and protobuf under {base}, and no grpcio-tools to make them"
+            ) from None
+        return made[-1].name
 
 
 def default_dirs(chosen: Path | None = None) -> list[Path]:
@@ -64,7 +74,7 @@ def generate(base: Path) -> Path:
     """The stubs' package directory under `base`, generated there unless already present. Safe when several
     processes start at once (multi-process mode): each generates into its own directory and renames it into
     place; the first rename wins and the others use it."""
-    target = base / key()
+    target = base / key(base)
     package_dir = target / _RELATIVE.parent
     if (package_dir / f"{_MODULE}_pb2_grpc.py").exists():
         return package_dir

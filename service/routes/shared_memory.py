@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from service import shared_memory as shm
 from service.deps import State
 from service.errors import BadRequest
-from service.routes.v2 import V2Error
+from service.routes.v2 import error_responses
 
 router = APIRouter(prefix="/v2/systemsharedmemory", tags=["open inference protocol (v2)"])
 
@@ -28,7 +28,7 @@ _CAUSES = {
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": V2Error, "description": _CAUSES[status]} for status in statuses}
+    return error_responses(*statuses, causes=_CAUSES)
 
 
 class RegisterRequest(BaseModel):

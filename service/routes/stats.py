@@ -29,6 +29,7 @@ from fastapi import APIRouter
 from service.deps import State
 from service.errors import NotFound
 from service.metrics import METRICS
+from service.routes.v2 import error_responses
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
@@ -123,7 +124,12 @@ async def all_stats(state: State) -> dict[str, Any]:
     return {"model_stats": [reading.stats(name, models[name].meta.version) for name in sorted(models)]}
 
 
-@router.get("/models/{name}/stats", operation_id="v2_model_stats", summary="Statistics of a model")
+@router.get(
+    "/models/{name}/stats",
+    operation_id="v2_model_stats",
+    summary="Statistics of a model",
+    responses=error_responses(404, 503),
+)
 async def model_stats(name: str, state: State) -> dict[str, Any]:
     model = state.model(name)
     return {"model_stats": [Reading().stats(model.name, model.meta.version)]}
@@ -133,6 +139,7 @@ async def model_stats(name: str, state: State) -> dict[str, Any]:
     "/models/{name}/versions/{version}/stats",
     operation_id="v2_model_version_stats",
     summary="Statistics of a model version (the served one, or one served earlier)",
+    responses=error_responses(404, 503),
 )
 async def model_version_stats(name: str, version: str, state: State) -> dict[str, Any]:
     model = state.model(name)

@@ -77,9 +77,9 @@ _ERROR_CAUSES = {
 }
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for the statuses a route can answer with `{"error": "message"}`."""
-    return {status: {"model": V2Error, "description": _ERROR_CAUSES[status]} for status in statuses}
+def error_responses(*statuses: int, causes: dict[int, str] = _ERROR_CAUSES) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the statuses a V2 route can answer with `{"error": "message"}`."""
+    return {status: {"model": V2Error, "description": causes[status]} for status in statuses}
 
 
 NOT_READY: dict[int | str, dict[str, Any]] = {503: {"description": "not ready: loading, or draining before shutdown"}}
@@ -132,7 +132,9 @@ async def ready(state: State) -> JSONResponse:
     return JSONResponse({"ready": state.ready}, 200 if state.ready else 503)
 
 
-@router.get("/models/{name}", operation_id="v2_model_metadata", summary="Model metadata", responses=_errors(404))
+@router.get(
+    "/models/{name}", operation_id="v2_model_metadata", summary="Model metadata", responses=error_responses(404)
+)
 async def model_metadata(name: str, state: State) -> Response:
     return JSONResponse(model_metadata_body(find_model(state, name, None)))
 
@@ -141,14 +143,17 @@ async def model_metadata(name: str, state: State) -> Response:
     "/models/{name}/versions/{version}",
     operation_id="v2_model_version_metadata",
     summary="Model metadata (version)",
-    responses=_errors(404),
+    responses=error_responses(404),
 )
 async def model_version_metadata(name: str, version: str, state: State) -> Response:
     return JSONResponse(model_metadata_body(find_model(state, name, version)))
 
 
 @router.get(
-    "/models/{name}/ready", operation_id="v2_model_ready", summary="Model ready", responses=_errors(404) | NOT_READY
+    "/models/{name}/ready",
+    operation_id="v2_model_ready",
+    summary="Model ready",
+    responses=error_responses(404) | NOT_READY,
 )
 async def model_ready(name: str, state: State) -> Response:
     return _ready(find_model(state, name, None))
@@ -158,7 +163,7 @@ async def model_ready(name: str, state: State) -> Response:
     "/models/{name}/versions/{version}/ready",
     operation_id="v2_model_version_ready",
     summary="Model ready (version)",
-    responses=_errors(404) | NOT_READY,
+    responses=error_responses(404) | NOT_READY,
 )
 async def model_version_ready(name: str, version: str, state: State) -> Response:
     return _ready(find_model(state, name, version))
@@ -169,7 +174,7 @@ async def model_version_ready(name: str, version: str, state: State) -> Response
     operation_id="v2_infer",
     summary="Inference",
     openapi_extra=INFER_BODY,
-    responses=_errors(400, 404, 413, 503),
+    responses=error_responses(400, 404, 413, 503),
 )
 async def infer(name: str, request: Request, state: State) -> Response:
     return await infer_response(state, request, name, None)
@@ -180,7 +185,7 @@ async def infer(name: str, request: Request, state: State) -> Response:
     operation_id="v2_infer_version",
     summary="Inference (version)",
     openapi_extra=INFER_BODY,
-    responses=_errors(400, 404, 413, 503),
+    responses=error_responses(400, 404, 413, 503),
 )
 async def infer_version(name: str, version: str, request: Request, state: State) -> Response:
     return await infer_response(state, request, name, version)
