@@ -179,6 +179,16 @@ class Exchange:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    def abandon(self) -> None:
+        """The client left before its body was complete: nobody to answer, free what the request held now."""
+        if self.pace_timer is not None:
+            self.pace_timer.cancel()
+            self.pace_timer = None
+        self.response_complete = True
+        self.direct.budget.release(self.held)
+        self.held = 0
+        METRICS.in_flight.dec()
+
     def _check_pace(self) -> None:
         """The body may take the grace period plus its size at the minimum rate, as in the middleware."""
         loop = self.connection.loop

@@ -98,6 +98,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.refused:
             return
         self._cancel_header_timer()
+        if self.receiving is not None and not self.receiving.response_complete:
+            self.receiving.abandon()
         METRICS.connections.dec()
         super().connection_lost(exc)
 
