@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -337,6 +338,8 @@ def main() -> None:
         raise SystemExit(f"variant labels must differ from each other and from {TRITON!r}")
     started = time.perf_counter()
     load_average = os.getloadavg()
+    # Servers run in sessions of their own; a SIGTERM to this script must still stop them (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
