@@ -185,3 +185,18 @@ def test_kserve_client(server, digits):
     for out in (binary_out, json_out):
         np.testing.assert_allclose(np.asarray(out["logits"]).reshape(3, -1), digits["logits"][:3], atol=1e-5)
         assert np.asarray(out["probabilities"]).shape == (3, 10)
+
+
+def test_server_metadata_lists_exactly_the_extensions_served(server):
+    from service.routes.v2 import extensions
+    from service.settings import Settings
+
+    assert httpx.get(f"{server.url}/v2").json()["extensions"] == ["classification", "binary_tensor_data", "statistics"]
+    everything = Settings(admin_keys=["admin"], system_shared_memory=True)
+    assert extensions(everything) == [
+        "classification",
+        "binary_tensor_data",
+        "statistics",
+        "model_repository",
+        "system_shared_memory",
+    ]
