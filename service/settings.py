@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         gt=0,
         description="queued images per model before 503 + `Retry-After` (a request of N images needs N places free)",
     )
+    admission: Literal["adaptive", "queue"] = Field(
+        "adaptive",
+        description="`adaptive`: refuse (503 + `Retry-After`, at once) a request that a model's batcher predicts "
+        "would wait longer than one full batch takes (plus `VITSERVE_MAX_QUEUE_DELAY_MS`), from the batch times it "
+        "measures, so accepted requests stay fast under overload (README: Dynamic batching); `queue`: admit until "
+        "the queue is full. The queue size, request and connection limits stay hard caps either way",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served (503 after)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="`debug`, `info`, `warning`, `error`"

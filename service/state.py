@@ -53,6 +53,7 @@ def settings_policy(settings: Settings) -> BatchPolicy:
         max_queue_size=s.max_queue_size,
         timeout_s=s.request_timeout_s,
         enabled=s.batching,
+        admission=s.admission,
     )
 
 

@@ -105,7 +105,7 @@ def test_full_queue_answers_503_with_retry_after(tmp_path, held_out):
         assert rejected.headers["retry-after"] == "1"
         assert rejected.json()["error"]["code"] == "overloaded"
         metrics = httpx.get(f"{srv.url}/metrics").text
-        assert 'vitserve_rejected_total{model="digits-vit"}' in metrics
+        assert 'vitserve_rejected_total{model="digits-vit",reason=' in metrics
         assert (
             httpx.post(f"{srv.url}/v1/classify", content=data, headers={"content-type": "image/png"}).status_code == 200
         )  # and it keeps serving
