@@ -153,7 +153,8 @@ class Metrics(Collector):
         )
         self.refused = Counter(
             "vitserve_http_refused",
-            "Requests refused before routing: unauthorized (401), concurrency limit (503)",
+            "Requests refused before routing: unauthorized (401), concurrency (503: VITSERVE_MAX_CONCURRENT_REQUESTS), "
+            "adaptive (503: the adaptive limit on requests in progress)",
             ["reason"],
             registry=r,
         )
