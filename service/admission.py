@@ -2,14 +2,17 @@
 
 A latency-gradient concurrency limit in the manner of Netflix's concurrency-limits and Envoy's adaptive
 concurrency filter. Each admitted request's time in the server (from its complete body to its answer) is compared
-with the same route's unloaded time: the moving average of its requests that were admitted with no other in
-progress (per route, since a classify of one image and an attention map of thirty-two are not comparable). While
-the recent ratio stays within `TOLERANCE`, the limit grows by one per round of `limit` answers (only while it is
-what holds requests back); above it, the limit shrinks in proportion to the excess within one round. So the
-requests in progress settle where each takes about twice its unloaded time, whatever the model, the machine or the
-number of cores, and a request beyond that is refused at once (503 + Retry-After) before any of its work is done.
-The limit starts at one, so the first requests measure the unloaded time, and whenever the limit falls back to
-one every request measures it again (under the load of the moment: refusing costs the event loop too).
+with its route's unloaded time (per route, since a classify of one image and an attention map of thirty-two are
+not comparable): a moving average of the requests admitted with no other in progress, lowered by any request
+that was faster. When the recent ratio stays above `TOLERANCE` through a busy period longer than one round of
+`limit` answers, the limit shrinks in proportion to the excess, by about that factor per round; while the ratio
+is within it, the limit grows by one per round (only while it is what holds requests back). So under sustained
+overload the requests in progress settle where each takes about twice its unloaded time, whatever the model, the
+machine or the number of cores, and a request beyond that is refused at once (503 + Retry-After) before any of
+its work is done. A burst that drains within one round (the server idle again: none in progress) is let in
+whole, as before: like CoDel, the limit acts on a standing queue, not on a queue that comes and goes. The limit
+starts at `VITSERVE_MAX_CONCURRENT_REQUESTS`, which stays the hard cap; at one, every request measures the
+unloaded time again (under the load of the moment: refusing costs the event loop too).
 
 Why at the front door as well as in the batcher (`service.batching`): when decoding, parsing and answering are
 what saturates (a small model on few cores), requests wait for the event loop, not in the batcher's queue, and
@@ -41,9 +44,8 @@ class AdaptiveAdmission(Admission):
     def __init__(self, cap: int, clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__(cap)
         self.clock = clock
-        # Start at one and grow while latency allows: starting at the cap would let a burst in that the limit
-        # only learns to refuse after it has waited.
-        self.adaptive_limit = 1.0
+        self.adaptive_limit = float(cap)
+        self.busy_answers = 0  # answers since the server was last idle (no request in progress)
         self.ratio = 1.0  # recent (smoothed) time in the server / the route's unloaded time
         self.unloaded: dict[str, float] = {}  # seconds, by route
         self._refused = METRICS.refused.labels(reason="adaptive")
@@ -70,26 +72,30 @@ class AdaptiveAdmission(Admission):
             route, started, alone = admitted
             self.observe(route, started, alone=alone, busy=self.in_progress >= self.adaptive_limit / 2)
         self.in_progress -= 1
+        if not self.in_progress:
+            self.busy_answers = 0
 
     def observe(self, route: str, started: float, *, alone: bool, busy: bool) -> None:
         """One answered request of `route`, admitted at `started`; `alone`: none other was in progress then;
         `busy`: the limit was what held requests back (more than half of it in use), so an answer within the
         tolerance is evidence that it may grow."""
         seconds = self.clock() - started
+        self.busy_answers += 1
         if route not in self.unloaded and len(self.unloaded) >= MAX_ROUTES:
             route = ""
         unloaded = self.unloaded.get(route)
         if unloaded is None:  # a route's first answer is its first measure of the unloaded time, alone or not
             unloaded = self.unloaded[route] = seconds
-        elif alone:
+        elif alone or seconds < unloaded:  # a faster answer shows the unloaded time is at most that
             unloaded = self.unloaded[route] = unloaded + SMOOTHING * (seconds - unloaded)
         ratio = seconds / unloaded if unloaded > 0 else 1.0
         self.ratio += SMOOTHING * (ratio - self.ratio)
         limit = self.adaptive_limit
         if self.ratio > TOLERANCE:
-            # Shrink by TOLERANCE / ratio over one round of `limit` answers: what Little's law says brings the
-            # time in the server back to TOLERANCE x unloaded at the same throughput.
-            limit *= (TOLERANCE / self.ratio) ** (1 / limit)
+            if self.busy_answers > limit:  # a standing excess, not a burst that drains within one round
+                # Shrink by TOLERANCE / ratio over one round of `limit` answers: what Little's law says brings
+                # the time in the server back to TOLERANCE x unloaded at the same throughput.
+                limit *= (TOLERANCE / self.ratio) ** (1 / limit)
         elif busy:
             limit += 1 / limit  # one more per round
         self.adaptive_limit = min(max(limit, 1.0), float(self.limit))

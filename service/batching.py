@@ -9,8 +9,8 @@ without waiting. A full queue is refused at once (503 + Retry-After), never an u
 Adaptive admission (`admission="adaptive"`, the default) refuses earlier, from what the batcher measures: it keeps
 each batch size's service time (`ServiceTimes`, a moving average), and refuses a request at once (503 +
 Retry-After) when the work ahead of it, the rest of the running batch plus one full batch for every
-`max_batch_size` images queued, is predicted to take longer than its target: one full batch's time plus
-`max_queue_delay_ms`. An admitted request then starts within about one batch time and is answered within about
+`max_batch_size` images queued, is predicted to take longer than its target: one full batch's time (or, for a
+request of more images than a batch holds, its own time) plus `max_queue_delay_ms`. An admitted request then starts within about one batch time and is answered within about
 two: the queue never holds more than the next batch, which still runs full, so throughput is kept and the
 excess is turned away instead of waiting. With `max_batch_size` 1 that is at most one request waiting, and an
 accepted request's latency within twice the unloaded one. Nothing is tuned to a machine: the times are measured
@@ -157,7 +157,7 @@ class DynamicBatcher:
         size, queued = self.policy.max_queue_size, self.queue.qsize()
         if count <= size - queued:
             if self.policy.admission == "adaptive":
-                self._check_wait(queued)
+                self._check_wait(queued, count)
             return
         METRICS.rejected.labels(model=self.model.name, reason="queue").inc()
         raise Overloaded(
@@ -169,23 +169,30 @@ class DynamicBatcher:
             headers={"Retry-After": "1"},
         )
 
-    def admission_target(self) -> float | None:
-        """The longest predicted wait the adaptive admission accepts, in seconds: one full batch's time plus the
-        queue delay (a request may be asked to wait that long for company anyway). None: nothing measured yet."""
-        full = self.times.estimate(self.policy.max_batch_size)
-        return None if full is None else full + self.policy.max_queue_delay_ms / 1e3
+    def admission_target(self, count: int = 1) -> float | None:
+        """The longest predicted wait the adaptive admission accepts for a request of `count` images, in seconds:
+        one full batch's time, or the request's own time if it needs more than one batch (so it may take twice
+        its unloaded time, like any other), plus the queue delay (a request may be asked to wait that long for
+        company anyway). None: nothing measured yet."""
+        size = self.policy.max_batch_size
+        full = self.times.estimate(size)
+        if full is None:
+            return None
+        own = (count // size) * full + ((self.times.estimate(count % size) or 0.0) if count % size else 0.0)
+        return max(full, own) + self.policy.max_queue_delay_ms / 1e3
 
-    def _check_wait(self, queued: int) -> None:
+    def _check_wait(self, queued: int, count: int) -> None:
         policy = self.policy
         rest = self._running_until - time.perf_counter()
         wait = predicted_wait(self.times, policy.max_batch_size, queued, rest)
-        target = self.admission_target()
+        target = self.admission_target(count)
         if wait is None or target is None or wait <= target:
             return
         METRICS.rejected.labels(model=self.model.name, reason="adaptive").inc()
         raise Overloaded(
             f"model {self.model.name} is over capacity: this request would wait about {wait * 1e3:.0f} ms to start, "
-            f"more than the {target * 1e3:.0f} ms a full batch takes; retry shortly",
+            f"more than the {target * 1e3:.0f} ms it may (the longer of a full batch and its own images); retry "
+            "shortly",
             detail={"predicted_wait_ms": round(wait * 1e3, 1), "target_ms": round(target * 1e3, 1), "queued": queued},
             headers={"Retry-After": "1"},
         )

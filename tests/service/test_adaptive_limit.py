@@ -1,6 +1,7 @@
 """`AdaptiveAdmission`, the latency-gradient limit on inference requests in progress, driven by a controlled clock:
-it starts at one, grows while answers stay within twice their route's unloaded time, shrinks when they do not,
-keeps each route's unloaded time apart, and never passes the fixed cap.
+a burst is let in whole; a standing excess (a busy period of slow answers longer than a round) shrinks the limit
+and the next request is refused at once; it grows again while answers stay within twice their route's unloaded
+time, keeps each route's unloaded time apart, and never passes the fixed cap.
 
 Each simulated request is admitted and answered in a context of its own, as each request is a task of its own in
 the server (the limit remembers a request's start in a context variable).
@@ -30,10 +31,13 @@ def refused(reason: str) -> float:
     return metric(generate_latest(METRICS.registry).decode(), "vitserve_http_refused_total", reason=reason)
 
 
-def round_trip(admission: AdaptiveAdmission, clock: Clock, seconds: float, route: str = "/v1/classify") -> int:
-    """Admit as many requests as the limit allows at once, answer them all `seconds` later; how many got in."""
+def round_trip(
+    admission: AdaptiveAdmission, clock: Clock, seconds: float, route: str = "/v1/classify", count: int = 10**6
+) -> int:
+    """Admit up to `count` requests at once (as many as the limit allows), answer them all `seconds` later; how
+    many got in."""
     admitted = []
-    while True:
+    while len(admitted) < count:
         context = contextvars.Context()
         if context.run(admission.enter, route) is not None:
             break
@@ -44,44 +48,67 @@ def round_trip(admission: AdaptiveAdmission, clock: Clock, seconds: float, route
     return len(admitted)
 
 
-def test_it_starts_at_one_and_refuses_the_next_at_once_with_503():
-    admission = AdaptiveAdmission(256, clock=Clock())
-    first = contextvars.Context()
-    assert first.run(admission.enter, "/v1/classify") is None
+def held(admission: AdaptiveAdmission) -> contextvars.Context:
+    """A request that stays in progress: the server is never idle, so what follows is one busy period."""
+    context = contextvars.Context()
+    assert context.run(admission.enter, "/v1/slow") is None
+    return context
+
+
+def test_a_burst_that_drains_is_let_in_whole_and_leaves_the_limit_as_it_was():
+    clock = Clock()
+    admission = AdaptiveAdmission(256, clock=clock)
+    round_trip(admission, clock, 0.010, count=1)  # the unloaded time
+    for _ in range(5):  # bursts of 48 answered ten times slower, the server idle between them
+        assert round_trip(admission, clock, 0.100, count=48) == 48
+    assert admission.adaptive_limit == 256
+
+
+def test_a_standing_excess_shrinks_the_limit_and_the_next_request_is_refused_at_once_with_503():
+    clock = Clock()
+    admission = AdaptiveAdmission(256, clock=clock)
+    round_trip(admission, clock, 0.010, count=1)
+    busy = held(admission)
+    for _ in range(40):  # one busy period: ten times the unloaded time, round after round
+        round_trip(admission, clock, 0.100, count=32)
+    assert admission.ratio > TOLERANCE and admission.adaptive_limit < 32
+    limit = int(admission.adaptive_limit)
+    admitted = [contextvars.Context() for _ in range(limit - 1)]  # with the held request: the limit
+    assert all(context.run(admission.enter, "/v1/classify") is None for context in admitted)
     before = refused("adaptive")
     refusal = contextvars.Context().run(admission.enter, "/v1/classify")
     assert isinstance(refusal, Overloaded) and refusal.status == 503 and refusal.headers == {"Retry-After": "1"}
-    assert refusal.detail == {"limit": 1} and "adaptive limit of 1" in refusal.message
+    assert refusal.detail == {"limit": limit} and f"adaptive limit of {limit}" in refusal.message
     assert refused("adaptive") == before + 1
-    first.run(admission.leave)
+    for context in [*admitted, busy]:
+        context.run(admission.leave)
     assert admission.in_progress == 0
-    assert contextvars.Context().run(admission.enter, "/v1/classify") is None
 
 
-def test_it_grows_while_answers_take_their_unloaded_time_and_shrinks_when_they_take_longer():
+def test_it_grows_again_while_answers_take_their_unloaded_time():
     clock = Clock()
     admission = AdaptiveAdmission(256, clock=clock)
+    round_trip(admission, clock, 0.010, count=1)
+    busy = held(admission)
     for _ in range(60):
-        round_trip(admission, clock, 0.010)  # as fast with many in progress as alone: room to grow
-    grown = round_trip(admission, clock, 0.010)
-    assert grown >= 8, admission.adaptive_limit
-    for _ in range(5):
-        round_trip(admission, clock, 0.010 * 10)  # ten times the unloaded time: requests wait for each other
-    assert admission.ratio > TOLERANCE and admission.adaptive_limit < grown / 2
-    # Down at one, every request is alone: the slower time becomes the unloaded one, and the limit grows again.
+        round_trip(admission, clock, 0.100)
+    busy.run(admission.leave)
+    low = admission.adaptive_limit
+    assert low < 4
     for _ in range(60):
-        round_trip(admission, clock, 0.010 * 10)
-    assert admission.unloaded["/v1/classify"] > 0.09 and admission.adaptive_limit > 2
+        round_trip(admission, clock, 0.010)  # as fast with the limit in use as alone: room to grow
+    assert admission.adaptive_limit >= low + 5, (low, admission.adaptive_limit)
 
 
 def test_each_route_is_judged_against_its_own_unloaded_time():
     clock = Clock()
     admission = AdaptiveAdmission(256, clock=clock)
+    busy = held(admission)
     for _ in range(40):  # a fast route and a slow one, each answering in its own unloaded time
-        round_trip(admission, clock, 0.002, "/v1/classify")
-        round_trip(admission, clock, 0.200, "/v1/models/big/attention")
-    assert admission.ratio <= TOLERANCE
-    assert admission.adaptive_limit >= 4
+        round_trip(admission, clock, 0.002, "/v1/classify", count=32)
+        round_trip(admission, clock, 0.200, "/v1/models/big/attention", count=32)
+    assert admission.ratio <= TOLERANCE and admission.adaptive_limit == 256
+    busy.run(admission.leave)
 
 
 def test_the_fixed_cap_stays_the_hard_cap():
