@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 CACHE = Path.home() / ".cache" / "vitserve"
 VIT_B16 = "vit-b16"
-_EXPORT_SOURCES = [*sorted((ROOT / "model_export").glob("*.py")), ROOT / "service" / "artifact.py"]
+_EXPORT_SOURCES = [*sorted((ROOT / "model_export").glob("*.py")), *sorted((ROOT / "vit_artifact").glob("*.py"))]
 
 
 @dataclass(frozen=True)
