@@ -109,10 +109,11 @@ class Settings(BaseSettings):
     )
     admission: Literal["adaptive", "queue"] = Field(
         "adaptive",
-        description="`adaptive`: refuse (503 + `Retry-After`, at once) a request that a model's batcher predicts "
-        "would wait longer than one full batch takes (plus `VITSERVE_MAX_QUEUE_DELAY_MS`), from the batch times it "
-        "measures, so accepted requests stay fast under overload (README: Dynamic batching); `queue`: admit until "
-        "the queue is full. The queue size, request and connection limits stay hard caps either way",
+        description="`adaptive`: under overload, refuse at once (503 + `Retry-After`) what would wait, by two limits "
+        "learned from what the server measures: each model's batcher refuses a request predicted to wait longer "
+        "than a full batch takes, and each HTTP process limits inference requests in progress to what keeps them "
+        "within twice their unloaded time (README: Dynamic batching); `queue`: admit until the queue or "
+        "`VITSERVE_MAX_CONCURRENT_REQUESTS` is full, which stay hard caps either way",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served (503 after)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
