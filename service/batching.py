@@ -10,11 +10,13 @@ Adaptive admission (`admission="adaptive"`, the default) refuses earlier, from w
 each batch size's service time (`ServiceTimes`, a moving average), and refuses a request at once (503 +
 Retry-After) when the work ahead of it, the rest of the running batch plus one full batch for every
 `max_batch_size` images queued, is predicted to take longer than its target: one full batch's time (or, for a
-request of more images than a batch holds, its own time) plus `max_queue_delay_ms`. An admitted request then starts within about one batch time and is answered within about
-two: the queue never holds more than the next batch, which still runs full, so throughput is kept and the
-excess is turned away instead of waiting. With `max_batch_size` 1 that is at most one request waiting, and an
-accepted request's latency within twice the unloaded one. Nothing is tuned to a machine: the times are measured
-as the batcher runs (until its first batch there is no estimate, and it admits).
+request of more images than a batch holds, its own time) plus `max_queue_delay_ms`. An admitted request then
+starts within about one batch time and is answered within about two: the queue never holds more than the next
+batch, which still runs full, so throughput is kept and the excess is turned away instead of waiting. With
+`max_batch_size` 1 that is at most one image waiting, and an accepted request's latency within twice the
+unloaded one. Nothing is tuned to a machine: the times are measured as the batcher runs (until its first batch
+there is no estimate, and it admits). `service.admission` limits requests in progress for the same end where the
+event loop, not the runtime, is what requests wait for.
 
 A request of N images (batch, V2) is admitted whole or not at all (`submit_many`): its N items enter the queue
 together, with no await between the check and the puts, or it is refused before any of them runs, so a refused
