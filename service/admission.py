@@ -5,12 +5,13 @@ concurrency filter. Each admitted request's time in the server (from its complet
 with its route's unloaded time (per route, since a classify of one image and an attention map of thirty-two are
 not comparable): a moving average of the requests admitted with no other in progress, lowered by any request
 that was faster. When the recent ratio stays above `TOLERANCE` through a busy period longer than one round of
-`limit` answers, the limit shrinks in proportion to the excess, by about that factor per round; while the ratio
+`limit` answers, the limit shrinks in proportion to the excess (Little's law: to the requests in progress times
+`TOLERANCE` / ratio at once, then by that factor per round); while the ratio
 is within it, the limit grows by one per round (only while it is what holds requests back). So under sustained
 overload the requests in progress settle where each takes about twice its unloaded time, whatever the model, the
 machine or the number of cores, and a request beyond that is refused at once (503 + Retry-After) before any of
-its work is done. A burst that drains within one round (the server idle again: none in progress) is let in
-whole, as before: like CoDel, the limit acts on a standing queue, not on a queue that comes and goes. The limit
+its work is done. A burst that drains within one round (the server then idle for longer than an answer takes)
+is let in whole, as before: like CoDel, the limit acts on a standing queue, not on a queue that comes and goes. The limit
 starts at `VITSERVE_MAX_CONCURRENT_REQUESTS`, which stays the hard cap; at one, every request measures the
 unloaded time again (under the load of the moment: refusing costs the event loop too).
 
@@ -46,6 +47,8 @@ class AdaptiveAdmission(Admission):
         self.clock = clock
         self.adaptive_limit = float(cap)
         self.busy_answers = 0  # answers since the server was last idle (no request in progress)
+        self.recent = 0.0  # smoothed time in the server of recent answers, seconds
+        self._idle_since: float | None = None  # when the last request in progress was answered
         self.ratio = 1.0  # recent (smoothed) time in the server / the route's unloaded time
         self.unloaded: dict[str, float] = {}  # seconds, by route
         self._refused = METRICS.refused.labels(reason="adaptive")
@@ -61,7 +64,14 @@ class AdaptiveAdmission(Admission):
                 detail={"limit": int(self.adaptive_limit)},
                 headers={"Retry-After": "1"},
             )
-        _ADMITTED.set((route.partition("?")[0], self.clock(), self.in_progress == 0))
+        now = self.clock()
+        if self._idle_since is not None:
+            # Idle for longer than an answer takes: a new busy period. A shorter gap, between requests of a
+            # steady overload, is not: the excess it follows is still standing.
+            if now - self._idle_since > self.recent:
+                self.busy_answers = 0
+            self._idle_since = None
+        _ADMITTED.set((route.partition("?")[0], now, self.in_progress == 0))
         self.in_progress += 1
         return None
 
@@ -73,13 +83,14 @@ class AdaptiveAdmission(Admission):
             self.observe(route, started, alone=alone, busy=self.in_progress >= self.adaptive_limit / 2)
         self.in_progress -= 1
         if not self.in_progress:
-            self.busy_answers = 0
+            self._idle_since = self.clock()
 
     def observe(self, route: str, started: float, *, alone: bool, busy: bool) -> None:
         """One answered request of `route`, admitted at `started`; `alone`: none other was in progress then;
         `busy`: the limit was what held requests back (more than half of it in use), so an answer within the
         tolerance is evidence that it may grow."""
         seconds = self.clock() - started
+        self.recent += SMOOTHING * (seconds - self.recent)
         self.busy_answers += 1
         if route not in self.unloaded and len(self.unloaded) >= MAX_ROUTES:
             route = ""
@@ -93,9 +104,11 @@ class AdaptiveAdmission(Admission):
         limit = self.adaptive_limit
         if self.ratio > TOLERANCE:
             if self.busy_answers > limit:  # a standing excess, not a burst that drains within one round
-                # Shrink by TOLERANCE / ratio over one round of `limit` answers: what Little's law says brings
-                # the time in the server back to TOLERANCE x unloaded at the same throughput.
-                limit *= (TOLERANCE / self.ratio) ** (1 / limit)
+                # What Little's law says brings the time in the server back to TOLERANCE x unloaded at the same
+                # throughput: the requests in progress now, scaled by TOLERANCE / ratio. At once if the limit is
+                # far above that (it had not been reached), else by that factor over one round of answers.
+                scale = TOLERANCE / self.ratio
+                limit = min(limit * scale ** (1 / limit), max(1.0, self.in_progress * scale))
         elif busy:
             limit += 1 / limit  # one more per round
         self.adaptive_limit = min(max(limit, 1.0), float(self.limit))

@@ -59,8 +59,9 @@ def test_a_burst_that_drains_is_let_in_whole_and_leaves_the_limit_as_it_was():
     clock = Clock()
     admission = AdaptiveAdmission(256, clock=clock)
     round_trip(admission, clock, 0.010, count=1)  # the unloaded time
-    for _ in range(5):  # bursts of 48 answered ten times slower, the server idle between them
+    for _ in range(8):  # bursts of 48 answered ten times slower, the server idle for a second between them
         assert round_trip(admission, clock, 0.100, count=48) == 48
+        clock.now += 1.0
     assert admission.adaptive_limit == 256
 
 
