@@ -46,7 +46,7 @@ class AdaptiveAdmission(Admission):
         super().__init__(cap)
         self.clock = clock
         self.adaptive_limit = float(cap)
-        self.busy_answers = 0  # answers since the server was last idle (no request in progress)
+        self.busy_answers = 0  # answers since the server was last idle (none in progress for longer than one takes)
         self.recent = 0.0  # smoothed time in the server of recent answers, seconds
         self._idle_since: float | None = None  # when the last request in progress was answered
         self.ratio = 1.0  # recent (smoothed) time in the server / the route's unloaded time
