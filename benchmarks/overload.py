@@ -7,14 +7,17 @@
 For each model:
 
 1. unloaded latency: a closed loop of one client (the p99 every later figure is compared with);
-2. sustainable rate: the best closed-loop throughput at 16 and 64 clients (and the p99 there, "loaded");
+2. sustainable rate: the best closed-loop throughput at 16 and 64 clients (and the p99 there, "loaded"), with
+   `VITSERVE_ADMISSION=queue` so that nothing is shed and the rate is the server's capacity;
 3. overload, on a fresh server per variant: requests sent on a fixed schedule at `--factor` x that rate,
    whatever the server answers (open loop), a bounded count (`--seconds` of arrivals), while the server's RSS is
-   sampled every 100 ms. Variants: the defaults (or `--env`), and a latency budget: VITSERVE_MAX_CONCURRENT_REQUESTS
-   set to what the sustainable rate clears within 2x the unloaded p99 (Little's law), the setting that the
-   "accepted p99 within 2x" target asks for.
+   sampled every 100 ms. Variants, side by side: the defaults (or `--env`: adaptive admission), the previous
+   default (`VITSERVE_ADMISSION=queue`: admit until the queue is full), and a hand-tuned latency budget:
+   `VITSERVE_ADMISSION=queue` with VITSERVE_MAX_CONCURRENT_REQUESTS set to what the sustainable rate clears within
+   2x the unloaded p99 (Little's law), the setting the "accepted p99 within 2x" target asked for before.
+   After each storm, the server's own counts: refusals by reason, mean queue wait and batch time, batch size.
 
-Targets (issue 4): excess requests get 503 within 50 ms; accepted ones keep p99 within 2x of the unloaded p99;
+Targets (issues 4 and 12): excess requests get 503 within 50 ms; accepted ones keep p99 within 2x of the unloaded p99;
 no request hangs (each is answered within the client's timeout); the server's memory stays bounded. The load
 generator runs in its own process (benchmarks/loadgen.py) and records whether it kept to the schedule: on 2
 shared cores it can fall behind, and then the offered rate it reports is the one that was really offered.
@@ -25,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +76,7 @@ def baseline(
 ) -> tuple[dict, dict]:
     """The unloaded latency (one client) and the sustainable rate (best of 16 and 64 clients)."""
     slow = model.startswith("vit-b16")
+    env = {"VITSERVE_ADMISSION": "queue", **env}  # capacity: nothing shed (unless --env asks otherwise)
     with servers.vitserve(repo_dir, model, LOGS / f"{model}-baseline.log", **_settings(env)) as server:
         common: dict[str, Any] = {"field": server.field, "timeout": 30.0}
         unloaded = drive(
@@ -106,6 +112,28 @@ def _settings(env: dict[str, str]) -> dict[str, str]:
     return {k.removeprefix("VITSERVE_").lower(): v for k, v in env.items()}
 
 
+def server_counts(url: str) -> dict[str, Any]:
+    """What the server counted: refusals by reason, mean queue wait and batch time (ms), mean batch size."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+
+    def total(pattern: str) -> float:
+        return sum(float(m.group(1)) for m in re.finditer(rf"^{pattern} (\S+)$", text, re.M))
+
+    def mean(name: str, scale: float = 1.0) -> float | None:
+        count = total(rf"{name}_count\{{[^}}]*\}}")
+        return round(total(rf"{name}_sum\{{[^}}]*\}}") / count * scale, 2) if count else None
+
+    return {
+        "rejected_adaptive": total(r'vitserve_rejected_total\{[^}]*reason="adaptive"[^}]*\}'),
+        "rejected_queue_full": total(r'vitserve_rejected_total\{[^}]*reason="queue"[^}]*\}'),
+        "refused_adaptive_limit": total(r'vitserve_http_refused_total\{reason="adaptive"\}'),
+        "refused_concurrency": total(r'vitserve_http_refused_total\{reason="concurrency"\}'),
+        "queue_wait_mean_ms": mean("vitserve_queue_duration_seconds", 1e3),
+        "batch_time_mean_ms": mean("vitserve_runtime_duration_seconds", 1e3),
+        "batch_size_mean": mean("vitserve_batch_size"),
+    }
+
+
 def storm(
     repo_dir: Path,
     model: str,
@@ -121,7 +149,7 @@ def storm(
     """Open-loop arrivals at `factor` x the sustainable rate on a fresh server with settings `env`."""
     slow = model.startswith("vit-b16")
     rate = loaded["throughput"]
-    log_file = LOGS / f"{model}-{label.split()[0]}.log"
+    log_file = LOGS / f"{model}-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.log"
     with servers.vitserve(repo_dir, model, log_file, **_settings(env)) as server:
         common: dict[str, Any] = {"field": server.field, "timeout": 30.0}
         # Warm up at full batches first, so that onnxruntime's arena has grown to its working size: RSS growth
@@ -142,6 +170,7 @@ def storm(
             over = drive(
                 server.url, server.path, images, rate=rate * factor, requests=count, warmup=0, raw=True, **common
             )
+        counts = server_counts(server.url)  # before the requests below add to them
         # After the storm: is the server still answering as before?
         after = drive(
             server.url,
@@ -180,6 +209,7 @@ def storm(
         "rss_before_mb": round(rss_before, 1),
         "rss_max_mb": round(max(rss.samples, default=rss_before), 1),
         "after": {k: after[k] for k in ("throughput", "p50_ms", "p99_ms", "statuses")},
+        "server": counts,
     }
     result["checks"] = {
         "excess rejected within 50 ms (p99 of 503s)": bool(rejected) and result["rejected_p99_ms"] <= 50,
@@ -217,6 +247,22 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"{r['rejected_p99_ms']} / {r['rejected_max_ms']} | {r['accepted_p50_ms']} / {r['accepted_p99_ms']} | "
             f"{r['unloaded']['p99_ms']} | {r['loaded']['p99_ms']} | {r['unanswered']} | {r['rss_before_mb']} / "
             f"{r['rss_max_mb']} |"
+        )
+    lines += [
+        "",
+        "The server's own counts during each storm (503s by reason; means over the storm and its warm-up):",
+        "",
+        "| model | server | 503s: adaptive limit / concurrency cap / batcher adaptive / queue full | queue wait ms | "
+        "batch time ms | batch size |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r["server"]
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {c['refused_adaptive_limit']:g} / {c['refused_concurrency']:g} / "
+            f"{c['rejected_adaptive']:g} / {c['rejected_queue_full']:g} | {c['queue_wait_mean_ms']} | "
+            f"{c['batch_time_mean_ms']} | "
+            f"{c['batch_size_mean']} |"
         )
     lines += ["", "| model | server | check | met |", "|---|---|---|---|"]
     for r in results:
@@ -256,11 +302,13 @@ def main() -> None:
             log(model)
             unloaded, loaded = baseline(directory, model, images, env, log)
             limit = budget_limit(unloaded, loaded)
+            queue = {**env, "VITSERVE_ADMISSION": "queue"}
             variants = [
-                ("defaults" if not env else "given settings", env),
+                ("defaults (adaptive admission)" if not env else "given settings", env),
+                ("queue admission (the previous default)", queue),
                 (
-                    f"latency budget: {limit} in progress",
-                    {**env, "VITSERVE_MAX_CONCURRENT_REQUESTS": str(limit)},
+                    f"queue admission, latency budget: {limit} in progress",
+                    {**queue, "VITSERVE_MAX_CONCURRENT_REQUESTS": str(limit)},
                 ),
             ]
             for label, settings in variants:

@@ -203,13 +203,14 @@ def rss_mb(pid: int) -> float:
 
 
 def refusals(url: str) -> tuple[float, float]:
-    """(images turned away by full queues, requests refused at the concurrency limit), from /metrics."""
+    """(images turned away by batchers: full queues or adaptive admission; requests refused before routing at the
+    fixed or the adaptive concurrency limit), from /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
 
     def total(pattern: str) -> float:
         return sum(float(m.group(1)) for m in re.finditer(rf"^{pattern} (\S+)$", text, re.MULTILINE))
 
-    return total(r"vitserve_rejected_total\{[^}]*\}"), total(r'vitserve_http_refused_total\{reason="concurrency"\}')
+    return total(r"vitserve_rejected_total\{[^}]*\}"), total(r'vitserve_http_refused_total\{reason="(?:concurrency|adaptive)"\}')
 
 
 @dataclass

@@ -6,6 +6,18 @@ has passed since the first, stacks them and runs them in a single onnxruntime ca
 each future gets its own row back. While a batch runs, new requests queue up, so under load batches fill
 without waiting. A full queue is refused at once (503 + Retry-After), never an unbounded wait.
 
+Adaptive admission (`admission="adaptive"`, the default) refuses earlier, from what the batcher measures: it keeps
+each batch size's service time (`ServiceTimes`, a moving average), and refuses a request at once (503 +
+Retry-After) when the work ahead of it, the rest of the running batch plus one full batch for every
+`max_batch_size` images queued, is predicted to take longer than its target: one full batch's time (or, for a
+request of more images than a batch holds, its own time) plus `max_queue_delay_ms`. An admitted request then
+starts within about one batch time and is answered within about two: the queue never holds more than the next
+batch, which still runs full, so throughput is kept and the excess is turned away instead of waiting. With
+`max_batch_size` 1 that is at most one image waiting, and an accepted request's latency within twice the
+unloaded one. Nothing is tuned to a machine: the times are measured as the batcher runs (until its first batch
+there is no estimate, and it admits). `service.admission` limits requests in progress for the same end where the
+event loop, not the runtime, is what requests wait for.
+
 A request of N images (batch, V2) is admitted whole or not at all (`submit_many`): its N items enter the queue
 together, with no await between the check and the puts, or it is refused before any of them runs, so a refused
 request costs no inference and an accepted one is never cut short by a queue that filled under it.
@@ -45,6 +57,7 @@ class BatchPolicy:
     max_queue_size: int
     timeout_s: float
     enabled: bool
+    admission: str  # "adaptive" or "queue" (service.settings.Settings.admission)
 
 
 @dataclass
@@ -63,6 +76,38 @@ class Result:
     queue_ms: float
     compute_ms: float
     batch_size: int
+
+
+class ServiceTimes:
+    """Each batch size's service time in seconds, a moving average of the batches run (recent ones weigh
+    `weight`), and an estimate for sizes not run yet from the nearest size that was."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.seconds: dict[int, float] = {}
+
+    def observe(self, size: int, seconds: float) -> None:
+        old = self.seconds.get(size)
+        self.seconds[size] = seconds if old is None else old + self.weight * (seconds - old)
+
+    def estimate(self, size: int) -> float | None:
+        """Seconds a batch of `size` takes; None before any batch ran. For a size not run yet, an upper bound: a
+        batch takes no longer than a larger one, nor longer per image than a smaller one."""
+        known = self.seconds.get(size)
+        if known is not None or not self.seconds:
+            return known
+        larger = [s for s in self.seconds if s > size]
+        if larger:
+            return self.seconds[min(larger)]
+        largest = max(self.seconds)
+        return self.seconds[largest] * size / largest
+
+
+def predicted_wait(times: ServiceTimes, batch_size: int, queued: int, running_rest: float) -> float | None:
+    """Seconds before a request arriving now starts running: the rest of the running batch, then one full batch
+    for every `batch_size` images queued ahead of it (it joins the batch after those). None: nothing measured yet."""
+    full = times.estimate(batch_size)
+    return None if full is None else max(running_rest, 0.0) + (queued // batch_size) * full
 
 
 class Batcher(Protocol):
@@ -91,6 +136,8 @@ class DynamicBatcher:
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=policy.max_queue_size)
         self._worker: asyncio.Task | None = None
         self._depth = METRICS.queue_depth.labels(model=model.name)  # looked up once: set on every request
+        self.times = ServiceTimes()  # what the adaptive admission predicts waits from
+        self._running_until = 0.0  # perf_counter when the running batch is predicted to end (0: none has run)
 
     def start(self) -> None:
         if self._worker is None:
@@ -107,17 +154,48 @@ class DynamicBatcher:
         return (await self.submit_many([pixels], with_attention=with_attention))[0]
 
     def check_room(self, count: int) -> None:
-        """Refuse (503) a request of `count` images if the queue has fewer places free; no place is held."""
+        """Refuse (503) a request of `count` images if the queue has fewer places free, or (adaptive admission)
+        if its first image is predicted to wait longer than the target; no place is held."""
         size, queued = self.policy.max_queue_size, self.queue.qsize()
         if count <= size - queued:
+            if self.policy.admission == "adaptive":
+                self._check_wait(queued, count)
             return
-        METRICS.rejected.labels(model=self.model.name).inc()
+        METRICS.rejected.labels(model=self.model.name, reason="queue").inc()
         raise Overloaded(
             f"model {self.model.name} has {size} requests queued; retry shortly"
             if count == 1
             else f"model {self.model.name} has {size - queued} of {size} places free in its queue and this request "
             f"has {count} images; none was run: retry shortly",
             detail={"queue_size": size, "queued": queued, "images": count},
+            headers={"Retry-After": "1"},
+        )
+
+    def admission_target(self, count: int = 1) -> float | None:
+        """The longest predicted wait the adaptive admission accepts for a request of `count` images, in seconds:
+        one full batch's time, or the request's own time if it needs more than one batch (so it may take twice
+        its unloaded time, like any other), plus the queue delay (a request may be asked to wait that long for
+        company anyway). None: nothing measured yet."""
+        size = self.policy.max_batch_size
+        full = self.times.estimate(size)
+        if full is None:
+            return None
+        own = (count // size) * full + ((self.times.estimate(count % size) or 0.0) if count % size else 0.0)
+        return max(full, own) + self.policy.max_queue_delay_ms / 1e3
+
+    def _check_wait(self, queued: int, count: int) -> None:
+        policy = self.policy
+        rest = self._running_until - time.perf_counter()
+        wait = predicted_wait(self.times, policy.max_batch_size, queued, rest)
+        target = self.admission_target(count)
+        if wait is None or target is None or wait <= target:
+            return
+        METRICS.rejected.labels(model=self.model.name, reason="adaptive").inc()
+        raise Overloaded(
+            f"model {self.model.name} is over capacity: this request would wait about {wait * 1e3:.0f} ms to start, "
+            f"more than the {target * 1e3:.0f} ms it may (the longer of a full batch and its own images); retry "
+            "shortly",
+            detail={"predicted_wait_ms": round(wait * 1e3, 1), "target_ms": round(target * 1e3, 1), "queued": queued},
             headers={"Retry-After": "1"},
         )
 
@@ -173,6 +251,7 @@ class DynamicBatcher:
             with_attention = any(item.with_attention for item in batch)
             pixels = np.stack([item.pixels for item in batch])  # (B, 3, H, W)
             started = time.perf_counter()
+            self._running_until = started + (self.times.estimate(len(batch)) or 0.0)
             try:
                 infer = functools.partial(self.model.infer, pixels, with_attention=with_attention)
                 logits, attentions = await loop.run_in_executor(self.executor, infer)
@@ -182,7 +261,12 @@ class DynamicBatcher:
                     if not item.future.done():
                         item.future.set_exception(e)
                 continue
-            compute_ms = (time.perf_counter() - started) * 1e3
+            finally:
+                self._running_until = 0.0
+            finished = time.perf_counter()
+            # Until the event loop resumes this task, the next batch cannot start: that lag is service time too.
+            self.times.observe(len(batch), finished - started)
+            compute_ms = (finished - started) * 1e3
             METRICS.observe_batch(
                 name,
                 self.model.meta.version,

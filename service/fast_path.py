@@ -214,7 +214,7 @@ class Exchange:
         if self.refused is not None:
             return error_response(self.refused, self.path)
         direct = self.direct
-        refused = direct.state.admission.enter()
+        refused = direct.state.admission.enter(self.path)
         if refused is not None:
             return error_response(refused, self.path)
         request = DirectRequest(body, self.headers)

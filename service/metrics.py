@@ -128,7 +128,11 @@ class Metrics(Collector):
             "vitserve_requests_in_flight", "HTTP requests being served", registry=r, multiprocess_mode="livesum"
         )
         self.rejected = Counter(
-            "vitserve_rejected", "Requests refused because the queue was full (503)", ["model"], registry=r
+            "vitserve_rejected",
+            "Requests a model's batcher refused (503): `queue` (the queue was full) or `adaptive` (predicted to wait "
+            "longer than the adaptive admission's target)",
+            ["model", "reason"],
+            registry=r,
         )
         self.load_seconds = Gauge(
             "vitserve_model_load_seconds",
@@ -149,7 +153,8 @@ class Metrics(Collector):
         )
         self.refused = Counter(
             "vitserve_http_refused",
-            "Requests refused before routing: unauthorized (401), concurrency limit (503)",
+            "Requests refused before routing: unauthorized (401), concurrency (503: VITSERVE_MAX_CONCURRENT_REQUESTS), "
+            "adaptive (503: the adaptive limit on requests in progress)",
             ["reason"],
             registry=r,
         )

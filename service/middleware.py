@@ -300,8 +300,9 @@ class Admission:
         self.limit = limit
         self.in_progress = 0
 
-    def enter(self) -> Overloaded | None:
-        """Admit the request (then `leave()` when it is answered), or the error to answer with."""
+    def enter(self, route: str = "") -> Overloaded | None:
+        """Admit the request (then `leave()` when it is answered), or the error to answer with. `route`: its path,
+        for `service.admission.AdaptiveAdmission`, which keeps each route's latency."""
         if self.in_progress >= self.limit:
             METRICS.refused.labels(reason="concurrency").inc()
             return Overloaded(
@@ -328,7 +329,7 @@ class ConcurrencyLimitMiddleware:
         if scope["type"] != "http" or not is_inference(scope):
             await self.app(scope, receive, send)
             return
-        refused = self.admission.enter()
+        refused = self.admission.enter(scope["path"])
         if refused is not None:
             await send_error(scope, send, refused)
             return

@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         gt=0,
         description="queued images per model before 503 + `Retry-After` (a request of N images needs N places free)",
     )
+    admission: Literal["adaptive", "queue"] = Field(
+        "adaptive",
+        description="`adaptive`: under overload, refuse at once (503 + `Retry-After`) what would wait, by two limits "
+        "learned from what the server measures: each model's batcher refuses a request predicted to wait longer "
+        "than a full batch takes, and each HTTP process limits inference requests in progress to what keeps them "
+        "within twice their unloaded time (README: Dynamic batching); `queue`: admit until the queue or "
+        "`VITSERVE_MAX_CONCURRENT_REQUESTS` is full, which stay hard caps either way",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served (503 after)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="`debug`, `info`, `warning`, `error`"

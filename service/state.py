@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from service.admission import AdaptiveAdmission
 from service.batching import Batcher, BatchPolicy, DynamicBatcher, Result
 from service.engine_client import EngineLink, RemoteBatcher
 from service.errors import NotFound, Unavailable
@@ -53,6 +54,7 @@ def settings_policy(settings: Settings) -> BatchPolicy:
         max_queue_size=s.max_queue_size,
         timeout_s=s.request_timeout_s,
         enabled=s.batching,
+        admission=s.admission,
     )
 
 
@@ -90,7 +92,11 @@ class ServiceState:
         self.body_budget = ByteBudget("body", settings.body_budget_bytes) if serves_http else None
         self.decode_budget = ByteBudget("decode", settings.decode_budget_bytes) if serves_http else None
         # Inference requests in progress (VITSERVE_MAX_CONCURRENT_REQUESTS), for the middleware and the direct path.
-        self.admission = Admission(settings.max_concurrent_requests)
+        self.admission = (
+            AdaptiveAdmission(settings.max_concurrent_requests)
+            if settings.admission == "adaptive"
+            else Admission(settings.max_concurrent_requests)
+        )
         # Batchers of replaced versions, kept until no request waits on them; and how many requests each has.
         self._retiring: set[Batcher] = set()
         self._waiting: Counter[Batcher] = Counter()

@@ -158,7 +158,8 @@ class InferenceService:
 
     @rpc(lambda request: _model_path(request.model_name, request.model_version, "/infer"))
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        refused = self.state.admission.enter()  # one limit for HTTP and gRPC together
+        # One limit for HTTP and gRPC together; judged against the latency of its REST twin's path.
+        refused = self.state.admission.enter(_model_path(request.model_name, request.model_version, "/infer"))
         if refused is not None:
             raise refused
         budget, held = self.state.body_budget, 0

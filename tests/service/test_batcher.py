@@ -1,5 +1,6 @@
 """`DynamicBatcher` on its own, in this process: how it forms batches, its deadline, its per-request timeout,
-a failing batch, requests that gave up before their batch ran, and a full queue.
+a failing batch, requests that gave up before their batch ran, a full queue, and the adaptive admission (with
+synthetic service times: what it predicts, and whom it refuses).
 
 Where the numbers matter the model is the committed default artifact through onnxruntime; where the point is
 when and with whom `infer` is called, it is `Scripted`, a stand-in with the same batch-shaped `infer` that
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import BatchPolicy, DynamicBatcher, Result
+from service.batching import BatchPolicy, DynamicBatcher, Result, ServiceTimes, predicted_wait
 from service.errors import Overloaded, ServiceError, Unavailable
 from service.runtime import LoadedModel
 from tests.conftest import metric
@@ -213,9 +214,122 @@ def test_a_full_queue_is_refused_at_once_with_503(executor):
     run(model, inprocess.policy(max_batch_size=8, max_queue_delay_ms=0, max_queue_size=2), executor, scenario)
 
 
-def rejected() -> float:
+def rejected(reason: str = "queue") -> float:
     from prometheus_client import generate_latest
 
     from service.metrics import METRICS
 
-    return metric(generate_latest(METRICS.registry).decode(), "vitserve_rejected_total", model="scripted")
+    return metric(
+        generate_latest(METRICS.registry).decode(), "vitserve_rejected_total", model="scripted", reason=reason
+    )
+
+
+# --- adaptive admission -------------------------------------------------------------------------------------------
+
+
+def test_service_times_average_what_ran_and_bound_what_did_not():
+    times = ServiceTimes(weight=0.5)
+    assert times.estimate(4) is None  # nothing ran: no estimate, and the admission admits
+    times.observe(4, 0.010)
+    times.observe(4, 0.020)
+    assert times.estimate(4) == pytest.approx(0.015)  # a moving average, recent batches weighing `weight`
+    assert times.estimate(2) == pytest.approx(0.015)  # smaller: no longer than the larger batch that ran
+    assert times.estimate(8) == pytest.approx(0.030)  # larger: no more per image than the smaller one
+    times.observe(16, 0.040)
+    assert times.estimate(8) == pytest.approx(0.040)  # now bounded by the nearest larger size instead
+
+
+def test_the_predicted_wait_is_the_running_batch_then_one_full_batch_per_batch_size_queued():
+    times = ServiceTimes()
+    assert predicted_wait(times, 4, queued=100, running_rest=1.0) is None
+    times.observe(4, 0.010)
+    assert predicted_wait(times, 4, queued=0, running_rest=0.003) == pytest.approx(0.003)
+    assert predicted_wait(times, 4, queued=3, running_rest=0.003) == pytest.approx(0.003)  # joins the next batch
+    assert predicted_wait(times, 4, queued=4, running_rest=0.003) == pytest.approx(0.013)  # the next one is full
+    assert predicted_wait(times, 4, queued=9, running_rest=0.0) == pytest.approx(0.020)
+    assert predicted_wait(times, 4, queued=0, running_rest=-0.5) == 0.0  # a batch running late is about to end
+
+
+SLOW = 60.0  # synthetic seconds per batch: while a batch is held, its predicted end is always far ahead
+
+
+def test_adaptive_admission_refuses_at_once_what_would_wait_longer_than_a_full_batch(executor):
+    model = Scripted()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        batcher.times.observe(2, SLOW)  # as if batches of 2 had taken a minute: the target is one minute
+        assert batcher.admission_target() == SLOW
+        assert batcher.admission_target(5) == 3 * SLOW  # more images than a batch hold: its own time
+        running = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
+        await until_running(model)  # predicted to run for about a minute more
+        # The next batch (2 places) is admitted: each waits only for the running batch, under the target.
+        queued = [asyncio.ensure_future(batcher.submit(image(v), with_attention=False)) for v in (2, 3)]
+        await until_queued(batcher, 2)
+        before = rejected("adaptive")
+        with pytest.raises(Overloaded) as caught:  # a full batch ahead of it as well: about two minutes
+            await batcher.submit(image(4), with_attention=False)
+        refusal = caught.value
+        assert refusal.status == 503 and refusal.headers == {"Retry-After": "1"}
+        assert refusal.detail["queued"] == 2 and refusal.detail["target_ms"] == SLOW * 1e3
+        assert refusal.detail["predicted_wait_ms"] > SLOW * 1e3
+        assert "would wait about" in refusal.message and "retry" in refusal.message
+        assert rejected("adaptive") == before + 1
+        assert batcher.queue.qsize() == 2  # refused before anything was queued, with places free
+        model.release.set()
+        results: list[Result] = await asyncio.gather(running, *queued)
+        assert [float(r.logits[0]) for r in results] == [1, 2, 3]
+        assert model.batches == [[1], [2, 3]]
+
+    run(model, inprocess.policy(max_batch_size=2, max_queue_delay_ms=0, max_queue_size=8), executor, scenario)
+
+
+def test_adaptive_admission_takes_a_request_of_many_images_whole_when_the_queue_is_short(executor):
+    model = Scripted()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        batcher.times.observe(2, SLOW)
+        running = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
+        await until_running(model)
+        # Five images span three batches, but the request waits only for the running one to start: its own
+        # size is its own latency, which it would have unloaded too. All five are queued, none refused.
+        many = asyncio.ensure_future(batcher.submit_many([image(v) for v in range(2, 7)], with_attention=False))
+        await until_queued(batcher, 5)
+        with pytest.raises(Overloaded):  # behind it, a newcomer would wait for two more full batches
+            batcher.check_room(1)
+        batcher.check_room(6)  # unless it is as large: it may wait as long as its own three batches take
+        model.release.set()
+        await running
+        assert [float(r.logits[0]) for r in await many] == [2, 3, 4, 5, 6]
+
+    run(model, inprocess.policy(max_batch_size=2, max_queue_delay_ms=0, max_queue_size=16), executor, scenario)
+
+
+def test_queue_admission_admits_until_the_queue_is_full(executor):
+    model = Scripted()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        batcher.times.observe(2, SLOW)
+        running = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
+        await until_running(model)
+        queued = [asyncio.ensure_future(batcher.submit(image(v), with_attention=False)) for v in (2, 3, 4, 5)]
+        await until_queued(batcher, 4)  # two full batches ahead of the last: adaptive would have refused it
+        model.release.set()
+        assert len(await asyncio.gather(running, *queued)) == 5
+
+    policy = inprocess.policy(max_batch_size=2, max_queue_delay_ms=0, max_queue_size=8, admission="queue")
+    run(model, policy, executor, scenario)
+
+
+def test_the_queue_delay_is_part_of_the_target_and_batches_feed_the_service_times(executor):
+    model = Scripted()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        assert batcher.admission_target() is None  # nothing ran yet
+        await asyncio.gather(*(batcher.submit(image(v), with_attention=False) for v in (1, 2)))
+        assert set(batcher.times.seconds) == {2}  # one batch of two ran, and was timed
+        assert batcher.admission_target() == pytest.approx(batcher.times.seconds[2] + 0.050)
+
+    run(model, inprocess.policy(max_batch_size=2, max_queue_delay_ms=50), executor, scenario)
