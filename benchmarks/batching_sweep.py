@@ -46,7 +46,12 @@ def sweep(
 ) -> list[dict]:
     running = {
         (b, d): servers.vitserve(
-            repo_dir, model, LOGS / f"{model}-b{b}-d{d:g}.log", max_batch_size=b, max_queue_delay_ms=d
+            repo_dir,
+            model,
+            LOGS / f"{model}-b{b}-d{d:g}.log",
+            max_batch_size=b,
+            max_queue_delay_ms=d,
+            **servers.CLOSED_LOOP,
         )
         for b, d in grid
     }

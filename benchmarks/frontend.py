@@ -25,7 +25,9 @@ idle again, and the order of points is reversed every other pass; figures are me
 are taken pass by pass and their median reported. Server CPU per image is the CPU time of all the server's
 processes (/proc/<pid>/stat, children included) over the timed window, divided by the images answered.
 
-vitserve runs with its default settings (its default log level too, access log included), plus `--vitserve-env`.
+vitserve runs with its default settings (its default log level too, access log included) but queueing admission
+(`servers.CLOSED_LOOP`: 64 closed-loop clients would otherwise meet the adaptive limit's fast 503s), plus
+`--vitserve-env`.
 A vitserve variant is a label and `KEY=VALUE` items: VITSERVE_KEY=VALUE in its environment, or `root=PATH`
 to run another checkout of the service (to compare today's service with a change, side by side).
 
@@ -332,6 +334,7 @@ def main() -> None:
     args.warmup = args.warmup or (1.0 if args.quick else 2.0)
     # vitserve as a user runs it: its default log level (servers.vitserve quiets it for the other benchmarks).
     defaults = {"LOG_LEVEL": str(Settings.model_fields["log_level"].default)}
+    defaults.update({k.upper(): v for k, v in servers.CLOSED_LOOP.items()})
     common = parse_variant(["common", *args.vitserve_env], defaults).settings
     variants = [parse_variant(items, common) for items in args.variant] or [Variant("vitserve", common)]
     if len({v.label for v in variants} | {TRITON}) != len(variants) + 1:

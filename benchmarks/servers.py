@@ -149,6 +149,13 @@ class Server:
         self.stop()
 
 
+# What a closed-loop capacity benchmark runs vitserve with: its default adaptive admission refuses (503) what would
+# wait more than about twice the unloaded time, which is what 64 clients that each resend at once always do; these
+# benchmarks measure how much the server can do, as Triton's queue lets it, so they queue (benchmarks/overload.py
+# measures the default).
+CLOSED_LOOP = {"admission": "queue"}
+
+
 def vitserve(model_dir: Path, model: str, log: Path, *, root: Path = ROOT, **settings: object) -> Server:
     """`python -m service` serving `model` from `model_dir`; keyword arguments become VITSERVE_* variables.
 

@@ -168,13 +168,13 @@ def server_set(family: Family, logs: Path, quick: bool) -> dict[str, servers.Ser
     fp32, int8 = repo.directory / repo.fp32, repo.directory / repo.int8
     torch_source = "hf" if family.key == "vit-b16" else "digits"
     return {
-        "vitserve fp32": servers.vitserve(repo.directory, repo.fp32, logs / "vitserve-fp32.log"),
+        "vitserve fp32": servers.vitserve(repo.directory, repo.fp32, logs / "vitserve-fp32.log", **servers.CLOSED_LOOP),
         "vitserve fp32, batching off": servers.vitserve(
-            repo.directory, repo.fp32, logs / "vitserve-fp32-off.log", batching=False
+            repo.directory, repo.fp32, logs / "vitserve-fp32-off.log", batching=False, **servers.CLOSED_LOOP
         ),
-        "vitserve int8": servers.vitserve(repo.directory, repo.int8, logs / "vitserve-int8.log"),
+        "vitserve int8": servers.vitserve(repo.directory, repo.int8, logs / "vitserve-int8.log", **servers.CLOSED_LOOP),
         "vitserve int8, batching off": servers.vitserve(
-            repo.directory, repo.int8, logs / "vitserve-int8-off.log", batching=False
+            repo.directory, repo.int8, logs / "vitserve-int8-off.log", batching=False, **servers.CLOSED_LOOP
         ),
         "torch eager fp32": servers.torch_eager(
             torch_source, logs / "torch-eager.log", hf_checkpoint=repo.hf_checkpoint, artifact=fp32

@@ -210,7 +210,9 @@ def refusals(url: str) -> tuple[float, float]:
     def total(pattern: str) -> float:
         return sum(float(m.group(1)) for m in re.finditer(rf"^{pattern} (\S+)$", text, re.MULTILINE))
 
-    return total(r"vitserve_rejected_total\{[^}]*\}"), total(r'vitserve_http_refused_total\{reason="(?:concurrency|adaptive)"\}')
+    return total(r"vitserve_rejected_total\{[^}]*\}"), total(
+        r'vitserve_http_refused_total\{reason="(?:concurrency|adaptive)"\}'
+    )
 
 
 @dataclass
