@@ -120,21 +120,28 @@ async def _prepare_or_error(state: State, upload: Upload, meta: ArtifactMetadata
         return ErrorInfo(code=e.code, message=e.message, detail=e.detail)
 
 
-async def _batch(name: str | None, request: Request, state: State, request_id: str, k: int) -> BatchResponse:
-    started = time.perf_counter()
-    model = served_model(request, state, name)
+async def _run_batch(
+    request: Request, state: State, model: LoadedModel, *, with_attention: bool
+) -> tuple[list[tuple[str | None, ErrorInfo | None]], list[tuple[int, Prepared]], Sequence[Result]]:
+    """A batch request's images through the model: each upload's (filename, error), the good ones (index,
+    prepared) and their results. Admitted together or not at all; in the queue they coalesce with each other
+    and with other requests."""
     uploads = await read_images(request, state.settings.max_batch_files)
     state.check_room(model, len(uploads))  # a queue that cannot take them all: 503 before any is decoded
     outcomes = await asyncio.gather(*(_prepare_or_error(state, u, model.meta) for u in uploads))
     good = [(i, p) for i, p in enumerate(outcomes) if isinstance(p, Prepared)]
-    # Admitted together or not at all; in the queue they coalesce with each other and with other requests.
-    results = await state.infer_many(model, [p.pixels for _, p in good], with_attention=False)
+    results = await state.infer_many(model, [p.pixels for _, p in good], with_attention=with_attention)
     if (trace := request.scope.get(TRACE_KEY)) is not None:
         trace.inferred([p for _, p in good], results)
-    items = [
-        BatchItem(index=i, filename=u.filename, error=o if isinstance(o, ErrorInfo) else None)
-        for i, (u, o) in enumerate(zip(uploads, outcomes, strict=True))
-    ]
+    entries = [(u.filename, o if isinstance(o, ErrorInfo) else None) for u, o in zip(uploads, outcomes, strict=True)]
+    return entries, good, results
+
+
+async def _batch(name: str | None, request: Request, state: State, request_id: str, k: int) -> BatchResponse:
+    started = time.perf_counter()
+    model = served_model(request, state, name)
+    entries, good, results = await _run_batch(request, state, model, with_attention=False)
+    items = [BatchItem(index=i, filename=f, error=e) for i, (f, e) in enumerate(entries)]
     for (i, _), result in zip(good, results, strict=True):
         items[i].predictions = top_k(result.logits, model.meta.labels, k)
     return BatchResponse(
@@ -307,18 +314,9 @@ async def _attention_batch(
     started = time.perf_counter()
     model = _attention_model(request, state, name)
     meta = model.meta
-    uploads = await read_images(request, state.settings.max_batch_files)
-    state.check_room(model, len(uploads))  # a queue that cannot take them all: 503 before any is decoded
-    outcomes = await asyncio.gather(*(_prepare_or_error(state, u, meta) for u in uploads))
-    good = [(i, p) for i, p in enumerate(outcomes) if isinstance(p, Prepared)]
-    results = await state.infer_many(model, [p.pixels for _, p in good], with_attention=True)
-    if (trace := request.scope.get(TRACE_KEY)) is not None:
-        trace.inferred([p for _, p in good], results)
+    entries, good, results = await _run_batch(request, state, model, with_attention=True)
     maps = await state.run_cpu(_maps, results, meta, q)
-    items = [
-        AttentionBatchItem(index=i, filename=u.filename, error=o if isinstance(o, ErrorInfo) else None)
-        for i, (u, o) in enumerate(zip(uploads, outcomes, strict=True))
-    ]
+    items = [AttentionBatchItem(index=i, filename=f, error=e) for i, (f, e) in enumerate(entries)]
     for (i, _), result, heatmap in zip(good, results, maps, strict=True):
         items[i].map = heatmap.astype(np.float64).round(5).tolist()
         items[i].predictions = top_k(result.logits, meta.labels, q.top_k)
