@@ -123,7 +123,7 @@ class InProcess:
 
         self.family = family
         self.models = {
-            precision: load_model(family.repo.directory / name, providers=[CPU], threads=0)
+            precision: load_model(family.repo.directory / name, providers=[CPU], threads=0, cpu_rewrites=True)
             for precision, name in (("fp32", family.repo.fp32), ("int8", family.repo.int8))
         }
         size = self.models["fp32"].meta.input_size
@@ -282,8 +282,8 @@ def measure_agreement(family: Family) -> dict:
     from service.pipeline import prepare
     from service.runtime import CPU, load_model
 
-    fp32 = load_model(family.repo.directory / family.repo.fp32, providers=[CPU], threads=0)
-    int8 = load_model(family.repo.directory / family.repo.int8, providers=[CPU], threads=0)
+    fp32 = load_model(family.repo.directory / family.repo.fp32, providers=[CPU], threads=0, cpu_rewrites=True)
+    int8 = load_model(family.repo.directory / family.repo.int8, providers=[CPU], threads=0, cpu_rewrites=True)
     uploads = agreement_images() if family.key == "vit-b16" else family.uploads()
     pixels = np.stack([prepare(u, fp32.meta, max_pixels=40_000_000).pixels for u in uploads])
     a = np.concatenate([fp32.infer(pixels[i : i + 16], with_attention=False)[0] for i in range(0, len(pixels), 16)])

@@ -59,6 +59,7 @@ def load_repository(settings: Settings) -> ModelRepository:
         default=settings.default_model,
         providers=providers,
         threads=settings.threads,
+        cpu_rewrites=settings.cpu_graph_rewrites,
         only=settings.models,
         on_error=settings.on_model_error,
     )
@@ -68,7 +69,9 @@ def load_repository(settings: Settings) -> ModelRepository:
 
 
 def _load_version(settings: Settings, providers: list[str], directory: Path) -> tuple[LoadedModel, BatchPolicy]:
-    model = load_model(directory, providers=providers, threads=settings.threads)
+    model = load_model(
+        directory, providers=providers, threads=settings.threads, cpu_rewrites=settings.cpu_graph_rewrites
+    )
     return model, batch_policy(settings, model)
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from service.graph_rewrite import LAYER_NORM_FUSIONS, rewrite_layer_norms
 from vit_artifact.metadata import (
     ATTENTIONS,
     INPUT_NAME,
@@ -60,7 +61,7 @@ def resolve_providers(choice: str) -> list[str]:
     return [CPU]
 
 
-def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+def _session(path: Path, providers: list[str], threads: int, cpu_rewrites: bool) -> ort.InferenceSession:
     import onnxruntime as ort  # here, not at the top: an HTTP worker never builds a session (service/worker.py)
 
     options = ort.SessionOptions()
@@ -71,6 +72,9 @@ def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSes
     # and the other pool threads, and a spinning thread takes its core from them (benchmarks/serving.py).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
+        rewritten = rewrite_layer_norms(path) if cpu_rewrites and providers == [CPU] else None
+        if rewritten is not None:
+            return ort.InferenceSession(rewritten, options, providers=providers, disabled_optimizers=LAYER_NORM_FUSIONS)
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for bad files
         raise ArtifactError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from e
@@ -127,16 +131,18 @@ class LoadedModel:
         self.warmed_up = True
 
 
-def load_model(directory: Path, *, providers: list[str], threads: int) -> LoadedModel:
+def load_model(directory: Path, *, providers: list[str], threads: int, cpu_rewrites: bool) -> LoadedModel:
+    """Load and warm up one artifact. `cpu_rewrites`: service.graph_rewrite's rewrites on the CPU provider
+    (VITSERVE_CPU_GRAPH_REWRITES)."""
     started = time.perf_counter()
     seen = fingerprint(directory)  # before reading: a change made while loading shows up at the next poll
     meta = read_metadata(directory)
     if meta.name != directory.name:
         log.warning("artifact in %s is named %r; serving it as %r", directory, meta.name, directory.name)
         meta = meta.model_copy(update={"name": directory.name})
-    classify = _session(directory / meta.graphs["classify"].file, providers, threads)
+    classify = _session(directory / meta.graphs["classify"].file, providers, threads, cpu_rewrites)
     graph = meta.graphs.get("attention")
-    attention = _session(directory / graph.file, providers, threads) if graph else None
+    attention = _session(directory / graph.file, providers, threads, cpu_rewrites) if graph else None
     provider = classify.get_providers()[0]
     if providers == [CUDA] and provider != CUDA:
         # onnxruntime-gpu lists CUDA whenever it is installed, and falls back to the CPU when no GPU is usable.
@@ -238,6 +244,7 @@ class ModelRepository:
         default: str,
         providers: list[str],
         threads: int,
+        cpu_rewrites: bool,
         only: list[str] | None = None,
         on_error: Literal["fail", "skip"] = "fail",
     ) -> ModelRepository:
@@ -253,7 +260,7 @@ class ModelRepository:
         for path in paths:
             seen = fingerprint(path)
             try:
-                models[path.name] = load_model(path, providers=providers, threads=threads)
+                models[path.name] = load_model(path, providers=providers, threads=threads, cpu_rewrites=cpu_rewrites)
             except ArtifactError as e:
                 if on_error == "fail":
                     raise

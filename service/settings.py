@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         "without a GPU)",
     )
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: onnxruntime's choice)")
+    cpu_graph_rewrites: bool = Field(
+        True,
+        description="on the CPU provider, load graphs with layer normalization written as primitive ops "
+        "(`service/graph_rewrite.py`: 13-18% less CPU per image for the default model, neutral for ViT-B/16)",
+    )
     max_body_bytes: int = Field(
         20 * 2**20, gt=0, description="request body limit: 413 while reading", json_schema_extra=_shown("20 MiB")
     )

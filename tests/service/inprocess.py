@@ -25,7 +25,7 @@ from tests.conftest import DEFAULT_MODEL, MODELS, metric
 
 
 def load(directory: Path = DEFAULT_MODEL) -> LoadedModel:
-    return load_model(directory, providers=[CPU], threads=1)
+    return load_model(directory, providers=[CPU], threads=1, cpu_rewrites=True)
 
 
 def repository(*models: LoadedModel) -> ModelRepository:
