@@ -52,11 +52,14 @@ def decompose_layer_norms(model: Any) -> int:
     graph = model.graph
     float32 = {t.name for t in graph.initializer if t.data_type == onnx_proto.FLOAT}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    axes = "_vitserve_ln_axes"
-    graph.initializer.append(onnx_proto.tensor(axes, onnx_proto.INT64, [1], np.array([-1], "<i8").tobytes()))
+    axes = "_vitserve_ln_axes"  # an initializer from opset 18 on, added with the first rewrite
 
     def reduce_mean(x: str, out: str) -> Any:
         if opset >= 18:  # axes became an input in opset 18
+            if not any(t.name == axes for t in graph.initializer):
+                graph.initializer.append(
+                    onnx_proto.tensor(axes, onnx_proto.INT64, [1], np.array([-1], "<i8").tobytes())
+                )
             return node("ReduceMean", [x, axes], [out], keepdims=1)
         return node("ReduceMean", [x], [out], axes=[-1], keepdims=1)
 
@@ -95,7 +98,6 @@ def decompose_layer_norms(model: Any) -> int:
             nodes.append(node("Add", [scaled, beta], [original.output[0]]))
         count += 1
     if count == 0:
-        graph.initializer.pop()  # the axes constant, unused
         return 0
     kept = [n.SerializeToString() for n in nodes]  # copies: the originals belong to the field cleared next
     graph.ClearField("node")
