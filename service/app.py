@@ -35,7 +35,7 @@ from service.routes import demo, health, inference, metrics, models, shared_memo
 from service.routes import repository as repository_routes
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
 from service.security import APIKeyMiddleware, APIKeys, cors_options, document_api_keys
-from service.settings import Settings
+from service.settings import Settings, usable_cpus
 from service.state import ServiceState, batch_policy
 
 log = logging.getLogger("vitserve")
@@ -60,6 +60,8 @@ def load_repository(settings: Settings) -> ModelRepository:
         providers=providers,
         threads=settings.threads,
         cpu_rewrites=settings.cpu_graph_rewrites,
+        instances=settings.instances,
+        cpus=usable_cpus(),
         only=settings.models,
         on_error=settings.on_model_error,
     )
@@ -70,7 +72,12 @@ def load_repository(settings: Settings) -> ModelRepository:
 
 def _load_version(settings: Settings, providers: list[str], directory: Path) -> tuple[LoadedModel, BatchPolicy]:
     model = load_model(
-        directory, providers=providers, threads=settings.threads, cpu_rewrites=settings.cpu_graph_rewrites
+        directory,
+        providers=providers,
+        threads=settings.threads,
+        cpu_rewrites=settings.cpu_graph_rewrites,
+        instances=settings.instances,
+        cpus=usable_cpus(),
     )
     return model, batch_policy(settings, model)
 

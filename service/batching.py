@@ -34,7 +34,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -103,11 +103,14 @@ class ServiceTimes:
         return self.seconds[largest] * size / largest
 
 
-def predicted_wait(times: ServiceTimes, batch_size: int, queued: int, running_rest: float) -> float | None:
-    """Seconds before a request arriving now starts running: the rest of the running batch, then one full batch
-    for every `batch_size` images queued ahead of it (it joins the batch after those). None: nothing measured yet."""
+def predicted_wait(
+    times: ServiceTimes, batch_size: int, queued: int, running_rest: float, instances: int = 1
+) -> float | None:
+    """Seconds before a request arriving now starts running: the rest of the batch that ends first
+    (`running_rest`, 0 when an instance is free), then one full batch for every `batch_size` images queued ahead
+    of it on each of the model's `instances` (it joins the batch after those). None: nothing measured yet."""
     full = times.estimate(batch_size)
-    return None if full is None else max(running_rest, 0.0) + (queued // batch_size) * full
+    return None if full is None else max(running_rest, 0.0) + (queued // (batch_size * instances)) * full
 
 
 class Batcher(Protocol):
@@ -129,26 +132,43 @@ class Batcher(Protocol):
 
 
 class DynamicBatcher:
-    def __init__(self, model: LoadedModel, policy: BatchPolicy, executor: Executor) -> None:
+    """One model's queue and its runners: one per instance of the model (`LoadedModel.instances`), each running
+    one batch at a time in a runtime thread of its own. Runners take turns to collect: one fills a batch while
+    the others run theirs, so batches fill as with one runner and run side by side."""
+
+    def __init__(self, model: LoadedModel, policy: BatchPolicy, executor: Executor | None = None) -> None:
+        """`executor`: where batches run (tests hold one to hold the runtime); by default threads of its own."""
         self.model = model
         self.policy = policy
-        self.executor = executor
+        self._own_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=model.instances, thread_name_prefix=f"runtime-{model.name}"
+        )
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=policy.max_queue_size)
-        self._worker: asyncio.Task | None = None
+        self._workers: list[asyncio.Task] = []
+        self._collecting = asyncio.Lock()
         self._depth = METRICS.queue_depth.labels(model=model.name)  # looked up once: set on every request
         self.times = ServiceTimes()  # what the adaptive admission predicts waits from
-        self._running_until = 0.0  # perf_counter when the running batch is predicted to end (0: none has run)
+        # perf_counter when each runner's batch is predicted to end (0: idle, or none has run yet)
+        self._running_until = [0.0] * model.instances
 
     def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.name}")
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            self._workers = [
+                loop.create_task(self._run(i), name=f"batcher-{self.model.name}-{i}")
+                for i in range(self.model.instances)
+            ]
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await worker
+        self._workers = []
+        if self._own_executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, pixels: np.ndarray, *, with_attention: bool) -> Result:
         return (await self.submit_many([pixels], with_attention=with_attention))[0]
@@ -185,8 +205,8 @@ class DynamicBatcher:
 
     def _check_wait(self, queued: int, count: int) -> None:
         policy = self.policy
-        rest = self._running_until - time.perf_counter()
-        wait = predicted_wait(self.times, policy.max_batch_size, queued, rest)
+        rest = min(self._running_until) - time.perf_counter()
+        wait = predicted_wait(self.times, policy.max_batch_size, queued, rest, self.model.instances)
         target = self.admission_target(count)
         if wait is None or target is None or wait <= target:
             return
@@ -240,18 +260,19 @@ class DynamicBatcher:
                 break
         return [item for item in batch if not item.future.done()]  # timed-out requests are dropped here
 
-    async def _run(self) -> None:
+    async def _run(self, runner: int) -> None:
         loop = asyncio.get_running_loop()
         name = self.model.name
         while True:
-            batch = await self._collect()
+            async with self._collecting:
+                batch = await self._collect()
             self._depth.set(self.queue.qsize())
             if not batch:
                 continue
             with_attention = any(item.with_attention for item in batch)
             pixels = np.stack([item.pixels for item in batch])  # (B, 3, H, W)
             started = time.perf_counter()
-            self._running_until = started + (self.times.estimate(len(batch)) or 0.0)
+            self._running_until[runner] = started + (self.times.estimate(len(batch)) or 0.0)
             try:
                 infer = functools.partial(self.model.infer, pixels, with_attention=with_attention)
                 logits, attentions = await loop.run_in_executor(self.executor, infer)
@@ -262,7 +283,7 @@ class DynamicBatcher:
                         item.future.set_exception(e)
                 continue
             finally:
-                self._running_until = 0.0
+                self._running_until[runner] = 0.0
             finished = time.perf_counter()
             # Until the event loop resumes this task, the next batch cannot start: that lag is service time too.
             self.times.observe(len(batch), finished - started)

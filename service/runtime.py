@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ log = logging.getLogger("vitserve.runtime")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+SMALL_MODEL_BYTES = 32 * 2**20  # classify graphs under this get one session per CPU by default (session_layout)
 
 
 class ProviderError(Exception):
@@ -92,6 +94,21 @@ class LoadedModel:
     warmed_up: bool = False
     extra: dict = field(default_factory=dict)
     fingerprint: str = ""  # of the directory when loading began (see `fingerprint`); the reload poll compares it
+    # Instances after the first (`classify`, `attention`): (classify, attention) sessions of their own, so that
+    # as many batches can run at once (Triton's instance_group; see `session_layout`).
+    spares: list[tuple[ort.InferenceSession, ort.InferenceSession | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._free: queue.SimpleQueue[tuple[ort.InferenceSession | None, ort.InferenceSession | None]] = (
+            queue.SimpleQueue()
+        )
+        for pair in [(self.classify, self.attention), *self.spares]:
+            self._free.put(pair)
+
+    @property
+    def instances(self) -> int:
+        """Batches this model can run at once."""
+        return 1 + len(self.spares)
 
     @property
     def name(self) -> str:
@@ -103,16 +120,20 @@ class LoadedModel:
         return "attention" in self.meta.graphs
 
     def infer(self, pixels: np.ndarray, *, with_attention: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run one batch. Thread-safe: onnxruntime sessions may be run concurrently."""
+        """Run one batch on a free instance (waiting for one if all are busy). Thread-safe."""
         feed = {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)}
-        if with_attention:
-            if self.attention is None:
-                raise ArtifactError(f"model {self.name} has no attention graph")
-            logits, attentions = self.attention.run([LOGITS, ATTENTIONS], feed)
-            return logits, attentions
-        assert self.classify is not None, "an HTTP worker's model runs in the engine"
-        (logits,) = self.classify.run([LOGITS], feed)
-        return logits, None
+        classify, attention = pair = self._free.get()
+        try:
+            if with_attention:
+                if attention is None:
+                    raise ArtifactError(f"model {self.name} has no attention graph")
+                logits, attentions = attention.run([LOGITS, ATTENTIONS], feed)
+                return logits, attentions
+            assert classify is not None, "an HTTP worker's model runs in the engine"
+            (logits,) = classify.run([LOGITS], feed)
+            return logits, None
+        finally:
+            self._free.put(pair)
 
     def warm_up(self) -> None:
         x = np.zeros((1, 3, *self.meta.input_size), np.float32)
@@ -128,21 +149,53 @@ class LoadedModel:
             if att is None or att.shape != want:
                 shape = None if att is None else att.shape
                 raise ArtifactError(f"model {self.name}: attention output {shape} does not match the metadata {want}")
+        for classify, _ in self.spares:  # the first run of a session is slow: not a client's
+            classify.run([LOGITS], {INPUT_NAME: x})
         self.warmed_up = True
 
 
-def load_model(directory: Path, *, providers: list[str], threads: int, cpu_rewrites: bool) -> LoadedModel:
+def session_layout(
+    instances: int, threads: int, *, providers: list[str], weight_bytes: int, cpus: int
+) -> tuple[int, int]:
+    """(sessions, intra-op threads each) for a model: VITSERVE_INSTANCES and VITSERVE_THREADS, 0 meaning auto.
+
+    Auto instances: on the CPU provider, a model under SMALL_MODEL_BYTES of weights gets one single-threaded
+    session per CPU, each running its own batch: its operators are too small for onnxruntime to split across
+    threads at a gain (the default model at batch 16: 0.93 ms of CPU per image on one two-thread session, 0.77
+    on two one-thread sessions side by side, in-process; and through the server 1.3x the images per second for
+    pixel tensors, see README "Benchmarks"). Larger models and GPUs get one session: their operators split well,
+    and one batch runs in the time N would. Auto threads: the CPUs shared out among the sessions (onnxruntime's
+    own choice when there is one session)."""
+    if instances == 0:
+        small = providers == [CPU] and weight_bytes < SMALL_MODEL_BYTES
+        instances = max(1, cpus) if small else 1
+    if threads == 0 and instances > 1:
+        threads = max(1, cpus // instances)
+    return instances, threads
+
+
+def load_model(
+    directory: Path, *, providers: list[str], threads: int, cpu_rewrites: bool, instances: int = 1, cpus: int = 1
+) -> LoadedModel:
     """Load and warm up one artifact. `cpu_rewrites`: service.graph_rewrite's rewrites on the CPU provider
-    (VITSERVE_CPU_GRAPH_REWRITES)."""
+    (VITSERVE_CPU_GRAPH_REWRITES); `instances`, `threads`: as `session_layout` takes them (0: auto)."""
     started = time.perf_counter()
     seen = fingerprint(directory)  # before reading: a change made while loading shows up at the next poll
     meta = read_metadata(directory)
     if meta.name != directory.name:
         log.warning("artifact in %s is named %r; serving it as %r", directory, meta.name, directory.name)
         meta = meta.model_copy(update={"name": directory.name})
-    classify = _session(directory / meta.graphs["classify"].file, providers, threads, cpu_rewrites)
+    classify_path = directory / meta.graphs["classify"].file
+    instances, threads = session_layout(
+        instances, threads, providers=providers, weight_bytes=classify_path.stat().st_size, cpus=cpus
+    )
     graph = meta.graphs.get("attention")
-    attention = _session(directory / graph.file, providers, threads, cpu_rewrites) if graph else None
+    pairs = []
+    for _ in range(instances):
+        classify = _session(classify_path, providers, threads, cpu_rewrites)
+        attention = _session(directory / graph.file, providers, threads, cpu_rewrites) if graph else None
+        pairs.append((classify, attention))
+    classify, attention = pairs[0]
     provider = classify.get_providers()[0]
     if providers == [CUDA] and provider != CUDA:
         # onnxruntime-gpu lists CUDA whenever it is installed, and falls back to the CPU when no GPU is usable.
@@ -158,6 +211,7 @@ def load_model(directory: Path, *, providers: list[str], threads: int, cpu_rewri
         provider=provider,
         load_seconds=0.0,
         fingerprint=seen,
+        spares=pairs[1:],
     )
     try:
         model.warm_up()
@@ -170,7 +224,17 @@ def load_model(directory: Path, *, providers: list[str], threads: int, cpu_rewri
             f"{str(e).splitlines()[0][:300]}"
         ) from e
     model.load_seconds = time.perf_counter() - started
-    log.info("loaded %s (%s, %s) in %.2f s", meta.name, meta.precision, provider, model.load_seconds)
+    log.info(
+        "loaded %s (%s, %s, %d instance%s of %s thread%s) in %.2f s",
+        meta.name,
+        meta.precision,
+        provider,
+        instances,
+        "" if instances == 1 else "s",
+        threads or "onnxruntime's choice of",
+        "" if threads == 1 else "s",
+        model.load_seconds,
+    )
     return model
 
 
@@ -245,6 +309,8 @@ class ModelRepository:
         providers: list[str],
         threads: int,
         cpu_rewrites: bool,
+        instances: int = 1,
+        cpus: int = 1,
         only: list[str] | None = None,
         on_error: Literal["fail", "skip"] = "fail",
     ) -> ModelRepository:
@@ -260,7 +326,14 @@ class ModelRepository:
         for path in paths:
             seen = fingerprint(path)
             try:
-                models[path.name] = load_model(path, providers=providers, threads=threads, cpu_rewrites=cpu_rewrites)
+                models[path.name] = load_model(
+                    path,
+                    providers=providers,
+                    threads=threads,
+                    cpu_rewrites=cpu_rewrites,
+                    instances=instances,
+                    cpus=cpus,
+                )
             except ArtifactError as e:
                 if on_error == "fail":
                     raise

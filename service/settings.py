@@ -74,7 +74,19 @@ class Settings(BaseSettings):
         description="`auto` (CUDA where `onnxruntime-gpu` sees a GPU, else CPU), `cpu`, `cuda` (fails at start "
         "without a GPU)",
     )
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: onnxruntime's choice)")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="onnxruntime intra-op threads per session (0: the CPUs shared out among a model's instances; "
+        "onnxruntime's choice for one)",
+    )
+    instances: int = Field(
+        0,
+        ge=0,
+        description="onnxruntime sessions per model, each running its own batch at once (Triton's instance_group "
+        "count); 0: one single-threaded session per CPU for a classify graph under 32 MB on the CPU provider, "
+        "else one (`service.runtime.session_layout`)",
+    )
     cpu_graph_rewrites: bool = Field(
         True,
         description="on the CPU provider, load graphs with layer normalization written as primitive ops "

@@ -78,7 +78,7 @@ class ServiceState:
         self.shutting_down = False  # set on SIGTERM (readiness turns 503 at once) and at shutdown
         # Decode and preprocess run here, off the event loop and overlapping with inference.
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="prep")
-        # One runtime call at a time per process: onnxruntime already spreads one call over its intra-op threads.
+        # Unbatched runs (service.state.infer_one); batches run in each batcher's own runtime threads, one per instance.
         self.runtime_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime")
         self.batchers: dict[str, Batcher] = {}
         # Multi-process mode (service.worker): the link to the engine that runs every model, and the file the
@@ -169,7 +169,7 @@ class ServiceState:
         if self.engine is not None:
             batcher = RemoteBatcher(self.engine, model, policy)
         else:
-            batcher = DynamicBatcher(model, policy, self.runtime_pool)
+            batcher = DynamicBatcher(model, policy)
         batcher.start()
         log.info("batching %s (version %s): %s", model.name, model.meta.version, policy)
         return batcher

@@ -21,8 +21,8 @@ import pytest
 
 from service.batching import BatchPolicy, DynamicBatcher, Result, ServiceTimes, predicted_wait
 from service.errors import Overloaded, ServiceError, Unavailable
-from service.runtime import LoadedModel
-from tests.conftest import metric
+from service.runtime import CPU, CUDA, LoadedModel, load_model, session_layout
+from tests.conftest import DEFAULT_MODEL, metric
 from tests.service import inprocess
 
 CLASSES = 3
@@ -39,6 +39,7 @@ class Scripted:
         self.running = threading.Event()  # set while a call is inside infer
         self.release = threading.Event()
         self.release.set()  # calls run through unless a test clears this to hold them
+        self.instances = 1  # LoadedModel.instances: batches it may run at once
 
     def infer(self, pixels: np.ndarray, *, with_attention: bool) -> tuple[np.ndarray, np.ndarray | None]:
         firsts = [float(image.flat[0]) for image in pixels]
@@ -74,6 +75,16 @@ def run(
             await batcher.stop()
 
     asyncio.run(main())
+
+
+async def until_taken(batcher: DynamicBatcher) -> None:
+    """Yield to the loop until a request just submitted is in the queue, then until a runner has taken it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    for taken in (False, True):
+        while (batcher.queue.qsize() == 0) != taken:
+            assert loop.time() < deadline, "the request was not queued and taken"
+            await asyncio.sleep(0)
 
 
 async def until_queued(batcher: DynamicBatcher, count: int) -> None:
@@ -248,6 +259,94 @@ def test_the_predicted_wait_is_the_running_batch_then_one_full_batch_per_batch_s
     assert predicted_wait(times, 4, queued=4, running_rest=0.003) == pytest.approx(0.013)  # the next one is full
     assert predicted_wait(times, 4, queued=9, running_rest=0.0) == pytest.approx(0.020)
     assert predicted_wait(times, 4, queued=0, running_rest=-0.5) == 0.0  # a batch running late is about to end
+
+
+def test_with_instances_a_queued_batch_waits_for_the_first_instance_to_free_and_the_queue_drains_n_ways():
+    times = ServiceTimes()
+    times.observe(4, 0.010)
+    # two instances: 8 queued images are one full batch ahead on each, not two on one
+    assert predicted_wait(times, 4, queued=8, running_rest=0.003, instances=2) == pytest.approx(0.013)
+    assert predicted_wait(times, 4, queued=7, running_rest=0.0, instances=2) == pytest.approx(0.0)
+
+
+def test_each_instance_runs_its_own_batch_at_the_same_time():
+    """Two instances: two batches are inside `infer` at once (a barrier that only two concurrent calls pass;
+    with one runner the first would wait at it alone until the barrier's timeout broke it)."""
+    model = Scripted()
+    model.instances = 2
+    both_inside = threading.Barrier(2, timeout=30)
+    plain = model.infer
+
+    def infer(pixels: np.ndarray, *, with_attention: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        both_inside.wait()
+        return plain(pixels, with_attention=with_attention)
+
+    model.infer = infer  # type: ignore[method-assign]
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        results = await asyncio.gather(*(batcher.submit(image(v), with_attention=False) for v in (1, 2)))
+        assert [float(r.logits[0]) for r in results] == [1, 2]
+        assert sorted(model.batches) == [[1], [2]]
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, inprocess.policy(max_batch_size=1, max_queue_delay_ms=0))  # type: ignore[arg-type]
+        try:
+            await scenario(batcher)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_instances_take_turns_to_collect_so_requests_that_arrive_together_share_a_batch():
+    """One runner fills a batch while the other waits its turn: two requests within the queue delay form one
+    batch of two, not two batches of one (each idle runner taking one)."""
+    model = Scripted()
+    model.instances = 2
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, inprocess.policy(max_batch_size=2, max_queue_delay_ms=60_000))  # type: ignore[arg-type]
+        try:
+            first = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
+            await until_taken(batcher)
+            second = asyncio.ensure_future(batcher.submit(image(2), with_attention=False))
+            results = await asyncio.gather(first, second)
+            assert [r.batch_size for r in results] == [2, 2]
+            assert model.batches == [[1, 2]]
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_the_real_model_with_two_instances_answers_as_with_one():
+    one = inprocess.load()
+    two = load_model(DEFAULT_MODEL, providers=[CPU], threads=1, cpu_rewrites=True, instances=2)
+    assert (one.instances, two.instances) == (1, 2)
+    assert two.spares[0][0] is not two.classify  # a session of its own
+    rng = np.random.default_rng(1)
+    pixels = rng.normal(size=(4, 3, *one.meta.input_size)).astype(np.float32)
+    want, _ = one.infer(pixels, with_attention=False)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # more callers than instances: they wait for a free one
+        answers = list(pool.map(lambda _: two.infer(pixels, with_attention=False)[0], range(8)))
+    for got in answers:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "instances, threads, providers, weights, cpus, layout",
+    [
+        (0, 0, [CPU], 600_000, 2, (2, 1)),  # a small model on CPUs: one single-threaded session per CPU
+        (0, 0, [CPU], 600_000, 16, (16, 1)),
+        (0, 0, [CPU], 330 * 2**20, 16, (1, 0)),  # ViT-B/16: one session, onnxruntime's threads
+        (0, 0, [CUDA, CPU], 600_000, 16, (1, 0)),  # a GPU wants one big batch
+        (4, 0, [CPU], 330 * 2**20, 16, (4, 4)),  # asked for: the CPUs shared out
+        (3, 2, [CPU], 600_000, 2, (3, 2)),  # both asked for: as asked
+        (1, 0, [CPU], 600_000, 2, (1, 0)),
+    ],
+)
+def test_session_layout(instances, threads, providers, weights, cpus, layout):
+    assert session_layout(instances, threads, providers=providers, weight_bytes=weights, cpus=cpus) == layout
 
 
 SLOW = 60.0  # synthetic seconds per batch: while a batch is held, its predicted end is always far ahead
