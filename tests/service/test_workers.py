@@ -65,7 +65,7 @@ def test_requests_from_both_workers_share_batches_and_match_in_process(two_worke
             break
     assert single_source < batches, "no batch held requests from both workers"
     # The answers are the model's: the same as running the committed artifact in this process.
-    model = load_model(DEFAULT_MODEL, providers=[CPU], threads=1)
+    model = load_model(DEFAULT_MODEL, providers=[CPU], threads=1, cpu_rewrites=True)
     for data, response in zip(images[:8], responses[:8], strict=True):
         logits, _ = model.infer(prepare(data, model.meta, max_pixels=40_000_000).pixels[None], with_attention=False)
         expected = softmax(logits[0])
