@@ -18,7 +18,10 @@ request once and the logits are compared. Triton is the `tritonserver` of the nv
 (benchmarks/servers.py) with two Python-backend models per artifact (benchmarks/peers/triton_model.py): the
 pixel tensors go straight to onnxruntime; the images are decoded and preprocessed by vitserve's own functions.
 Its dynamic batcher gets vitserve's batch policy (VITSERVE_MAX_BATCH_SIZE, VITSERVE_MAX_QUEUE_DELAY_MS and the
-artifact's serving.json).
+artifact's serving.json) and its instance layout (VITSERVE_INSTANCES and VITSERVE_THREADS as
+service.runtime.session_layout resolves them here: the same count of sessions as Triton instances, each with the
+same threads). It serves the artifact's graph as exported: vitserve's load-time rewrite for the CPU provider
+(service/graph_rewrite.py) is vitserve's own, as a user deploying the artifact to both would find.
 
 Every server runs for the whole run; each point (model, request kind, server) runs after the server has gone
 idle again, and the order of points is reversed every other pass; figures are medians over passes, and ratios
@@ -56,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks import artifacts, h2load, servers
 from service.pipeline import prepare
-from service.settings import Settings
+from service.runtime import CPU, session_layout
+from service.settings import Settings, usable_cpus
 from vit_artifact.metadata import read_metadata
 from vit_artifact.serving import read_serving_config
 
@@ -89,6 +93,7 @@ class Model:
     servers: dict[str, servers.Server] = field(default_factory=dict)
     requests: dict[tuple[str, str], h2load.Request] = field(default_factory=dict)  # (kind, server) -> request
     agreement: dict = field(default_factory=dict)
+    triton_layout: str = ""  # the instances and threads Triton was given (vitserve's, see batch_policy)
 
 
 def parse_variant(items: list[str], common: dict[str, str]) -> Variant:
@@ -135,6 +140,14 @@ def batch_policy(artifact: Path, settings: dict[str, str]) -> dict[str, float]:
     }
     overrides = read_serving_config(artifact).overrides()
     policy.update({k: float(v) for k, v in overrides.items() if k in policy})
+    meta = read_metadata(artifact, verify_hashes=False)
+    policy["instances"], policy["threads"] = session_layout(
+        int(settings.get("INSTANCES", fields["instances"].default)),
+        int(settings.get("THREADS", fields["threads"].default)),
+        providers=[CPU],
+        weight_bytes=(artifact / meta.graphs["classify"].file).stat().st_size,
+        cpus=usable_cpus(),
+    )
     return policy
 
 
@@ -154,6 +167,12 @@ def build(model: Model, variants: list[Variant], work: Path) -> None:
         max_batch_size=int(policy["max_batch_size"]),
         max_queue_delay_ms=policy["max_queue_delay_ms"],
         max_pixels=int(policy["max_pixels"]),
+        instances=int(policy["instances"]),
+        threads=int(policy["threads"]),
+    )
+    model.triton_layout = (
+        f"Triton: batches of up to {policy['max_batch_size']:g}, {policy['max_queue_delay_ms']:g} ms queue delay, "
+        f"{policy['instances']:g} instance(s) of {policy['threads'] or 'onnxruntime-chosen'} thread(s)"
     )
     model.servers[TRITON] = servers.triton(repository, logs / "triton.log")
     pixels = prepare(model.upload, meta, max_pixels=int(policy["max_pixels"])).pixels[None]  # (1, 3, H, W)
@@ -410,7 +429,7 @@ def main() -> None:
                 "artifact": str(m.artifact),
                 "upload_bytes": len(m.upload),
                 "timing": f"{m.warmup:g} s warm-up + {m.duration:g} s timed a point; upload {m.filename}, "
-                f"{len(m.upload)} bytes",
+                f"{len(m.upload)} bytes; {m.triton_layout} (vitserve's layout and batch policy)",
                 "agreement": m.agreement,
                 "rss_mb": rss[m.key],
             }

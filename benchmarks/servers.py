@@ -314,10 +314,19 @@ def _site_packages(venv: Path) -> Path:
 
 
 def triton_repository(
-    directory: Path, artifact: Path, *, max_batch_size: int, max_queue_delay_ms: float, max_pixels: int
+    directory: Path,
+    artifact: Path,
+    *,
+    max_batch_size: int,
+    max_queue_delay_ms: float,
+    max_pixels: int,
+    instances: int = 1,
+    threads: int = 0,
 ) -> None:
     """Two Python-backend models of `artifact` in the model repository `directory`, both dynamically batched:
-    `<name>` takes FP32 `pixel_values` [N, 3, H, W], `<name>-image` takes BYTES `image` [N, 1]."""
+    `<name>` takes FP32 `pixel_values` [N, 3, H, W], `<name>-image` takes BYTES `image` [N, 1]. `instances`:
+    the instance_group count (a stub process each); `threads`: each session's intra-op threads (0: onnxruntime's
+    choice)."""
     from vit_artifact.metadata import INPUT_NAME, read_metadata
 
     meta = read_metadata(artifact, verify_hashes=False)
@@ -340,7 +349,7 @@ def triton_repository(
             f"""backend: "python"
 max_batch_size: {max_batch_size}
 dynamic_batching {{ max_queue_delay_microseconds: {round(max_queue_delay_ms * 1000)} }}
-instance_group [{{ count: 1, kind: KIND_CPU }}]
+instance_group [{{ count: {instances}, kind: KIND_CPU }}]
 input [{tensor}]
 output [
   {{ name: "logits", data_type: TYPE_FP32, dims: [{classes}] }},
@@ -349,7 +358,8 @@ output [
 parameters [
   {{ key: "artifact", value: {{ string_value: "{artifact.resolve()}" }} }},
   {{ key: "input", value: {{ string_value: "{kind}" }} }},
-  {{ key: "max_pixels", value: {{ string_value: "{max_pixels}" }} }}
+  {{ key: "max_pixels", value: {{ string_value: "{max_pixels}" }} }},
+  {{ key: "threads", value: {{ string_value: "{threads}" }} }}
 ]
 """
         )
