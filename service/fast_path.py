@@ -1,4 +1,4 @@
-"""The hot route, V2 `infer`, two ways past the general machinery.
+"""The hot routes, V2 `infer` and `/v1/classify`, past the general machinery.
 
 **Past FastAPI's router** (`FastPath`, ASGI): a profile of the server under load (py-spy, 64 connections of V2
 requests for the default model) put about 45% of the event loop's time in FastAPI's and Starlette's routing,
@@ -12,7 +12,11 @@ loop's time per request. The connection (`service.http_protocol.GuardedProtocol`
 each request's headers; an eligible request is collected and answered here, with one write, applying the very
 same rules as the middleware, imported from where they live: the request id and safe headers, API keys, the
 body limit, budget and pace deadline, admission, metrics and the access log. A request is eligible when it is a
-POST to an `infer` path without a query or escapes, with a `Content-Length` up to `DIRECT_MAX_BODY` bytes (and
+POST to an `infer` path without a query or escapes, or to a `classify` path whose only query is a valid `top_k`
+(classify's handler reads its multipart form through a Starlette request over the collected body, so the form
+is parsed, and its errors worded, by the same code as on the ASGI way: a profile of `/v1/classify` had put 55%
+of the event loop's time in ASGI, FastAPI's routing and its dependencies), with a `Content-Length` up to
+`DIRECT_MAX_BODY` bytes (and
 within `VITSERVE_MAX_BODY_BYTES`), no `Expect: 100-continue`, while its body fits the body budget now and CORS
 and tracing are off (their headers and spans come from middleware); every other request (chunked, large, pipelined behind another, refused, cross-origin) takes the ASGI
 way, whose middleware answers it as before.
@@ -43,7 +47,8 @@ from service.middleware import (
     request_id_for,
     with_context_headers,
 )
-from service.routes import v2
+from service.routes import inference, v2
+from service.routes.inference import DEFAULT_TOP_K, MAX_TOP_K
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -52,9 +57,12 @@ if TYPE_CHECKING:
     from service.security import APIKeys
 
 INFER_TEMPLATES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")  # metric route labels
+CLASSIFY_TEMPLATES = ("/v1/classify", "/v1/models/{name}/classify")
 _V2_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
-# The direct path takes plain paths only: a query or a %-escape goes the ASGI way, which decodes it.
+# The direct path takes plain paths only: a %-escape, or any query but a plain `top_k` for classify, goes the
+# ASGI way, which decodes it (and answers a bad `top_k` with FastAPI's validation).
 _V2_INFER_RAW = re.compile(rb"^/v2/models/([^/?%]+)(?:/versions/([^/?%]+))?/infer$")
+_CLASSIFY_RAW = re.compile(rb"^/v1(?:/models/([^/?%]+))?/classify(?:\?top_k=([1-9][0-9]{0,3}))?$")
 _ROUTES = tuple(SimpleNamespace(path=template) for template in INFER_TEMPLATES)
 # Bodies up to this size are collected by the connection itself; larger ones stream through the middleware.
 DIRECT_MAX_BODY = 1 << 20
@@ -94,6 +102,64 @@ class DirectRequest:
         return self._body
 
 
+class _V2Infer:
+    """V2 `infer`: `v2.infer_response` reads a `DirectRequest`."""
+
+    def __init__(self, name: str, version: str | None) -> None:
+        self.name, self.version = name, version
+        self.template = INFER_TEMPLATES[version is not None]
+
+    def request(self, exchange: Exchange, body: bytes) -> DirectRequest:
+        return DirectRequest(body, exchange.headers)
+
+    async def respond(self, state: ServiceState, exchange: Exchange, request: Any) -> Response:
+        return await v2.infer_response(state, request, self.name, self.version)
+
+
+class _Classify:
+    """`/v1/classify` and `/v1/models/{name}/classify`: the route's own handler, given a Starlette request over
+    the collected body, so that the multipart form is read by the same code (and its errors worded the same) as
+    on the ASGI way; the answer serialized as FastAPI serializes its response model."""
+
+    def __init__(self, name: str | None, k: int) -> None:
+        self.name, self.k = name, k
+        self.template = CLASSIFY_TEMPLATES[name is not None]
+
+    def request(self, exchange: Exchange, body: bytes) -> Request:
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": exchange.path,
+            "query_string": exchange.query,
+            "headers": exchange.headers,
+            "state": {},
+        }
+        return Request(scope, receive)
+
+    async def respond(self, state: ServiceState, exchange: Exchange, request: Any) -> Response:
+        answer = await inference.classify_response(self.name, request, state, exchange.request_id, self.k)
+        return Response(answer.model_dump_json().encode(), media_type="application/json")
+
+
+def direct_target(url: bytes) -> _V2Infer | _Classify | None:
+    """What the direct path would answer at this raw request target (path and query), or None: the ASGI way."""
+    if (match := _V2_INFER_RAW.match(url)) is not None:
+        return _V2Infer(match[1].decode("ascii"), None if match[2] is None else match[2].decode("ascii"))
+    if (match := _CLASSIFY_RAW.match(url)) is not None:
+        k = DEFAULT_TOP_K if match[2] is None else int(match[2])
+        return _Classify(None if match[1] is None else match[1].decode("ascii"), k) if k <= MAX_TOP_K else None
+    return None
+
+
 class DirectInfer:
     """The direct path of one server process: its state and the settings its rules need."""
 
@@ -110,8 +176,8 @@ class DirectInfer:
         """An exchange for the request whose headers just arrived on `connection`, or None: the ASGI way."""
         if connection.parser.get_method() != b"POST" or connection.expect_100_continue:
             return None
-        match = _V2_INFER_RAW.match(connection.url)
-        if match is None:
+        target = direct_target(connection.url)
+        if target is None:
             return None
         size: int | None = None
         for name, value in connection.headers:
@@ -124,7 +190,7 @@ class DirectInfer:
         held = self.budget.reserve_now(size)
         if held is None:
             return None  # the middleware waits for room, then answers 503
-        return Exchange(self, connection, match, size, held)
+        return Exchange(self, connection, target, size, held)
 
 
 class _NoEvent:
@@ -140,13 +206,14 @@ class Exchange:
     message_event = _NoEvent()
 
     def __init__(
-        self, direct: DirectInfer, connection: GuardedProtocol, match: re.Match[bytes], size: int, held: int
+        self, direct: DirectInfer, connection: GuardedProtocol, target: _V2Infer | _Classify, size: int, held: int
     ) -> None:
         self.direct = direct
         self.connection = connection
-        self.path = connection.url.decode("ascii")
-        self.name = match[1].decode("ascii")
-        self.version = None if match[2] is None else match[2].decode("ascii")
+        self.target = target
+        self.url = connection.url.decode("ascii")  # path and query, as the access log shows it
+        path, _, query = connection.url.partition(b"?")
+        self.path, self.query = path.decode("ascii"), query
         self.headers = connection.headers
         self.request_id = request_id_for(self.headers)
         self.refused = None if direct.keys is None else direct.keys.check(self.path, self.headers)
@@ -217,9 +284,9 @@ class Exchange:
         refused = direct.state.admission.enter(self.path)
         if refused is not None:
             return error_response(refused, self.path)
-        request = DirectRequest(body, self.headers)
+        request = self.target.request(self, body)
         try:
-            return await v2.infer_response(direct.state, request, self.name, self.version)
+            return await self.target.respond(direct.state, self, request)
         except ServiceError as e:
             return error_response(e, self.path)
         except Exception:
@@ -253,9 +320,9 @@ class Exchange:
             client = f"{connection.client[0]}:{connection.client[1]}" if connection.client else "-"
             http = connection.parser.get_http_version() if connection.parser is not None else "1.1"
             # uvicorn's own message and arguments: its access formatter reads them by position
-            connection.access_logger.info('%s - "%s %s HTTP/%s" %d', client, "POST", self.path, http, status)
+            connection.access_logger.info('%s - "%s %s HTTP/%s" %d', client, "POST", self.url, http, status)
         self.direct.budget.release(self.held)
         self.held = 0
         METRICS.in_flight.dec()
-        record_request(INFER_TEMPLATES[self.version is not None], "POST", status, self.started, self.model)
+        record_request(self.target.template, "POST", status, self.started, self.model)
         connection.exchange_done(self)

@@ -49,7 +49,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     ]
 }
 DEFAULT_TOP_K = 5  # the one home of this default: the SDK and CLI send no top_k unless asked
-TopK = Annotated[int, Query(ge=1, le=1000, description="how many predictions to return")]
+MAX_TOP_K = 1000
+TopK = Annotated[int, Query(ge=1, le=MAX_TOP_K, description="how many predictions to return")]
 
 
 def _ms(seconds: float) -> float:
@@ -68,7 +69,10 @@ def _timings(prepared: list[Prepared], results: list[Result], started: float) ->
     )
 
 
-async def _classify(name: str | None, request: Request, state: State, request_id: str, k: int) -> ClassifyResponse:
+async def classify_response(
+    name: str | None, request: Request, state: State, request_id: str, k: int
+) -> ClassifyResponse:
+    """The whole of classify (also called directly by service.fast_path)."""
     started = time.perf_counter()
     model = served_model(request, state, name)
     data = (await read_image(request)).data
@@ -96,7 +100,7 @@ async def _classify(name: str | None, request: Request, state: State, request_id
 async def classify(
     name: str, request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
 ) -> ClassifyResponse:
-    return await _classify(name, request, state, request_id, top_k)
+    return await classify_response(name, request, state, request_id, top_k)
 
 
 @router.post(
@@ -110,7 +114,7 @@ async def classify(
 async def classify_default(
     request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
 ) -> ClassifyResponse:
-    return await _classify(None, request, state, request_id, top_k)
+    return await classify_response(None, request, state, request_id, top_k)
 
 
 async def _prepare_or_error(state: State, upload: Upload, meta: ArtifactMetadata) -> Prepared | ErrorInfo:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from service.app import create_app
-from service.fast_path import DIRECT_MAX_BODY
+from service.fast_path import DIRECT_MAX_BODY, direct_target
+from service.routes.inference import DEFAULT_TOP_K
 from service.settings import Settings
 from tests.conftest import MODELS, Server
 from tests.service.rawhttp import RawResponse, Reader, connect, metric, request_bytes, wait_for
@@ -209,3 +210,98 @@ def test_client_gone_mid_body_frees_what_it_held(keyed: Server) -> None:
     )
     assert metric(keyed.url, "vitserve_requests_in_flight") == 1  # the scrape itself
     assert exchange(keyed.port, INFER, body, {**headers, "x-api-key": KEY}).status == 200
+
+
+# --- /v1/classify -----------------------------------------------------------------------------------------------
+
+
+def test_which_requests_the_direct_path_takes() -> None:
+    """Plain infer and classify targets; classify with `top_k` in FastAPI's bounds and nothing else in its query
+    (any other query, a bad `top_k` or a %-escape is answered the ASGI way, whose validation words it)."""
+    taken = {
+        b"/v2/models/digits-vit/infer": "/v2/models/{name}/infer",
+        b"/v2/models/digits-vit/versions/1/infer": "/v2/models/{name}/versions/{version}/infer",
+        b"/v1/classify": "/v1/classify",
+        b"/v1/classify?top_k=1000": "/v1/classify",
+        b"/v1/models/digits-vit/classify?top_k=3": "/v1/models/{name}/classify",
+    }
+    for url, template in taken.items():
+        target = direct_target(url)
+        assert target is not None and target.template == template, url
+    assert direct_target(b"/v1/classify?top_k=7").k == 7  # type: ignore[union-attr]
+    assert direct_target(b"/v1/classify").k == DEFAULT_TOP_K  # type: ignore[union-attr]
+    for url in (
+        b"/v1/classify?top_k=0",
+        b"/v1/classify?top_k=1001",
+        b"/v1/classify?top_k=03",
+        b"/v1/classify?top_k=3&via=asgi",
+        b"/v1/classify?via=asgi",
+        b"/v1/models/digits%2Dvit/classify",
+        b"/v1/classify/batch",
+        b"/v1/attention",
+        b"/v2/models/digits-vit/infer?via=asgi",
+    ):
+        assert direct_target(url) is None, url
+
+
+def multipart(data: bytes, field: str = "file", filename: str = "digit.png") -> tuple[bytes, dict[str, str]]:
+    boundary = "vitserve-direct-test"
+    body = (
+        (
+            f'--{boundary}\r\ncontent-disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            f"content-type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def classify_comparable(response: RawResponse) -> tuple[int, dict[str, str], object]:
+    """Status, headers and body, less what differs between any two answers (timings; the id, checked apart)."""
+    status, headers, body = comparable(response)
+    answer = json.loads(body)
+    if "request_id" in answer:
+        assert answer.pop("request_id") == response.headers["x-request-id"]
+    answer.pop("timings", None)
+    headers.pop("content-length", None)  # timings' digits vary
+    return status, headers, answer
+
+
+def test_classify_direct_and_asgi_answers_are_the_same(keyed: Server, held_out_pngs: list[bytes]) -> None:
+    auth = {"authorization": f"Bearer {KEY}"}
+    png = held_out_pngs[3]
+    cases = {
+        "multipart": (*multipart(png), "?top_k=3"),
+        "raw image": (png, {"content-type": "image/png"}, ""),
+        "no file field": (*multipart(png, field="image"), "?top_k=3"),
+        "not an image": (*multipart(b"plain text"), ""),
+        "malformed multipart": (b"--x\r\nnonsense", {"content-type": "multipart/form-data; boundary=x"}, ""),
+        "unsupported type": (png, {"content-type": "text/plain"}, ""),
+    }
+    for case, (body, headers, query) in cases.items():
+        for path in ("/v1/classify", "/v1/models/digits-vit/classify", "/v1/models/nope/classify"):
+            direct = exchange(keyed.port, path + query, body, {**headers, **auth})
+            asgi = exchange(keyed.port, path + (query + "&" if query else "?") + "via=asgi", body, {**headers, **auth})
+            assert classify_comparable(direct) == classify_comparable(asgi), (case, path)
+            good = case in ("multipart", "raw image") and "nope" not in path
+            assert (direct.status == 200) == good, (case, path, direct.body)
+    body, headers = multipart(png)
+    answer = json.loads(exchange(keyed.port, "/v1/classify?top_k=3", body, {**headers, **auth}).body)
+    assert len(answer["predictions"]) == 3 and answer["timings"]["batch_size"] >= 1
+    unauthorized = exchange(keyed.port, "/v1/classify", png, {"content-type": "image/png"})
+    assert unauthorized.status == 401
+
+
+def test_classify_metrics_and_access_log(keyed: Server, held_out_pngs: list[bytes]) -> None:
+    route = {"route": "/v1/models/{name}/classify", "method": "POST", "status": "200"}
+    before = metric(keyed.url, "vitserve_http_requests", **route)
+    body, headers = multipart(held_out_pngs[0])
+    headers["x-api-key"] = KEY
+    for query in ("?top_k=2", "?top_k=2&via=asgi"):
+        assert exchange(keyed.port, "/v1/models/digits-vit/classify" + query, body, headers).status == 200
+    assert metric(keyed.url, "vitserve_http_requests", **route) == before + 2
+    wait_for(
+        "the access log line",
+        lambda: '"POST /v1/models/digits-vit/classify?top_k=2 HTTP/1.1" 200' in keyed.log.read_text(),
+    )
