@@ -180,8 +180,8 @@ class Settings(BaseSettings):
     )
     direct_infer: bool = Field(
         True,
-        description="answer V2 `infer` requests with bodies up to 1 MiB from the connection layer, past ASGI (same "
-        "rules and answers, about half the event loop's cost); off while CORS or tracing is on",
+        description="answer V2 `infer` and `/v1/classify` requests with bodies up to 1 MiB from the connection "
+        "layer, past ASGI (same rules and answers, about half the event loop's cost); off while CORS or tracing is on",
     )
     max_concurrent_requests: int = Field(
         256,
