@@ -234,7 +234,7 @@ async def _pixels(state: ServiceState, model: LoadedModel, request: codec.InferR
     _check_count(tensor.shape[0], state)
     values = await _decode_input(state, tensor, binary)
     assert isinstance(values, np.ndarray)
-    if not np.isfinite(values).all():
+    if not np.logical_and.reduce(np.isfinite(values), axis=None):  # ndarray.all() without its Python wrapper
         raise BadRequest(f"input {INPUT_NAME!r} holds NaN or infinite values")
     return values
 
