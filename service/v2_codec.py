@@ -230,19 +230,13 @@ def datatype_of(value: np.ndarray | list[bytes]) -> str:
 
 def encode_output(name: str, value: np.ndarray | list[bytes], shape: list[int], binary: bool) -> tuple[dict, bytes]:
     """One output tensor: its JSON entry, and its binary bytes when sent with the binary extension."""
-    datatype = datatype_of(value)
-    if isinstance(value, list):  # BYTES
-        raw = encode_bytes_elements(value) if binary else b""
-        data: Any = [v.decode() for v in value]
-    else:
-        raw = np.ascontiguousarray(value).tobytes() if binary else b""
-        data = value.reshape(-1).tolist()
-    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
-    if binary:
+    entry: dict[str, Any] = {"name": name, "datatype": datatype_of(value), "shape": shape}
+    if binary:  # bytes only: the list of Python numbers once built here too took 0.3 s for ViT-B/16 attentions
+        raw = encode_bytes_elements(value) if isinstance(value, list) else np.ascontiguousarray(value).tobytes()
         entry["parameters"] = {"binary_data_size": len(raw)}
-    else:
-        entry["data"] = data
-    return entry, raw
+        return entry, raw
+    entry["data"] = [v.decode() for v in value] if isinstance(value, list) else value.reshape(-1).tolist()
+    return entry, b""
 
 
 @dataclass

@@ -248,12 +248,15 @@ async def _decode_input(state: State, tensor: codec.TensorIn, binary: bytes) -> 
     return values
 
 
+_KNOWN_OUTPUTS = frozenset((*DEFAULT_OUTPUTS, *ATTENTION_OUTPUTS, "attentions"))
+_DEFAULT_REQUESTS = tuple(codec.OutputRequest(name=n) for n in DEFAULT_OUTPUTS)  # frozen: shared by requests
+
+
 def _outputs(request: codec.InferRequest) -> list[codec.OutputRequest]:
-    outputs = request.outputs or [codec.OutputRequest(name=n) for n in DEFAULT_OUTPUTS]
-    known = {*DEFAULT_OUTPUTS, *ATTENTION_OUTPUTS, "attentions"}
+    outputs = request.outputs or list(_DEFAULT_REQUESTS)
     for out in outputs:
-        if out.name not in known:
-            raise BadRequest(f"unknown output {out.name!r}; this model offers {sorted(known)}")
+        if out.name not in _KNOWN_OUTPUTS:
+            raise BadRequest(f"unknown output {out.name!r}; this model offers {sorted(_KNOWN_OUTPUTS)}")
         k = out.parameters.get("classification")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise BadRequest(f"output {out.name!r}: classification must be a positive integer, got {k!r}")
@@ -348,12 +351,14 @@ def _check_response_size(
 ) -> int:
     """The response's size, estimated from above; refused (413) before any inference when it would pass
     VITSERVE_MAX_RESPONSE_BYTES."""
-    per_image = {
-        "logits": len(meta.labels),
-        "probabilities": len(meta.labels),
-        **dict.fromkeys(ATTENTION_OUTPUTS, meta.grid[0] * meta.grid[1]),
-        "attentions": meta.num_layers * meta.num_heads * meta.num_tokens**2,
-    }
+
+    def per_image(name: str) -> int:  # elements of one image's output (worked out only for outputs asked for)
+        if name in ATTENTION_OUTPUTS:
+            return meta.grid[0] * meta.grid[1]
+        if name == "attentions":
+            return meta.num_layers * meta.num_heads * meta.num_tokens**2
+        return len(meta.labels)  # logits, probabilities
+
     size = 0
     for out in outputs:
         if shm.names_region(out.parameters):  # written into a shared memory region, not the response
@@ -363,7 +368,7 @@ def _check_response_size(
             size += n * min(k, len(meta.labels)) * _CLASSIFICATION_BYTES
             continue
         binary = packed or bool(out.parameters.get("binary_data", binary_default))
-        size += n * per_image[out.name] * (_BINARY_BYTES if binary else _JSON_BYTES)
+        size += n * per_image(out.name) * (_BINARY_BYTES if binary else _JSON_BYTES)
     if size > limit:
         raise PayloadTooLarge(
             f"the response would be about {size / 2**20:.1f} MiB, over the {limit / 2**20:.1f} MiB limit "
