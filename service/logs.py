@@ -17,12 +17,14 @@ JSON formatters format the time once a second, not per line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import select
 import threading
 import time
+import traceback
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -164,11 +166,10 @@ class QueuedStderrHandler(logging.StreamHandler):
                     piece.append(line)
                     size += n
                 self._write(piece)
-            except Exception:  # stderr closed or full: as logging.Handler.handleError, say so on stderr if it can
+            except Exception:  # stderr gone: as logging.Handler.handleError, the lines are dropped, said if it can
                 if logging.raiseExceptions:
-                    import traceback
-
-                    traceback.print_exc()
+                    with contextlib.suppress(OSError, ValueError):
+                        traceback.print_exc()
 
     def _write(self, lines: list[str]) -> None:
         self.stream.write("\n".join(lines) + "\n")
