@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,12 +30,28 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+class _BatchSeries(NamedTuple):
+    """One model version's labelled series that every batch updates (`Metrics.observe_batch`)."""
+
+    inference_count: Any
+    exec_count: Any
+    batch_size: Any
+    batch_sources: Any
+    runtime_time: Any
+    compute_us: Any
+    queue_us: Any
+    queue_time: Any
+    last_inference: Any
+
+
 class Metrics(Collector):
     """Every metric, and (as a `Collector`) the one reading of them that `/metrics` and the statistics share."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self._request_series: dict[tuple[str, str, bool], tuple[Any, Any]] = {}
+        self._batch_series: dict[tuple[str, str], _BatchSeries] = {}
+        self._batch_size_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         model = ["model", "version"]
         self.inference_count = Counter(
             "nv_inference_count", "Images inferred (a batch of N counts N)", model, registry=r
@@ -194,18 +210,37 @@ class Metrics(Collector):
     def observe_batch(
         self, model: str, version: str, size: int, compute_ms: float, queue_ms: list[float], sources: int = 1
     ) -> None:
-        self.inference_count.labels(model, version).inc(size)
-        self.exec_count.labels(model, version).inc()
-        self.batch_size.labels(model).observe(size)
-        self.batch_sources.labels(model).observe(sources)
-        self.runtime_time.labels(model).observe(compute_ms / 1e3)
-        self.compute_us.labels(model, version).inc(compute_ms * 1e3 * size)
-        self.queue_us.labels(model, version).inc(sum(queue_ms) * 1e3)
+        series = self._batch_series.get((model, version))
+        if series is None:  # label lookups cost more than the updates: once per model version
+            series = self._batch_series[(model, version)] = _BatchSeries(
+                self.inference_count.labels(model, version),
+                self.exec_count.labels(model, version),
+                self.batch_size.labels(model),
+                self.batch_sources.labels(model),
+                self.runtime_time.labels(model),
+                self.compute_us.labels(model, version),
+                self.queue_us.labels(model, version),
+                self.queue_time.labels(model),
+                self.last_inference.labels(model, version),
+            )
+        series.inference_count.inc(size)
+        series.exec_count.inc()
+        series.batch_size.observe(size)
+        series.batch_sources.observe(sources)
+        series.runtime_time.observe(compute_ms / 1e3)
+        series.compute_us.inc(compute_ms * 1e3 * size)
+        series.queue_us.inc(sum(queue_ms) * 1e3)
         for q in queue_ms:
-            self.queue_time.labels(model).observe(q / 1e3)
-        self.batch_exec.labels(model, version, str(size)).inc()
-        self.batch_compute_us.labels(model, version, str(size)).inc(compute_ms * 1e3)
-        self.last_inference.labels(model, version).set(time.time())
+            series.queue_time.observe(q / 1e3)
+        by_size = self._batch_size_series.get((model, version, size))
+        if by_size is None:  # bounded: sizes go up to the model's largest batch
+            by_size = self._batch_size_series[(model, version, size)] = (
+                self.batch_exec.labels(model, version, str(size)),
+                self.batch_compute_us.labels(model, version, str(size)),
+            )
+        by_size[0].inc()
+        by_size[1].inc(compute_ms * 1e3)
+        series.last_inference.set(time.time())
 
     def observe_request(self, model: str, version: str, ok: bool, seconds: float) -> None:
         """One inference request's outcome and end-to-end time (`MetricsMiddleware`, on every request)."""

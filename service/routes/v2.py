@@ -234,7 +234,7 @@ async def _pixels(state: ServiceState, model: LoadedModel, request: codec.InferR
     _check_count(tensor.shape[0], state)
     values = await _decode_input(state, tensor, binary)
     assert isinstance(values, np.ndarray)
-    if not np.isfinite(values).all():
+    if not np.logical_and.reduce(np.isfinite(values), axis=None):  # ndarray.all() without its Python wrapper
         raise BadRequest(f"input {INPUT_NAME!r} holds NaN or infinite values")
     return values
 
@@ -248,12 +248,15 @@ async def _decode_input(state: State, tensor: codec.TensorIn, binary: bytes) -> 
     return values
 
 
+_KNOWN_OUTPUTS = frozenset((*DEFAULT_OUTPUTS, *ATTENTION_OUTPUTS, "attentions"))
+_DEFAULT_REQUESTS = tuple(codec.OutputRequest(name=n) for n in DEFAULT_OUTPUTS)  # frozen: shared by requests
+
+
 def _outputs(request: codec.InferRequest) -> list[codec.OutputRequest]:
-    outputs = request.outputs or [codec.OutputRequest(name=n) for n in DEFAULT_OUTPUTS]
-    known = {*DEFAULT_OUTPUTS, *ATTENTION_OUTPUTS, "attentions"}
+    outputs = request.outputs or list(_DEFAULT_REQUESTS)
     for out in outputs:
-        if out.name not in known:
-            raise BadRequest(f"unknown output {out.name!r}; this model offers {sorted(known)}")
+        if out.name not in _KNOWN_OUTPUTS:
+            raise BadRequest(f"unknown output {out.name!r}; this model offers {sorted(_KNOWN_OUTPUTS)}")
         k = out.parameters.get("classification")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise BadRequest(f"output {out.name!r}: classification must be a positive integer, got {k!r}")
@@ -291,7 +294,8 @@ async def infer_response(state: ServiceState, request: InferRequest, name: str, 
     # request's JSON header is small.
     json_size = min(codec.header_length_value(header_length) or len(body), len(body))
     parsed, binary = await state.run_sized(json_size, codec.parse_request, body, header_length)
-    trace = request.scope.get(TRACE_KEY) if isinstance(request, Request) else None  # tracing on: ASGI only
+    scope = getattr(request, "scope", None)  # not isinstance(request, Request): an ABC check, slow when False
+    trace = scope.get(TRACE_KEY) if scope is not None else None  # tracing on: ASGI only
     tensors, size = await infer_tensors(state, model, parsed, binary, trace=trace)
     header: dict[str, Any] = {"model_name": model.name, "model_version": model.meta.version}
     if parsed.id is not None:
@@ -347,12 +351,14 @@ def _check_response_size(
 ) -> int:
     """The response's size, estimated from above; refused (413) before any inference when it would pass
     VITSERVE_MAX_RESPONSE_BYTES."""
-    per_image = {
-        "logits": len(meta.labels),
-        "probabilities": len(meta.labels),
-        **dict.fromkeys(ATTENTION_OUTPUTS, meta.grid[0] * meta.grid[1]),
-        "attentions": meta.num_layers * meta.num_heads * meta.num_tokens**2,
-    }
+
+    def per_image(name: str) -> int:  # elements of one image's output (worked out only for outputs asked for)
+        if name in ATTENTION_OUTPUTS:
+            return meta.grid[0] * meta.grid[1]
+        if name == "attentions":
+            return meta.num_layers * meta.num_heads * meta.num_tokens**2
+        return len(meta.labels)  # logits, probabilities
+
     size = 0
     for out in outputs:
         if shm.names_region(out.parameters):  # written into a shared memory region, not the response
@@ -362,7 +368,7 @@ def _check_response_size(
             size += n * min(k, len(meta.labels)) * _CLASSIFICATION_BYTES
             continue
         binary = packed or bool(out.parameters.get("binary_data", binary_default))
-        size += n * per_image[out.name] * (_BINARY_BYTES if binary else _JSON_BYTES)
+        size += n * per_image(out.name) * (_BINARY_BYTES if binary else _JSON_BYTES)
     if size > limit:
         raise PayloadTooLarge(
             f"the response would be about {size / 2**20:.1f} MiB, over the {limit / 2**20:.1f} MiB limit "
@@ -377,7 +383,7 @@ def _output_tensors(
     outputs: list[codec.OutputRequest], results: list[Result], meta: ArtifactMetadata
 ) -> list[codec.OutputTensor]:
     """The requested outputs of a batch of results, in request order (CPU work: runs off the event loop)."""
-    logits = np.stack([r.logits for r in results]).astype(np.float32)  # (N, C)
+    logits = np.array([r.logits for r in results], dtype=np.float32)  # (N, C); one call, np.stack is several
 
     def tensor(out_name: str) -> np.ndarray:
         if out_name == "logits":

@@ -4,15 +4,18 @@ its request id; the text format carries it too."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import select
+import signal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from service.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, TextFormatter
+from service.logs import REQUEST_ID, JsonFormatter, QueuedStderrHandler, RequestIdFilter, TextFormatter
 from tests.conftest import MODELS, Server, wait_until
 
 
@@ -94,3 +97,76 @@ def test_json_logs_from_a_running_server(tmp_path: Path, held_out_pngs: list[byt
         assert any(r.startswith("worker") for r in roles)
     # Outside a request there is no id; inside one, only that request's.
     assert all(e["request_id"] is None for e in entries if e["logger"] != "uvicorn.access")
+
+
+class Writes(io.StringIO):
+    """A stream that remembers each flushed piece (what one write(2) to stderr would carry)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[str] = []
+
+    def flush(self) -> None:
+        written = self.getvalue()[sum(map(len, self.pieces)) :]
+        if written:
+            self.pieces.append(written)
+
+
+def queued_handler() -> tuple[QueuedStderrHandler, Writes, logging.Logger]:
+    handler = QueuedStderrHandler(interval_s=3600)  # the thread never writes: only what the test triggers
+    stream = Writes()
+    handler.setStream(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.Logger("queued-test")
+    logger.addHandler(handler)
+    return handler, stream, logger
+
+
+def test_info_lines_wait_for_the_writer_and_warnings_take_them_along() -> None:
+    handler, stream, logger = queued_handler()
+    logger.info("first")
+    logger.info("second")
+    assert stream.getvalue() == "", "INFO lines wait for the writer thread"
+    logger.warning("third")  # written at once, after the lines queued before it
+    assert stream.pieces == ["INFO first\nINFO second\nWARNING third\n"]
+    logger.info("fourth")
+    handler.close()  # as logging.shutdown at exit: what is queued is written
+    assert stream.getvalue().endswith("WARNING third\nINFO fourth\n")
+    logger.info("after close")  # written at once: no writer thread any more
+    assert stream.getvalue().endswith("INFO after close\n")
+
+
+def test_queued_lines_are_written_in_whole_lines_a_pipe_keeps_in_one_piece() -> None:
+    handler, stream, logger = queued_handler()
+    for i in range(200):
+        logger.info("line %03d %s", i, "x" * 60)
+    handler.flush()
+    assert len(stream.pieces) > 1 and all(len(p.encode()) <= select.PIPE_BUF for p in stream.pieces)
+    assert all(p.endswith("\n") for p in stream.pieces)
+    assert stream.getvalue().splitlines() == [f"INFO line {i:03d} {'x' * 60}" for i in range(200)]
+
+
+def test_the_writer_thread_writes_queued_lines_soon() -> None:
+    handler = QueuedStderrHandler(interval_s=0.01)
+    stream = Writes()
+    handler.setStream(stream)
+    logger = logging.Logger("queued-thread-test")
+    logger.addHandler(handler)
+    logger.info("soon")
+    wait_until(lambda: stream.getvalue() == "soon\n", "the writer thread writes the queued line")
+    handler.close()
+
+
+@pytest.mark.server
+def test_access_lines_queued_at_sigterm_reach_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    srv = Server(MODELS, log, VITSERVE_LOG_LEVEL="info").wait_ready()
+    try:
+        for i in range(5):
+            response = httpx.get(f"{srv.url}/v2/health/live", headers={"x-request-id": f"before-exit-{i}"})
+            assert response.status_code == 200
+    finally:
+        srv.process.send_signal(signal.SIGTERM)
+        assert srv.stop() == 0
+    text = log.read_text()  # no waiting: the server has exited, and wrote what it had queued
+    assert all(f'"GET /v2/health/live HTTP/1.1" 200 [before-exit-{i}]' in text for i in range(5)), text
