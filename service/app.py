@@ -197,7 +197,7 @@ def create_app(
     # The connection layer answers V2 infer itself (service.fast_path); CORS headers and spans come from the
     # middleware only.
     direct = settings.direct_infer and not settings.cors_origins and tracing.traces_endpoint(settings) is None
-    app.state.direct = DirectInfer(state, settings, keys) if direct else None
+    app.state.direct = DirectInfer(app, state, settings, keys) if direct else None
     for module in (health, models, inference, stats, repository_routes, v2, shared_memory, metrics, demo):
         # stats before v2's `{name}`
         app.include_router(module.router)

@@ -142,6 +142,7 @@ class _Classify:
             "query_string": exchange.query,
             "headers": exchange.headers,
             "state": {},
+            "app": exchange.direct.app,
         }
         return Request(scope, receive)
 
@@ -163,8 +164,9 @@ def direct_target(url: bytes) -> _V2Infer | _Classify | None:
 class DirectInfer:
     """The direct path of one server process: its state and the settings its rules need."""
 
-    def __init__(self, state: ServiceState, settings: Settings, keys: APIKeys | None) -> None:
+    def __init__(self, app: ASGIApp, state: ServiceState, settings: Settings, keys: APIKeys | None) -> None:
         assert state.body_budget is not None, "an app's state serves HTTP"
+        self.app = app  # in each request's scope, as on the ASGI way (Starlette turns form errors into 400s then)
         self.state = state
         self.keys = keys
         self.budget = state.body_budget

@@ -277,6 +277,12 @@ def test_classify_direct_and_asgi_answers_are_the_same(keyed: Server, held_out_p
         "no file field": (*multipart(png, field="image"), "?top_k=3"),
         "not an image": (*multipart(b"plain text"), ""),
         "malformed multipart": (b"--x\r\nnonsense", {"content-type": "multipart/form-data; boundary=x"}, ""),
+        "wrong boundary": (multipart(png)[0], {"content-type": "multipart/form-data; boundary=other"}, ""),
+        "part without a name": (
+            b'--x\r\ncontent-disposition: form-data; filename="a.png"\r\n\r\n' + png + b"\r\n--x--\r\n",
+            {"content-type": "multipart/form-data; boundary=x"},
+            "",
+        ),
         "unsupported type": (png, {"content-type": "text/plain"}, ""),
     }
     for case, (body, headers, query) in cases.items():
