@@ -134,15 +134,17 @@ def tune_allocator(mmap_threshold: int = 1 << 20) -> None:
 class Reservation:
     """The bytes one request holds from a budget; given back when the `with` block ends."""
 
-    def __init__(self, budget: ByteBudget | None) -> None:
+    def __init__(self, budget: ByteBudget | None, *, wait: bool = True) -> None:
+        """`wait`: up to BUDGET_WAIT_S for room (a worker thread); False: only what fits now (the event loop)."""
         self.budget = budget
+        self.wait = wait
         self.size = 0
 
     def take(self, size: int, what: str) -> None:
         """Reserve `size` more bytes for `what`, or raise Overloaded (503) when the budget stays full."""
         if self.budget is None:
             return
-        got = self.budget.reserve(size)
+        got = self.budget.reserve(size) if self.wait else self.budget.reserve_now(size)
         if got is None:
             raise Overloaded(
                 f"the server is decoding or holding too many large requests to take {what} now; retry shortly",

@@ -43,11 +43,13 @@ def prepare(
     budget: ByteBudget | None = None,
     for_overlay: bool = False,
     jpeg_draft: bool = True,
+    wait_for_budget: bool = True,
 ) -> Prepared:
     """Decode and preprocess one image. The decoded image's memory is reserved from `budget` while it lives,
     which is only inside this call: what outlives it is the model input and, `for_overlay`, a small copy.
-    `jpeg_draft` lets a large JPEG decode at reduced scale (`VITSERVE_JPEG_DRAFT`, `imaging.decode_image`)."""
-    with Reservation(budget) as reservation:
+    `jpeg_draft` lets a large JPEG decode at reduced scale (`VITSERVE_JPEG_DRAFT`, `imaging.decode_image`).
+    `wait_for_budget=False`: refuse (Overloaded) at once when the budget has no room now, never block."""
+    with Reservation(budget, wait=wait_for_budget) as reservation:
         t0 = time.perf_counter()
         image = decode_image(
             data,
