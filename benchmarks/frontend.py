@@ -28,6 +28,20 @@ idle again, and the order of points is reversed every other pass; figures are me
 are taken pass by pass and their median reported. Server CPU per image is the CPU time of all the server's
 processes (/proc/<pid>/stat, children included) over the timed window, divided by the images answered.
 
+For each ViT-B/16 model the run also measures, once a pass, as a point of its own beside the model's HTTP points
+(before them, or after them in the reversed passes), with every server idle:
+
+- the in-process reference (benchmarks/inprocess.py): onnxruntime called in this process at its best batch size
+  (found once, before the first pass, among 1, 4, 8, 16, 32), through sessions loaded by vitserve's own start-up
+  (service.app.load_repository) with the first variant's settings: the CPU graph rewrite, the session layout and
+  the intra-op threads that vitserve picks, each of its instances called at once. No HTTP, decoding,
+  preprocessing or queueing: the most images/s any server of these sessions can reach on this machine now;
+- the GEMM rates (benchmarks/roofline.py); the roofline is the fastest rate of the run (SGEMM for FP32, the INT8
+  GEMM for INT8) over the model's FLOPs an image.
+
+Each HTTP point is divided by its pass's reference and the median over passes reported (the issue's goal: at least
+0.95 for FP32); V2 pixels images/s (the median) over the roofline (goal: at least 0.80 for FP32).
+
 vitserve runs with its default settings (its default log level too, access log included) but queueing admission
 (`servers.CLOSED_LOOP`: 64 closed-loop clients would otherwise meet the adaptive limit's fast 503s), plus
 `--vitserve-env`.
@@ -57,7 +71,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks import artifacts, h2load, servers
+from benchmarks import artifacts, h2load, roofline, servers
+from benchmarks.inprocess import InProcess
 from service.pipeline import prepare
 from service.runtime import CPU, session_layout
 from service.settings import Settings, usable_cpus
@@ -69,6 +84,8 @@ LOGS = artifacts.CACHE / "bench-logs" / "frontend"  # server logs of the last ru
 TRITON = "triton"
 KINDS = ("v2 image", "v2 pixels", "classify")
 IDLE_CPU = 0.1  # a server is idle when it uses less than this share of a core (background threads only)
+IN_PROCESS = "in-process"  # the point of a pass that measures the in-process reference and the GEMM rates
+REFERENCE_SECONDS = 4.0  # a few calls of ViT-B/16 at its best batch size: steadier than one
 
 
 @dataclass
@@ -94,6 +111,9 @@ class Model:
     requests: dict[tuple[str, str], h2load.Request] = field(default_factory=dict)  # (kind, server) -> request
     agreement: dict = field(default_factory=dict)
     triton_layout: str = ""  # the instances and threads Triton was given (vitserve's, see batch_policy)
+    shape: roofline.ViTShape | None = None  # set: the in-process reference and the roofline are measured for it
+    precision: str = "fp32"
+    inprocess: list[float] = field(default_factory=list)  # the in-process reference's images/s, one a pass
 
 
 def parse_variant(items: list[str], common: dict[str, str]) -> Variant:
@@ -127,23 +147,37 @@ def models(args: argparse.Namespace) -> list[Model]:
         photo = artifacts.photo_uploads()[0]  # scikit-image's astronaut, 640 px JPEG
         # At 64 connections a ViT-B/16 request waits seconds: longer windows, so the timed one is steady.
         for name in (repo.fp32, repo.int8):
-            chosen.append(Model(name, repo.directory / name, photo, "photo.jpg", args.duration * 3, args.warmup * 4))
+            chosen.append(
+                Model(
+                    name,
+                    repo.directory / name,
+                    photo,
+                    "photo.jpg",
+                    args.duration * 3,
+                    args.warmup * 4,
+                    shape=roofline.VIT_B16,
+                )
+            )
     return chosen
+
+
+def server_settings(artifact: Path, settings: dict[str, str]) -> Settings:
+    """What a vitserve with these VITSERVE_* settings, serving `artifact` alone, reads (the environment of this
+    process, which the servers inherit, included)."""
+    lowered = {key.lower(): value for key, value in settings.items()}
+    return Settings(model_dir=artifact.parent, models=[artifact.name], default_model=artifact.name, **lowered)
 
 
 def batch_policy(artifact: Path, settings: dict[str, str]) -> dict[str, float]:
     """vitserve's batch policy for this artifact (settings, then serving.json), for Triton's dynamic batcher."""
-    fields = Settings.model_fields
-    policy = {
-        key: float(settings.get(key.upper(), fields[key].default))
-        for key in ("max_batch_size", "max_queue_delay_ms", "max_pixels")
-    }
+    served = server_settings(artifact, settings)
+    policy = {key: float(getattr(served, key)) for key in ("max_batch_size", "max_queue_delay_ms", "max_pixels")}
     overrides = read_serving_config(artifact).overrides()
     policy.update({k: float(v) for k, v in overrides.items() if k in policy})
     meta = read_metadata(artifact, verify_hashes=False)
     policy["instances"], policy["threads"] = session_layout(
-        int(settings.get("INSTANCES", fields["instances"].default)),
-        int(settings.get("THREADS", fields["threads"].default)),
+        served.instances,
+        served.threads,
         providers=[CPU],
         weight_bytes=(artifact / meta.graphs["classify"].file).stat().st_size,
         cpus=usable_cpus(),
@@ -154,6 +188,7 @@ def batch_policy(artifact: Path, settings: dict[str, str]) -> dict[str, float]:
 def build(model: Model, variants: list[Variant], work: Path) -> None:
     """The model's servers (not started) and the requests each is sent."""
     meta = read_metadata(model.artifact, verify_hashes=False)
+    model.precision = meta.precision
     logs = LOGS / model.key
     for v in variants:
         model.servers[v.label] = servers.vitserve(
@@ -204,6 +239,48 @@ def check_agreement(model: Model) -> dict:
     return found
 
 
+def reference(chosen: list[Model], settings: dict[str, str], rounds: int) -> InProcess:
+    """The in-process reference (benchmarks/inprocess.py) of the models with a roofline shape. Each is loaded by
+    service.app.load_repository, vitserve's own start-up, with `settings`: the CPU graph rewrite, session layout
+    and threads that server picks (by this checkout's service, whatever a variant's root)."""
+    from service.app import load_repository
+
+    loaded = {
+        m.key: load_repository(server_settings(m.artifact, settings)).models[m.artifact.name] for m in chosen if m.shape
+    }
+    return InProcess(loaded, rounds=rounds)
+
+
+def describe_reference(model: Model, sweep: dict, gemm: dict[str, float]) -> dict:
+    """The model's in-process figures and its roofline: the fastest GEMM of the run of its precision over the
+    FLOPs an image."""
+    assert model.shape is not None
+    ceiling = roofline.ceiling(gemm, model.shape)
+    int8 = model.precision == "int8"
+    return {
+        "precision": model.precision,
+        "batch_sizes": sweep,
+        "per_pass": model.inprocess,
+        "roofline": {
+            "gemm": "INT8 GEMM" if int8 else "SGEMM",
+            "gemm_rate": gemm["onnxruntime_int8_gemm" if int8 else "sgemm"],
+            "unit": "GOP/s" if int8 else "GFLOP/s",
+            "gflops_per_image": ceiling["gflops_per_image"],
+            "images_per_s": ceiling["int8_images_per_s" if int8 else "fp32_images_per_s"],
+        },
+    }
+
+
+def schedule(chosen: list[Model]) -> list[tuple[Model, str, str]]:
+    """A pass's points, (model, kind, server); a model with a roofline shape has its in-process point first."""
+    points = []
+    for m in chosen:
+        if m.shape:
+            points.append((m, IN_PROCESS, ""))
+        points += [(m, kind, label) for kind in KINDS for label in m.servers if (kind, label) in m.requests]
+    return points
+
+
 def wait_idle(server: servers.Server, timeout: float = 120.0) -> float:
     """Wait until the server's CPU use falls under IDLE_CPU of a core (it may still be answering the requests
     h2load left in flight); returns the seconds waited."""
@@ -216,6 +293,15 @@ def wait_idle(server: servers.Server, timeout: float = 120.0) -> float:
             break
         before = now
     return time.perf_counter() - started
+
+
+def measure_reference(model: Model, in_process: InProcess, running: list[servers.Server]) -> dict[str, float]:
+    """A pass's in-process point, every server idle: the model's reference at its best batch size (kept in
+    `model.inprocess`), then the GEMM rates (returned)."""
+    for server in running:
+        wait_idle(server)
+    model.inprocess.append(in_process.now(model.key, REFERENCE_SECONDS))
+    return roofline.measure_gemm(repeats=3, passes=1)
 
 
 def median(values: list[float]) -> float:
@@ -235,15 +321,36 @@ def combine(runs: list[dict]) -> dict:
     }
 
 
-def paired(points: dict, kind: str, a: str, b: str, key: str) -> float:
-    """Ratio of `key` of server `a` over server `b` at one kind, pass by pass, then the median."""
-    x = points.get(kind, {}).get(a, {}).get("per_pass", {}).get(key, [])
-    y = points.get(kind, {}).get(b, {}).get("per_pass", {}).get(key, [])
+def per_pass(points: dict, kind: str, label: str, key: str = "throughput") -> list[float]:
+    return points.get(kind, {}).get(label, {}).get("per_pass", {}).get(key, [])
+
+
+def pass_ratio(x: list[float], y: list[float]) -> float:
+    """x over y pass by pass (the two measured at most a few points apart), then the median."""
     return median([p / q for p, q in zip(x, y, strict=False) if q])
 
 
-def targets(results: dict, variants: list[Variant]) -> list[dict]:
-    """Issue 12's ratios: each vitserve variant over Triton (default model: goals), variants over the first."""
+def paired(points: dict, kind: str, a: str, b: str, key: str) -> float:
+    """Ratio of `key` of server `a` over server `b` at one kind, pass by pass, then the median."""
+    return pass_ratio(per_pass(points, kind, a, key), per_pass(points, kind, b, key))
+
+
+def row(
+    model: str, ratio: str, measured: float, goal: float | None = None, *, lower: bool = False, when: str = ""
+) -> dict:
+    """A line of the targets table; `goal`: the issue's, where it sets one (`lower`: at most, else at least)."""
+    return {
+        "model": model,
+        "ratio": ratio,
+        "measured": measured,
+        "goal": f"{'<=' if lower else '>='} {goal}{when}" if goal else "",
+        "met": None if goal is None else (measured <= goal if lower else measured >= goal),
+    }
+
+
+def targets(results: dict, variants: list[Variant], references: dict) -> list[dict]:
+    """Issue 12's ratios: each vitserve variant over Triton (default model: goals), variants over the first; and
+    for the models with an in-process reference, each variant over it and over the roofline."""
     rows = []
     for key, points in results.items():
         goals = key == "digits-vit"  # the issue sets goals on this CPU for the default model
@@ -256,27 +363,33 @@ def targets(results: dict, variants: list[Variant]) -> list[dict]:
                 ):
                     value = paired(points, kind, v.label, TRITON, metric)
                     rows.append(
-                        {
-                            "model": key,
-                            "ratio": f"{v.label} / Triton {name}, {kind}",
-                            "measured": value,
-                            "goal": (f"<= {goal}" if lower else f">= {goal}") if goals and goal else "",
-                            "met": (value <= goal if lower else value >= goal) if goals and goal else None,
-                        }
+                        row(key, f"{v.label} / Triton {name}, {kind}", value, goal if goals else None, lower=lower)
                     )
         for v in variants[1:]:
             for kind in KINDS:
                 value = paired(points, kind, v.label, variants[0].label, "throughput")
                 goal = 2.0 if kind == "classify" and goals else None
-                rows.append(
-                    {
-                        "model": key,
-                        "ratio": f"{v.label} / {variants[0].label} images/s, {kind}",
-                        "measured": value,
-                        "goal": f">= {goal} (if {variants[0].label} is today's service)" if goal else "",
-                        "met": value >= goal if goal else None,
-                    }
-                )
+                when = f" (if {variants[0].label} is today's service)"
+                rows.append(row(key, f"{v.label} / {variants[0].label} images/s, {kind}", value, goal, when=when))
+        if key in references:
+            rows += reference_rows(key, points, variants, references[key])
+    return rows
+
+
+def reference_rows(key: str, points: dict, variants: list[Variant], reference: dict) -> list[dict]:
+    """Images/s of each variant over the in-process reference, pass by pass, and over the roofline; the issue sets
+    goals for ViT-B/16 FP32 (0.95 and 0.80)."""
+    fp32 = reference["precision"] == "fp32"
+    roof = reference["roofline"]
+    rows = []
+    for v in variants:
+        for kind in KINDS:
+            value = pass_ratio(per_pass(points, kind, v.label), reference["per_pass"])
+            rows.append(row(key, f"{v.label} {kind} / in-process best", value, 0.95 if fp32 else None))
+        value = round(points["v2 pixels"][v.label]["throughput"] / roof["images_per_s"], 3)
+        rows.append(row(key, f"{v.label} v2 pixels / {roof['gemm']} roofline", value, 0.8 if fp32 else None))
+    value = round(median(reference["per_pass"]) / roof["images_per_s"], 3)
+    rows.append(row(key, f"in-process best / {roof['gemm']} roofline", value))
     return rows
 
 
@@ -294,6 +407,15 @@ def markdown(record: dict) -> str:
         + ".",
         "",
     ]
+    gemm = record["gemm"]
+    if gemm["runs"]:
+        top = gemm["fastest"]
+        lines += [
+            f"GEMM (2048^3, best of 3), the fastest of {len(gemm['runs'])} runs, one at each in-process point: "
+            f"numpy SGEMM {top['numpy_sgemm']} GFLOP/s, onnxruntime SGEMM {top['onnxruntime_sgemm']} GFLOP/s, "
+            f"onnxruntime INT8 GEMM {top['onnxruntime_int8_gemm']} GOP/s.",
+            "",
+        ]
     for key, points in record["results"].items():
         m = record["models"][key]
         lines += [
@@ -301,6 +423,20 @@ def markdown(record: dict) -> str:
             "",
             f"{m['timing']}. Max |logits - first vitserve's| per server: {json.dumps(m['agreement'])}.",
             "",
+        ]
+        ref = record["references"].get(key)
+        if ref:
+            roof = ref["roofline"]
+            lines += [
+                f"In-process onnxruntime (benchmarks/inprocess.py; the sessions, layout and threads of "
+                f"{meta['variants'][0]['label']}, called in the benchmark's process while the servers are idle), "
+                f"images/s by batch size: {json.dumps(ref['batch_sizes']['images_per_s'])}; at its best batch size, "
+                f"{ref['batch_sizes']['best_batch']}, once a pass: {ref['per_pass']}. {roof['gemm']} roofline: "
+                f"{roof['images_per_s']} img/s = {roof['gemm_rate']} {roof['unit']} / {roof['gflops_per_image']} "
+                "GFLOP an image.",
+                "",
+            ]
+        lines += [
             "| request | server | img/s | p50 ms | p90 ms | p99 ms | server CPU ms/img | RSS MiB | h2load CPU ms/req "
             "| ok | non-2xx |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -316,7 +452,8 @@ def markdown(record: dict) -> str:
     lines += [
         "## Ratios",
         "",
-        "Pass by pass (the two servers ran at most a few points apart), median over passes.",
+        "Pass by pass (the two sides ran at most a few points apart), median over passes; over a roofline, the "
+        "median images/s over the run's.",
         "",
         "| model | ratio | measured | goal | met |",
         "|---|---|---|---|---|",
@@ -371,6 +508,8 @@ def main() -> None:
     running: list[servers.Server] = []
     passes: dict[str, dict[str, dict[str, list[dict]]]] = {m.key: {} for m in chosen}
     rss: dict[str, dict[str, float]] = {m.key: {} for m in chosen}
+    gemm: list[dict[str, float]] = []  # GEMM rates, measured at each in-process point
+    sweep: dict = {}
     with tempfile.TemporaryDirectory(prefix="vitserve-frontend-") as work_name:
         try:
             for m in chosen:
@@ -381,11 +520,22 @@ def main() -> None:
                     log(f"started {m.key} {label} on {server.url} ({time.perf_counter() - t0:.1f} s)")
                 m.agreement = check_agreement(m)
                 log(f"{m.key} max |logits difference|: {json.dumps(m.agreement)}")
-            points = [
-                (m, kind, label) for m in chosen for kind in KINDS for label in m.servers if (kind, label) in m.requests
-            ]
+            in_process = reference(chosen, variants[0].settings, rounds=1 if args.quick else 2)
+            for server in running:
+                wait_idle(server)
+            sweep = in_process.sweep()
+            if sweep:
+                log(f"in-process images/s by batch size: {json.dumps(sweep)}")
+            points = schedule(chosen)
             for round_ in range(args.passes):
                 for m, kind, label in points if round_ % 2 == 0 else points[::-1]:
+                    if kind == IN_PROCESS:
+                        gemm.append(measure_reference(m, in_process, running))
+                        log(
+                            f"pass {round_ + 1} {m.key:16} {IN_PROCESS} at batch {in_process.best[m.key]}: "
+                            f"{m.inprocess[-1]:.1f} img/s; GEMM {json.dumps(gemm[-1])}"
+                        )
+                        continue
                     server = m.servers[label]
                     waited = wait_idle(server)
                     summary = h2load.run(
@@ -411,6 +561,8 @@ def main() -> None:
         key: {kind: {label: combine(runs) for label, runs in by_server.items()} for kind, by_server in by_kind.items()}
         for key, by_kind in passes.items()
     }
+    fastest = roofline.fastest(gemm) if gemm else {}
+    references = {m.key: describe_reference(m, sweep[m.key], fastest) for m in chosen if m.shape}
     meta = {
         "command": "PYTHONPATH=. python benchmarks/frontend.py " + shlex.join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
@@ -436,7 +588,9 @@ def main() -> None:
             for m in chosen
         },
         "results": results,
-        "targets": targets(results, variants),
+        "gemm": {"runs": gemm, "fastest": fastest},
+        "references": references,
+        "targets": targets(results, variants, references),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontend.json").write_text(json.dumps(record, indent=2) + "\n")

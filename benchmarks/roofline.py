@@ -119,6 +119,11 @@ def measure_gemm(n: int = 2048, repeats: int = 5, passes: int = 2) -> dict[str, 
     return {k: round(v, 1) for k, v in best.items()}
 
 
+def fastest(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The highest rates of several `measure_gemm` runs: the machine's ceiling (a noisy moment only lowers one)."""
+    return {k: max(r[k] for r in runs) for k in runs[0]}
+
+
 def ceiling(gemm: dict[str, float], shape: ViTShape) -> dict[str, float]:
     """Images/s the measured GEMM rates allow for one forward pass of `shape`."""
     flops = vit_flops(shape)["total"]

@@ -40,11 +40,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks import artifacts, roofline, servers
+from benchmarks.inprocess import BATCH_SIZES, InProcess
 from benchmarks.loadgen import drive
 
 RESULTS = Path(__file__).parent / "results"
 LOGS = artifacts.CACHE / "bench-logs"  # server logs of the last run
-BATCH_SIZES = (1, 4, 8, 16, 32)
 ADJACENT_AT = (16, 64)  # concurrencies where (a) and the GEMM rate are measured again, next to the HTTP point
 
 
@@ -110,54 +110,17 @@ def vit_b16_family() -> Family:
 # ---------------------------------------------------------------------------------------------------- (a)
 
 
-class InProcess:
-    """(a): the served graphs called directly, through the sessions the server builds (service.runtime).
+def in_process(family: Family) -> InProcess:
+    """(a): both precisions through the sessions the server builds (service.runtime), with onnxruntime's own thread
+    count. `sweep()` finds the best batch size; `now(precision)` is measured right before and after each vitserve
+    point so that the ratio of the two compares the same minute of a shared machine."""
+    from service.runtime import CPU, load_model
 
-    `sweep()` finds the best batch size once; `now(precision)` measures that batch size again, and is called
-    right before and after each vitserve point so that the ratio of the two compares the same minute of a
-    shared machine.
-    """
-
-    def __init__(self, family: Family) -> None:
-        from service.runtime import CPU, load_model
-
-        self.family = family
-        self.models = {
-            precision: load_model(family.repo.directory / name, providers=[CPU], threads=0, cpu_rewrites=True)
-            for precision, name in (("fp32", family.repo.fp32), ("int8", family.repo.int8))
-        }
-        size = self.models["fp32"].meta.input_size
-        rng = np.random.default_rng(0)
-        self.inputs = {b: rng.standard_normal((b, 3, *size), dtype=np.float32) for b in family.batch_sizes}
-        self.best: dict[str, int] = {}
-
-    def _seconds_per_call(self, precision: str, batch: int, min_seconds: float) -> float:
-        model, x = self.models[precision], self.inputs[batch]
-        calls, started = 0, time.perf_counter()
-        while calls == 0 or time.perf_counter() - started < min_seconds:  # a tiny model needs many calls
-            model.infer(x, with_attention=False)
-            calls += 1
-        return (time.perf_counter() - started) / calls
-
-    def sweep(self) -> dict:
-        results = {}
-        for precision in self.models:
-            times: dict[int, list[float]] = {b: [] for b in self.family.batch_sizes}
-            for round_ in range(self.family.inprocess_rounds + 1):  # round 0 warms up each batch shape
-                for b in self.family.batch_sizes:
-                    elapsed = self._seconds_per_call(precision, b, 0.3)
-                    if round_:
-                        times[b].append(elapsed)
-            per_batch = {b: round(b / statistics.median(t), 2) for b, t in times.items()}
-            best = max(per_batch, key=per_batch.__getitem__)
-            self.best[precision] = best
-            results[precision] = {"images_per_s": per_batch, "best_batch": best, "best_images_per_s": per_batch[best]}
-        return results
-
-    def now(self, precision: str) -> float:
-        """Images/s at the best batch size, measured now (about a second, or one call of a slow model)."""
-        b = self.best[precision]
-        return round(b / self._seconds_per_call(precision, b, 1.0), 2)
+    models = {
+        precision: load_model(family.repo.directory / name, providers=[CPU], threads=0, cpu_rewrites=True)
+        for precision, name in (("fp32", family.repo.fp32), ("int8", family.repo.int8))
+    }
+    return InProcess(models, family.batch_sizes, family.inprocess_rounds)
 
 
 # ---------------------------------------------------------------------------------------------------- (b-d)
@@ -337,9 +300,8 @@ def pass_ratio(family: Family, label: str, other: str, n: int) -> float:
 
 
 def best_gemm(family: Family, opening: dict) -> dict:
-    """The highest GEMM rates seen in the run: the machine's ceiling (a noisy moment only lowers a measurement)."""
-    runs = [opening, *(r for rs in family.gemm_adjacent.values() for r in rs)]
-    return {k: max(r[k] for r in runs) for k in opening}
+    """The highest GEMM rates seen while this family was measured, and at the opening."""
+    return roofline.fastest([opening, *(r for rs in family.gemm_adjacent.values() for r in rs)])
 
 
 def ratio(a: float, b: float) -> float:
@@ -562,7 +524,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         for f in families.values():
             log(f"{f.title}")
-            inprocess = InProcess(f)
+            inprocess = in_process(f)
             f.inprocess = inprocess.sweep()
             log(f"  (a) in-process: {json.dumps(f.inprocess)}")
             f.agreement = measure_agreement(f)
