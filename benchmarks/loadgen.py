@@ -2,14 +2,11 @@
 
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --path /v1/models/digits-vit/classify \\
         --images DIR --concurrency 16 --requests 2000 --duration 15 --warmup 50
-    python benchmarks/loadgen.py ... --rate 400 --requests 1200          # open loop: arrivals at a fixed rate
 
-Closed loop (`--concurrency N`): N workers each send a request, wait for its answer, send the next, until
-`--requests` answers or `--duration` seconds, whichever comes first, after `--warmup` untimed requests.
-Open loop (`--rate R`): one request every 1/R s, whatever the server does, `--requests` in all; this is how
-overload looks to a server (arrivals do not slow down when it does). It uses a minimal HTTP/1.1 client on asyncio
-streams instead of httpx, whose CPU cost per request would cap the offered rate far below what overloading a fast
-model takes; a request's latency runs from its scheduled start, including any wait for a connection.
+A closed loop of `--concurrency` workers: each sends a request, waits for its answer, sends the next, until
+`--requests` answers or `--duration` seconds, whichever comes first, after `--warmup` untimed requests. Open-loop
+arrivals (a fixed schedule, whatever the server does) come from benchmarks/openloop.c, a C client that costs the
+shared CPU far less than Python would.
 
 Each request uploads one image file from `--images` (taken in turn) as multipart field `--field`. The multipart
 bodies are built once, up front, so the client spends its CPU on HTTP and not on encoding. Prints one JSON
@@ -23,7 +20,6 @@ import argparse
 import asyncio
 import json
 import mimetypes
-import resource
 import statistics
 import subprocess
 import sys
@@ -140,88 +136,11 @@ class Load:
             for c in clients:
                 await c.aclose()
 
-    async def open(self) -> float:
-        # A minimal HTTP/1.1 client on asyncio streams: httpx spends about a millisecond of CPU per request, so
-        # on 2 shared cores it could not offer more than a few hundred requests a second beside the server.
-        from urllib.parse import urlsplit
-
-        url = urlsplit(self.args.url)
-        host, port = url.hostname or "127.0.0.1", url.port or 80
-        query = "&".join(f"{k}={v}" for k, v in self.args.params.items())
-        target = self.args.path + (f"?{query}" if query else "")
-        requests = [
-            (
-                f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {self.content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            + body
-            for body in self.bodies
-        ]
-        idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        slots = asyncio.Semaphore(self.args.max_connections)  # past it, a request waits for a connection (timed)
-
-        async def exchange(data: bytes) -> int:
-            async with slots:
-                return await send(data)
-
-        async def send(data: bytes) -> int:
-            if idle:  # a kept-alive connection the server may have closed meanwhile (its keep-alive timeout)
-                reader, writer = idle.pop()
-                try:
-                    return await exchange_on(reader, writer, data)
-                except (ConnectionError, asyncio.IncompleteReadError) as e:
-                    if getattr(e, "partial", b""):
-                        raise  # the server had started answering: a real failure, not a stale connection
-                    writer.close()  # as HTTP clients do: send it again once on a new connection
-                    self.errors["resent (stale kept-alive connection)"] += 1
-            reader, writer = await asyncio.open_connection(host, port)
-            return await exchange_on(reader, writer, data)
-
-        async def exchange_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> int:
-            writer.write(data)
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            status = int(lines[0].split()[1])
-            fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-            await reader.readexactly(int(fields.get("content-length", "0")))
-            if fields.get("connection", "").lower() == "close":
-                writer.close()
-            else:
-                idle.append((reader, writer))
-            return status
-
-        async def one(i: int) -> None:
-            started = time.perf_counter()
-            try:
-                status = await asyncio.wait_for(exchange(requests[i % len(requests)]), self.args.timeout)
-            except TimeoutError:
-                status = 0
-                self.errors["timeout"] += 1
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-                status = 0
-                self.errors[type(e).__name__] += 1
-            self.records.append((started - self.origin, time.perf_counter() - started, status))
-
-        interval = 1.0 / self.args.rate
-        self.origin = time.perf_counter()
-        tasks = []
-        for i in range(self.args.requests):
-            delay = self.origin + i * interval - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        for _, writer in idle:
-            writer.close()
-        return time.perf_counter() - self.origin
-
     def summary(self, elapsed: float) -> dict:
         statuses = Counter(status for _, _, status in self.records)
         ok = [latency * 1e3 for _, latency, status in self.records if status == 200]
         result: dict = {
-            "mode": "open" if self.args.rate else "closed",
             "concurrency": self.args.concurrency,
-            "rate": self.args.rate,
             "requests": len(self.records),
             "ok": len(ok),
             "statuses": {str(k): v for k, v in sorted(statuses.items())},
@@ -247,7 +166,6 @@ def drive(
     *,
     field: str = "file",
     concurrency: int = 1,
-    rate: float = 0.0,
     requests: int = 1000,
     duration: float = 60.0,
     warmup: int = 20,
@@ -264,7 +182,6 @@ def drive(
         f"--images={images}",
         f"--field={field}",
         f"--concurrency={concurrency}",
-        f"--rate={rate}",
         f"--requests={requests}",
         f"--duration={duration}",
         f"--warmup={warmup}",
@@ -272,8 +189,7 @@ def drive(
         *(["--timings"] if timings else []),
         *(["--raw"] if raw else []),
     ]
-    sending = requests / rate if rate else duration
-    limit = warmup * timeout + sending + timeout + 120  # a hung client is killed, never waited on forever
+    limit = warmup * timeout + duration + timeout + 120  # a hung client is killed, never waited on forever
     done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -287,19 +203,15 @@ def main() -> None:
     parser.add_argument("--images", required=True, help="directory of image files to upload, in turn")
     parser.add_argument("--field", default="file", help="multipart field name (default: file)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="query parameter")
-    parser.add_argument("--concurrency", type=int, default=1, help="closed loop: concurrent workers")
-    parser.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (overrides)")
-    parser.add_argument("--max-connections", type=int, default=2000, help="open loop: connections at most")
+    parser.add_argument("--concurrency", type=int, default=1, help="concurrent workers")
     parser.add_argument("--requests", type=int, default=1000, help="timed requests at most")
-    parser.add_argument("--duration", type=float, default=60.0, help="closed loop: timed seconds at most")
+    parser.add_argument("--duration", type=float, default=60.0, help="timed seconds at most")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests first")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as hung")
     parser.add_argument("--timings", action="store_true", help="collect the server's `timings` fields")
     parser.add_argument("--raw", action="store_true", help="include every request's (start, latency, status)")
     args = parser.parse_args()
     args.params = dict(p.split("=", 1) for p in args.param)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # one descriptor per open-loop connection
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, args.max_connections + 256)), hard))
     load = Load(args)
     run: Callable[[Coroutine[Any, Any, float]], float] = asyncio.run
     try:  # a faster event loop leaves more of the shared CPU to the server under test
@@ -308,7 +220,7 @@ def main() -> None:
         run = uvloop.run
     except ImportError:
         pass
-    elapsed = run(load.open() if args.rate else load.closed())
+    elapsed = run(load.closed())
     print(json.dumps(load.summary(elapsed)))
 
 
