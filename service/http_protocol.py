@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -48,6 +48,10 @@ class ConnectionPolicy:
     max_connections: int
     draining: bool = False
     direct: DirectInfer | None = None
+    # The open connections, oldest first (a dict keeps insertion order): eviction looks from the oldest and
+    # stops at the first it may close, where scanning uvicorn's set for the oldest cost O(connections) per
+    # accept, at the cap (a connection storm made each accept a millisecond).
+    by_age: dict[GuardedProtocol, None] = field(default_factory=dict)
 
 
 def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
@@ -75,7 +79,6 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.opened = time.monotonic()
         self.header_timer: asyncio.TimerHandle | None = None
         self.request_started = False  # a byte of the current request arrived; its headers are not complete
         self.refused = False
@@ -91,12 +94,14 @@ class GuardedProtocol(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
+        self.policy.by_age[self] = None
         METRICS.connections.inc()
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.refused:
             return
+        self.policy.by_age.pop(self, None)
         self._cancel_header_timer()
         if self.receiving is not None and not self.receiving.response_complete:
             self.receiving.abandon()
@@ -110,12 +115,12 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _evict_one(self) -> bool:
         """Close the oldest connection that is idle or still sending its headers; False when there is none."""
-        evictable = [c for c in self.connections if isinstance(c, GuardedProtocol) and c._idle_or_in_headers()]
-        if not evictable:
+        victim = next((c for c in self.policy.by_age if c._idle_or_in_headers()), None)
+        if victim is None:
             return False
-        victim = min(evictable, key=lambda c: c.opened)
         METRICS.connections_refused.labels(reason="evicted").inc()
         victim.transport.close()
+        del self.policy.by_age[victim]
         victim.connections.discard(victim)  # its connection_lost comes later; the slot is free now
         return True
 
