@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/frontend.py --quick                  # default model, about a minute
     PYTHONPATH=. python benchmarks/frontend.py                          # default model, 3 passes of 10 s points
     PYTHONPATH=. python benchmarks/frontend.py --vit-b16                # and ViT-B/16 FP32 + INT8
+    PYTHONPATH=. python benchmarks/frontend.py --vit-b16 --model vit-b16 --duration 20  # ViT-B/16 FP32 only
     PYTHONPATH=. python benchmarks/frontend.py --vitserve-env WORKERS=2 # VITSERVE_WORKERS=2 for every vitserve
     PYTHONPATH=. python benchmarks/frontend.py --variant today root=/work/main --variant new WORKERS=2
 
@@ -471,6 +472,13 @@ def main() -> None:
     parser.add_argument("--passes", type=int, help="passes over every point (default 3; --quick 2)")
     parser.add_argument("--duration", type=float, help="timed seconds a point (default 10; --quick 4; ViT-B/16 x3)")
     parser.add_argument("--warmup", type=float, help="untimed seconds first (default 2; --quick 1; ViT-B/16 x4)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="run only this model (repeatable: digits-vit, vit-b16, vit-b16-int8; default: every model chosen)",
+    )
     parser.add_argument("--connections", type=int, default=64, help="h2load connections (default 64)")
     parser.add_argument(
         "--vitserve-env", action="append", default=[], metavar="KEY=VALUE", help="VITSERVE_KEY for every vitserve"
@@ -504,7 +512,9 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
     servers.triton_env(log)  # first run: install Triton into its own environment before the clock matters
-    chosen = models(args)
+    chosen = [m for m in models(args) if not args.model or m.key in args.model]
+    if not chosen:
+        raise SystemExit(f"no model among {args.model} (--vit-b16 for the ViT-B/16 ones)")
     running: list[servers.Server] = []
     passes: dict[str, dict[str, dict[str, list[dict]]]] = {m.key: {} for m in chosen}
     rss: dict[str, dict[str, float]] = {m.key: {} for m in chosen}
