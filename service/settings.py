@@ -129,8 +129,16 @@ class Settings(BaseSettings):
         description="`adaptive`: under overload, refuse at once (503 + `Retry-After`) what would wait, by two limits "
         "learned from what the server measures: each model's batcher refuses a request predicted to wait longer "
         "than a full batch takes, and each HTTP process limits inference requests in progress to what keeps them "
-        "within twice their unloaded time (README: Dynamic batching); `queue`: admit until the queue or "
+        "within `VITSERVE_ADMISSION_TOLERANCE` times their unloaded time (README: Dynamic batching); `queue`: admit until the queue or "
         "`VITSERVE_MAX_CONCURRENT_REQUESTS` is full, which stay hard caps either way",
+    )
+    admission_tolerance: float = Field(
+        1.5,
+        gt=1.0,
+        description="adaptive admission's target at the front door: the smoothed time in the server of admitted "
+        "requests over their unloaded time, above which the limit on requests in progress shrinks. Under 2 so "
+        "that the tail, not only the average, stays within twice the unloaded time (Netflix's Gradient2 limit "
+        "defaults to 1.5 too; README: Dynamic batching)",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served (503 after)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

@@ -96,7 +96,7 @@ class ServiceState:
         self.decode_budget = ByteBudget("decode", settings.decode_budget_bytes) if serves_http else None
         # Inference requests in progress (VITSERVE_MAX_CONCURRENT_REQUESTS), for the middleware and the direct path.
         self.admission = (
-            AdaptiveAdmission(settings.max_concurrent_requests)
+            AdaptiveAdmission(settings.max_concurrent_requests, tolerance=settings.admission_tolerance)
             if settings.admission == "adaptive"
             else Admission(settings.max_concurrent_requests)
         )

@@ -1,7 +1,7 @@
 """`AdaptiveAdmission`, the latency-gradient limit on inference requests in progress, driven by a controlled clock:
 a burst is let in whole; a standing excess (a busy period of slow answers longer than a round) shrinks the limit
-and the next request is refused at once; it grows again while answers stay within twice their route's unloaded
-time, keeps each route's unloaded time apart, and never passes the fixed cap.
+and the next request is refused at once; it grows again while answers stay within the tolerance of their route's
+unloaded time, keeps each route's unloaded time apart, and never passes the fixed cap.
 
 Each simulated request is admitted and answered in a context of its own, as each request is a task of its own in
 the server (the limit remembers a request's start in a context variable).
@@ -13,10 +13,13 @@ import contextvars
 
 from prometheus_client import generate_latest
 
-from service.admission import TOLERANCE, AdaptiveAdmission
+from service.admission import AdaptiveAdmission
 from service.errors import Overloaded
 from service.metrics import METRICS
+from service.settings import Settings
 from tests.conftest import metric
+
+TOLERANCE = Settings.model_fields["admission_tolerance"].default
 
 
 class Clock:
@@ -57,7 +60,7 @@ def held(admission: AdaptiveAdmission) -> contextvars.Context:
 
 def test_a_burst_that_drains_is_let_in_whole_and_leaves_the_limit_as_it_was():
     clock = Clock()
-    admission = AdaptiveAdmission(256, clock=clock)
+    admission = AdaptiveAdmission(256, tolerance=TOLERANCE, clock=clock)
     round_trip(admission, clock, 0.010, count=1)  # the unloaded time
     for _ in range(8):  # bursts of 48 answered ten times slower, the server idle for a second between them
         assert round_trip(admission, clock, 0.100, count=48) == 48
@@ -67,7 +70,7 @@ def test_a_burst_that_drains_is_let_in_whole_and_leaves_the_limit_as_it_was():
 
 def test_a_standing_excess_shrinks_the_limit_and_the_next_request_is_refused_at_once_with_503():
     clock = Clock()
-    admission = AdaptiveAdmission(256, clock=clock)
+    admission = AdaptiveAdmission(256, tolerance=TOLERANCE, clock=clock)
     round_trip(admission, clock, 0.010, count=1)
     busy = held(admission)
     for _ in range(40):  # one busy period: ten times the unloaded time, round after round
@@ -88,7 +91,7 @@ def test_a_standing_excess_shrinks_the_limit_and_the_next_request_is_refused_at_
 
 def test_it_grows_again_while_answers_take_their_unloaded_time():
     clock = Clock()
-    admission = AdaptiveAdmission(256, clock=clock)
+    admission = AdaptiveAdmission(256, tolerance=TOLERANCE, clock=clock)
     round_trip(admission, clock, 0.010, count=1)
     busy = held(admission)
     for _ in range(60):
@@ -103,7 +106,7 @@ def test_it_grows_again_while_answers_take_their_unloaded_time():
 
 def test_each_route_is_judged_against_its_own_unloaded_time():
     clock = Clock()
-    admission = AdaptiveAdmission(256, clock=clock)
+    admission = AdaptiveAdmission(256, tolerance=TOLERANCE, clock=clock)
     busy = held(admission)
     for _ in range(40):  # a fast route and a slow one, each answering in its own unloaded time
         round_trip(admission, clock, 0.002, "/v1/classify", count=32)
@@ -114,7 +117,7 @@ def test_each_route_is_judged_against_its_own_unloaded_time():
 
 def test_the_fixed_cap_stays_the_hard_cap():
     clock = Clock()
-    admission = AdaptiveAdmission(3, clock=clock)
+    admission = AdaptiveAdmission(3, tolerance=TOLERANCE, clock=clock)
     for _ in range(50):
         round_trip(admission, clock, 0.010)
     assert admission.adaptive_limit == 3
