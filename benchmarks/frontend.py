@@ -49,7 +49,7 @@ vitserve runs with its default settings (its default log level too, access log i
 A vitserve variant is a label and `KEY=VALUE` items: VITSERVE_KEY=VALUE in its environment, or `root=PATH`
 to run another checkout of the service (to compare today's service with a change, side by side).
 
-Writes benchmarks/results/frontend.json and frontend.md.
+Writes benchmarks/results/frontend.json, frontend.md and frontend.png (`--replot JSON` redraws a run's plot).
 """
 
 from __future__ import annotations
@@ -465,6 +465,41 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(record: dict, path: Path) -> None:
+    """Images/s and server CPU per image of every server at every request kind, a row of two panels per model:
+    bars at the medians, each pass's figure as a dot over its bar (how far apart passes were)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = record["results"]
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4 * len(results)), squeeze=False)
+    for row, (key, points) in zip(axes, results.items(), strict=True):
+        kinds = [k for k in KINDS if k in points]
+        labels = list(dict.fromkeys(label for k in kinds for label in points[k]))
+        width = 0.8 / len(labels)
+        for ax, (metric, unit) in zip(
+            row, (("throughput", "images/s"), ("server_cpu_ms_per_image", "server CPU ms per image")), strict=True
+        ):
+            for i, label in enumerate(labels):
+                xs = [j + (i - (len(labels) - 1) / 2) * width for j, k in enumerate(kinds) if label in points[k]]
+                served = [points[k][label] for k in kinds if label in points[k]]
+                color = "black" if label == TRITON else None
+                ax.bar(xs, [p[metric] for p in served], width, label=label, color=color, alpha=0.7)
+                for x, p in zip(xs, served, strict=True):
+                    passes = p["per_pass"].get(metric, [])
+                    ax.plot([x] * len(passes), passes, "o", color="dimgrey", markersize=3)
+            ax.set_xticks(range(len(kinds)), kinds)
+            ax.set_ylabel(unit)
+            ax.set_title(f"{key}: {unit} (bars: medians; dots: passes)", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 passes of 4 s points (about a minute)")
@@ -492,7 +527,13 @@ def main() -> None:
         help="a vitserve variant to run beside the others (repeatable; default: one, 'vitserve')",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="only draw the plot of a run's frontend.json (beside it)"
+    )
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
     args.passes = args.passes or (2 if args.quick else 3)
     args.duration = args.duration or (4.0 if args.quick else 10.0)
     args.warmup = args.warmup or (1.0 if args.quick else 2.0)
@@ -606,8 +647,9 @@ def main() -> None:
     (args.out / "frontend.json").write_text(json.dumps(record, indent=2) + "\n")
     text = markdown(record)
     (args.out / "frontend.md").write_text(text)
+    plot(record, args.out / "frontend.png")
     print(text)
-    log(f"wrote {args.out / 'frontend'}.json and .md")
+    log(f"wrote {args.out / 'frontend'}.json, .md and .png")
 
 
 if __name__ == "__main__":
