@@ -1,22 +1,22 @@
 """The adaptive limit on inference requests in progress (`VITSERVE_ADMISSION=adaptive`, the default).
 
-A latency-gradient concurrency limit in the manner of Netflix's concurrency-limits and Envoy's adaptive
-concurrency filter. Each admitted request's time in the server (from its complete body to its answer) is compared
-with its route's unloaded time (per route, since a classify of one image and an attention map of thirty-two are
-not comparable): a moving average of the requests admitted with no other in progress, lowered by any request
-that was faster. When the recent ratio stays above the tolerance (`VITSERVE_ADMISSION_TOLERANCE`, 1.5) through a
-busy period longer than one round of `limit` answers, the limit shrinks in proportion to the excess (Little's
-law: to the requests in progress times tolerance / ratio at once, then by that factor per round); while the ratio
-is within it, the limit grows by one per round (only while it is what holds requests back). So under sustained
-overload the requests in progress settle where each takes about 1.5 times its unloaded time on average, whatever
-the model, the machine or the number of cores, and a request beyond that is refused at once (503 + Retry-After)
-before any of its work is done. The goal (issue 12) is on the tail: accepted requests' p99 within twice the
-unloaded p99. Steering the average to twice let the tail run far past it: the default model at 4x its capacity
-(benchmarks/overload.py --quick, 1.5 and 2.0 interleaved, two runs each) had 503s' p99 at 93-146 ms and accepted
-requests' at 780-911 ms with 2.0, 10-12 ms and 28-29 ms with 1.5. A burst that drains within one round (the server then idle for longer than an answer takes)
-is let in whole, as before: like CoDel, the limit acts on a standing queue, not on a queue that comes and goes. The limit
-starts at `VITSERVE_MAX_CONCURRENT_REQUESTS`, which stays the hard cap; at one, every request measures the
-unloaded time again (under the load of the moment: refusing costs the event loop too).
+A latency-gradient concurrency limit in the manner of Netflix's concurrency-limits and Envoy's adaptive concurrency
+filter. Each admitted request's time in the server (from its complete body to its answer) is compared with its
+route's unloaded time (per route, since a classify of one image and an attention map of thirty-two are not
+comparable): a moving average of the requests admitted with no other in progress, lowered by any request that was
+faster. When the recent ratio stays above the tolerance (`VITSERVE_ADMISSION_TOLERANCE`, 1.5) through a busy period
+longer than one round of `limit` answers, the limit shrinks in proportion to the excess (Little's law: to the
+requests in progress times tolerance / ratio at once, then by that factor per round); while the ratio is within it,
+the limit grows by one per round (only while it is what holds requests back). So under sustained overload the
+requests in progress settle where each takes about 1.5 times its unloaded time on average, whatever the model, the
+machine or the number of cores, and a request beyond that is refused at once (503 + Retry-After) before any of its
+work is done. The goal (issue 12) is on the tail: accepted requests' p99 within twice the unloaded p99. Steering
+the average to twice let the tail run far past it: the default model at 4x its capacity (benchmarks/overload.py
+--quick, 1.5 and 2.0 interleaved, two runs each) had 503s' p99 at 93-146 ms and accepted requests' at 780-911 ms
+with 2.0, 10-12 ms and 28-29 ms with 1.5. A burst that drains within one round (the server then idle for longer
+than an answer takes) is let in whole, as before: like CoDel, the limit acts on a standing queue, not on a queue
+that comes and goes. The limit starts at `VITSERVE_MAX_CONCURRENT_REQUESTS`, which stays the hard cap; at one,
+every request measures the unloaded time again (under the load of the moment: refusing costs the event loop too).
 
 Why at the front door as well as in the batcher (`service.batching`): when decoding, parsing and answering are
 what saturates (a small model on few cores), requests wait for the event loop, not in the batcher's queue, and

@@ -129,8 +129,8 @@ class Settings(BaseSettings):
         description="`adaptive`: under overload, refuse at once (503 + `Retry-After`) what would wait, by two limits "
         "learned from what the server measures: each model's batcher refuses a request predicted to wait longer "
         "than a full batch takes, and each HTTP process limits inference requests in progress to what keeps them "
-        "within `VITSERVE_ADMISSION_TOLERANCE` times their unloaded time (README: Dynamic batching); `queue`: admit until the queue or "
-        "`VITSERVE_MAX_CONCURRENT_REQUESTS` is full, which stay hard caps either way",
+        "within `VITSERVE_ADMISSION_TOLERANCE` times their unloaded time (README: Dynamic batching); `queue`: "
+        "admit until the queue or `VITSERVE_MAX_CONCURRENT_REQUESTS` is full, which stay hard caps either way",
     )
     admission_tolerance: float = Field(
         1.5,
