@@ -196,20 +196,26 @@ def drive(
     return json.loads(done.stdout)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def upload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments both load generators take (this one and benchmarks/openloop.py): where to
+    upload which images, how many, and what to report."""
     parser.add_argument("--url", required=True)
     parser.add_argument("--path", required=True, help="route to POST each image to")
-    parser.add_argument("--images", required=True, help="directory of image files to upload, in turn")
+    parser.add_argument("--images", required=True, type=Path, help="directory of image files to upload, in turn")
     parser.add_argument("--field", default="file", help="multipart field name (default: file)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="query parameter")
-    parser.add_argument("--concurrency", type=int, default=1, help="concurrent workers")
     parser.add_argument("--requests", type=int, default=1000, help="timed requests at most")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as hung")
+    parser.add_argument("--raw", action="store_true", help="include every request's (start, latency, status)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    upload_arguments(parser)
+    parser.add_argument("--concurrency", type=int, default=1, help="concurrent workers")
     parser.add_argument("--duration", type=float, default=60.0, help="timed seconds at most")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests first")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as hung")
     parser.add_argument("--timings", action="store_true", help="collect the server's `timings` fields")
-    parser.add_argument("--raw", action="store_true", help="include every request's (start, latency, status)")
     args = parser.parse_args()
     args.params = dict(p.split("=", 1) for p in args.param)
     load = Load(args)

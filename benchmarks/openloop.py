@@ -28,7 +28,7 @@ from urllib.parse import urlencode, urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.artifacts import CACHE
-from benchmarks.loadgen import multipart_bodies, percentile
+from benchmarks.loadgen import multipart_bodies, percentile, upload_arguments
 
 SOURCE = Path(__file__).with_name("openloop.c")
 
@@ -173,19 +173,12 @@ def summary(records: list[tuple[float, float, int]], info: dict[str, str], **met
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--path", required=True, help="route to POST each image to")
-    parser.add_argument("--images", required=True, type=Path, help="directory of image files to upload, in turn")
-    parser.add_argument("--field", default="file", help="multipart field name (default: file)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="query parameter")
+    upload_arguments(parser)
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second")
     parser.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
     parser.add_argument("--max-connections", type=int, default=2000, help="open loop: connections at most")
-    parser.add_argument("--requests", type=int, default=1000, help="timed requests at most")
     parser.add_argument("--duration", type=float, default=60.0, help="closed loop: timed seconds at most")
     parser.add_argument("--warmup", type=int, default=20, help="closed loop: untimed requests first")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as hung")
-    parser.add_argument("--raw", action="store_true", help="include every request's (start, latency, status)")
     args = parser.parse_args()
     result = drive(
         args.url,
