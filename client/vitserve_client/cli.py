@@ -45,7 +45,8 @@ def _positive_int(text: str) -> int:
 
 def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # Accepted before and after the command; below the command they default to SUPPRESS, so that a subparser
-    # does not overwrite a value given before it.
+    # does not overwrite a value given before it. So the help texts spell the defaults out: a subcommand's
+    # `%(default)s` would be SUPPRESS's, and its --help would fail.
     def default(value: Any) -> Any:
         return value if top else argparse.SUPPRESS
 
@@ -53,13 +54,17 @@ def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     group.add_argument("--url", default=default(None), help=f"server URL (default: $VITSERVE_URL or {DEFAULT_URL})")
     group.add_argument("--api-key", default=default(None), help="API key (default: $VITSERVE_API_KEY)")
     group.add_argument(
-        "--timeout", type=float, default=default(DEFAULT_TIMEOUT), help="seconds per request (default: %(default)s)"
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT),
+        help=f"seconds to connect, and to wait for each answer (default: {DEFAULT_TIMEOUT:g}); a connection not made "
+        "in time is retried, a late answer is not",
     )
     group.add_argument(
         "--max-retries",
         type=int,
         default=default(DEFAULT_MAX_RETRIES),
-        help="retries on connection errors and 503 (default: %(default)s)",
+        help=f"retries after a failed connection or a 503 (default: {DEFAULT_MAX_RETRIES})",
     )
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from vitserve_client.cli import main
+from vitserve_client._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from vitserve_client.cli import COMMANDS, main
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 
@@ -164,3 +165,17 @@ def test_usage_errors_exit_2(
 def test_usage_error_from_the_command_line(closed_url: str) -> None:
     run = cli("classify", "--top-k", "many", "x.png", url=closed_url)
     assert run.returncode == 2 and "argument --top-k: expected a whole number >= 1, got 'many'" in run.stderr
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_command_has_help(
+    command: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps help to the terminal: one line per option here
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"] if command is None else [command, "--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: vitserve-client" + ("" if command is None else f" {command}"))
+    # The connection options, accepted before and after the command, show their defaults in both places.
+    assert f"(default: {DEFAULT_TIMEOUT:g})" in out and f"(default: {DEFAULT_MAX_RETRIES})" in out
