@@ -6,11 +6,12 @@ from __future__ import annotations
 import email.utils
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -51,8 +52,9 @@ TimeoutTypes = float | httpx.Timeout | None
 Timeout = TimeoutTypes | UseClientDefault
 
 # Errors where the request was not (completely) processed, or the connection broke: safe to send again, since
-# every vitserve route is free of side effects. Timeouts are not here: the server may be busy on the request,
-# and retrying would multiply the wait the caller asked for.
+# every vitserve route is free of side effects. A connect timeout is here (no connection, so the server never saw
+# the request); the other timeouts are not: after a read timeout the server may still be working on the request,
+# and sending it again would add load where there is too much and multiply the wait the caller asked for.
 RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
     httpx.ConnectError,
     httpx.ConnectTimeout,
@@ -60,6 +62,45 @@ RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
     httpx.WriteError,
     httpx.RemoteProtocolError,
 )
+# What each timeout means to the user, which of `httpx.Timeout`'s limits it ran into, and what to check (None:
+# whether the server is running there, as for any failed connection).
+_BUSY = "not sent again, as the server may be working on it: is it overloaded, or the timeout too short?"
+_TIMEOUTS: dict[type[Exception], tuple[str, str, str | None]] = {
+    httpx.ConnectTimeout: ("timed out connecting", "connect", None),
+    httpx.ReadTimeout: ("timed out waiting for the answer", "read", _BUSY),
+    httpx.WriteTimeout: ("timed out sending the request", "write", _BUSY),
+    httpx.PoolTimeout: (
+        "timed out waiting for a free connection in the client's pool",
+        "pool",
+        "too many calls in flight on this client for its timeout",
+    ),
+}
+
+
+def check_base_url(url: str, *, name: str = "base_url") -> str:
+    """`url` without a trailing slash; a ValueError naming `name` (where the URL came from) and the likely fix
+    unless it is an http:// or https:// URL with a host (`127.0.0.1:8000` alone parses as scheme `127.0.0.1`)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        fix = f"; did you mean http://{url}?" if "://" not in url else ""
+        raise ValueError(f"{name} {url!r} is not an http:// or https:// URL{fix}")
+    return url.rstrip("/")
+
+
+GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
+def is_html(response: httpx.Response) -> bool:
+    """Whether the body is an HTML page (a web server, proxy or portal that is not vitserve), whatever its status."""
+    if "html" in response.headers.get("content-type", "").lower():
+        return True
+    start = response.content[:64].lstrip().lower()
+    return start.startswith((b"<!doctype html", b"<html"))
+
+
+def _html_title(response: httpx.Response) -> str:
+    match = re.search(rb"<title[^>]*>([^<]{1,120})</title>", response.content[:4096], re.IGNORECASE)
+    return f" titled {match.group(1).decode('utf-8', 'replace').strip()!r}" if match else ""
 
 
 @dataclass(frozen=True)
@@ -80,13 +121,8 @@ def _query(**params: Any) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _unexpected(response: httpx.Response, what: str) -> UnexpectedResponseError:
-    request = response.request
-    return UnexpectedResponseError(
-        f"{request.method} {request.url} answered {response.status_code} with {what}; is this a vitserve server "
-        "of a compatible version? (set VITSERVE_URL or pass base_url)",
-        response=response,
-    )
+class _NotExpected(Exception):
+    """Raised by a parser: the body is not what the call expects (`BaseClient._result` words the error)."""
 
 
 def _json(model: type[M]) -> Callable[[httpx.Response], M]:
@@ -96,14 +132,14 @@ def _json(model: type[M]) -> Callable[[httpx.Response], M]:
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise _unexpected(response, f"a body that is not a {model.__name__} ({where}: {first['msg']})") from e
+            raise _NotExpected(f"a body that is not a {model.__name__} ({where}: {first['msg']})") from e
 
     return parse
 
 
 def _png(response: httpx.Response) -> AttentionPNG:
     if not response.content.startswith(PNG_SIGNATURE):
-        raise _unexpected(response, f"{response.headers.get('content-type', 'no content type')}, not a PNG")
+        raise _NotExpected(f"{response.headers.get('content-type', 'no content type')}, not a PNG")
     return AttentionPNG(data=response.content, request_id=response.headers.get(REQUEST_ID_HEADER))
 
 
@@ -132,10 +168,14 @@ class BaseClient:
 
     `base_url` defaults to $VITSERVE_URL, then http://127.0.0.1:8000; `api_key` to $VITSERVE_API_KEY (sent as
     `Authorization: Bearer`). `timeout` (seconds, or an `httpx.Timeout`; None: wait forever) applies to every
-    call that does not pass its own. A failed connection or a 503 is retried up to `max_retries` times, waiting
-    `backoff * 2**n` seconds (at most `max_backoff`) with jitter, or the server's `Retry-After` (also capped at
-    `max_backoff`); a 4xx is never retried.
+    call that does not pass its own, to each of connecting, sending and waiting for the answer. A failed
+    connection (refused, reset, or not made within the timeout) or a 503 is retried up to `max_retries` times,
+    waiting `backoff * 2**n` seconds (at most `max_backoff`) with jitter, or the server's `Retry-After` (also
+    capped at `max_backoff`); an answer that is late (a read timeout), a 4xx and other 5xx are never retried.
     """
+
+    # How the user names the server's URL, for error messages (the CLI says --url).
+    _url_hint = "set VITSERVE_URL or pass base_url"
 
     def __init__(
         self,
@@ -150,7 +190,12 @@ class BaseClient:
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0 (got {max_retries})")
-        self.base_url = (base_url or os.environ.get("VITSERVE_URL") or DEFAULT_URL).rstrip("/")
+        if base_url:
+            self.base_url = check_base_url(base_url)
+        elif os.environ.get("VITSERVE_URL"):
+            self.base_url = check_base_url(os.environ["VITSERVE_URL"], name="$VITSERVE_URL")
+        else:
+            self.base_url = DEFAULT_URL
         self.api_key = api_key if api_key is not None else os.environ.get("VITSERVE_API_KEY") or None
         self.timeout = timeout
         self.max_retries = max_retries
@@ -256,11 +301,33 @@ class BaseClient:
     def _timeout(timeout: Timeout) -> Any:
         return httpx.USE_CLIENT_DEFAULT if isinstance(timeout, UseClientDefault) else timeout
 
-    @staticmethod
-    def _result(call: Call[T], response: httpx.Response) -> T:
+    def _result(self, call: Call[T], response: httpx.Response) -> T:
+        # vitserve's API never answers with an HTML page: that is another web server, a portal, or a proxy with
+        # no route to vitserve. Said so here, not passed on as an API error with a page of markup for a message.
+        # A gateway's 502/503/504 page speaks for the server behind it, and goes on to the status (a load
+        # balancer's 503 is retried like vitserve's own).
+        if response.status_code not in GATEWAY_STATUSES and is_html(response):
+            raise self._unexpected(
+                response,
+                f"an HTML page{_html_title(response)}",
+                f"the server at {self.base_url} is not vitserve, or vitserve is not at that URL",
+            )
         if response.status_code not in call.ok:
             raise error_from_response(response)
-        return call.parse(response)
+        try:
+            return call.parse(response)
+        except _NotExpected as e:
+            raise self._unexpected(
+                response, str(e), f"is {self.base_url} a vitserve server of a compatible version?"
+            ) from e.__cause__
+
+    def _unexpected(self, response: httpx.Response, what: str, verdict: str) -> UnexpectedResponseError:
+        request = response.request
+        return UnexpectedResponseError(
+            f"{request.method} {request.url} answered {response.status_code} with {what}: {verdict} "
+            f"({self._url_hint})",
+            response=response,
+        )
 
     def _backoff(self, attempt: int) -> float:
         # "Equal jitter": half the exponential step is fixed, half random, so clients that failed together
@@ -288,10 +355,12 @@ class BaseClient:
         except RuntimeError:
             request = None
         where = f"{request.method} {request.url}" if request is not None else self.base_url
-        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-        kind = "timed out" if isinstance(error, httpx.TimeoutException) else "failed"
-        return TransportError(
-            f"{where} {kind}{tries}: {type(error).__name__}: {error or 'no detail'}; is the server running at "
-            f"{self.base_url}? (set VITSERVE_URL or pass base_url)",
-            request=request,
-        )
+        kind, limit, advice = _TIMEOUTS.get(type(error), ("failed", "", None))
+        seconds = request.extensions.get("timeout", {}).get(limit) if request is not None and limit else None
+        facts = [f"limit {seconds:g} s"] if seconds is not None else []
+        facts += [f"{attempts} attempts"] if attempts > 1 else []
+        details = f" ({', '.join(facts)})" if facts else ""
+        said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        if advice is None:
+            advice = f"is the server running at {self.base_url}? ({self._url_hint})"
+        return TransportError(f"{where} {kind}{details}: {said}; {advice}", request=request)

@@ -9,7 +9,8 @@
     vitserve-client --url http://gpu-box:8000 health
 
 Exit codes: 0 ok; 1 some images failed (bad input: the server answered 4xx, or a file could not be read);
-2 usage error; 3 server unavailable (no connection, or 503 after the retries).
+2 usage error; 3 server unavailable (no connection, 503 after the retries, or the URL answers but not as a vitserve
+server); 141 (128 + SIGPIPE) when whoever reads the output stops early (`| head`), quietly, as other commands do.
 """
 
 from __future__ import annotations
@@ -17,19 +18,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-from vitserve_client._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, DEFAULT_URL
+from vitserve_client._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, DEFAULT_URL, BaseClient, check_base_url
 from vitserve_client._images import IMAGE_SUFFIXES
 from vitserve_client._version import __version__
 from vitserve_client.client import AsyncClient, Client
-from vitserve_client.errors import APIError, OverloadedError, TransportError, VitserveError
+from vitserve_client.errors import APIError, OverloadedError, TransportError, UnexpectedResponseError, VitserveError
 from vitserve_client.models import ClassifyResponse
 
 OK, FAILED, USAGE, UNAVAILABLE = 0, 1, 2, 3
+BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command that SIGPIPE ended (`yes | head -1`)
+URL_HINT = "pass --url or set VITSERVE_URL"
+C = TypeVar("C", bound=BaseClient)
 SHADES = " .:-=+*#%@"  # the text rendering of an attention grid, weakest to strongest
 
 
@@ -162,7 +167,8 @@ class Progress:
 
 
 def _unavailable(error: BaseException) -> bool:
-    return isinstance(error, (TransportError, OverloadedError))
+    """No vitserve server to talk to: no connection, overloaded through the retries, or something else answered."""
+    return isinstance(error, (TransportError, OverloadedError, UnexpectedResponseError))
 
 
 def _exit_code(errors: Sequence[BaseException]) -> int:
@@ -171,8 +177,10 @@ def _exit_code(errors: Sequence[BaseException]) -> int:
     return FAILED if errors else OK
 
 
-def _client_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"base_url": args.url, "api_key": args.api_key, "timeout": args.timeout, "max_retries": args.max_retries}
+def _connect(cls: type[C], args: argparse.Namespace) -> C:
+    client = cls(args.url, args.api_key, timeout=args.timeout, max_retries=args.max_retries)
+    client._url_hint = URL_HINT  # errors name the option a command-line user has, not the SDK's argument
+    return client
 
 
 def _error_dict(error: BaseException) -> dict[str, Any]:
@@ -194,7 +202,7 @@ async def classify_all(
     gate = asyncio.Semaphore(args.concurrency)
     down: BaseException | None = None  # once the server is unavailable, the rest fail fast with the same error
 
-    async with AsyncClient(**_client_options(args)) as client:
+    async with _connect(AsyncClient, args) as client:
 
         async def one(path: Path) -> ClassifyResponse | BaseException:
             nonlocal down
@@ -249,6 +257,10 @@ def run_classify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         outcomes = asyncio.run(classify_all(paths, args, progress))
     finally:
         progress.close()
+    wrong = next((o for o in outcomes if isinstance(o, UnexpectedResponseError)), None)
+    if wrong is not None:  # not a vitserve server: one message, not a table of the same error per image
+        sys.stderr.write(f"vitserve-client: {wrong}\n")
+        return UNAVAILABLE
     _print_classify(paths, outcomes, as_json=args.json, out=sys.stdout)
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     if errors:
@@ -283,7 +295,7 @@ def run_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error("-o/--alpha draw one image's overlay; several images come back as maps (--json or text)")
         return _attention_batch(paths, params, args)
     image = paths[0]
-    with Client(**_client_options(args)) as client:
+    with _connect(Client, args) as client:
         if args.output is not None:
             png = client.attention(image, **params, format="png", alpha=args.alpha)
             png.save(args.output)
@@ -302,7 +314,7 @@ def run_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 def _attention_batch(paths: Sequence[Path], params: dict[str, Any], args: argparse.Namespace) -> int:
     """Several images' maps in one request (`attention_batch`): JSON lines or text grids, one per image, in order."""
-    with Client(**_client_options(args)) as client:
+    with _connect(Client, args) as client:
         batch = client.attention_batch(paths, **params)
     for path, item in zip(paths, batch.results, strict=True):
         if args.json:
@@ -323,7 +335,7 @@ def _attention_batch(paths: Sequence[Path], params: dict[str, Any], args: argpar
 
 
 def run_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    with Client(**_client_options(args)) as client:
+    with _connect(Client, args) as client:
         listing = client.models()
     if args.json:
         sys.stdout.write(listing.model_dump_json() + "\n")
@@ -343,7 +355,7 @@ def run_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def run_health(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    with Client(**_client_options(args)) as client:
+    with _connect(Client, args) as client:
         health = client.ready()
     if args.json:
         sys.stdout.write(health.model_dump_json() + "\n")
@@ -357,15 +369,39 @@ COMMANDS = {"classify": run_classify, "attention": run_attention, "models": run_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here rather than at exit, so that a reader gone away is handled below
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): what it wanted is written. Quietly, as other commands: stdout now
+        # goes nowhere, so the flush at exit cannot fail again and print a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_retries < 0:
         parser.error("--max-retries must be >= 0")
     try:
+        if args.url:
+            args.url = check_base_url(args.url, name="--url")
+        elif os.environ.get("VITSERVE_URL"):
+            check_base_url(os.environ["VITSERVE_URL"], name="$VITSERVE_URL")
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         return COMMANDS[args.command](args, parser)
     except VitserveError as e:
         sys.stderr.write(f"vitserve-client: {e}\n")
         return UNAVAILABLE if _unavailable(e) else FAILED
+    except BrokenPipeError:
+        raise  # handled by main
     except OSError as e:  # the image or the output file could not be read or written
         sys.stderr.write(f"vitserve-client: {e}\n")
         return FAILED

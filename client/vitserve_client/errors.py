@@ -4,7 +4,7 @@ Every failure is a `VitserveError`; catch a narrower class to handle one case::
 
     VitserveError                    anything this package raises about a call
     ├── TransportError               no HTTP answer: connection refused or reset, DNS, timeouts
-    ├── UnexpectedResponseError      a success status, but not a vitserve body (wrong URL? a proxy page?)
+    ├── UnexpectedResponseError      not a vitserve answer (wrong URL?): an HTML page, or a body of another shape
     └── APIError                     the server answered with an error status (body {"error": {...}})
         ├── BadImageError            400 bad_image: empty, undecodable or truncated image
         ├── BadRequestError          400 (other codes): malformed multipart, missing field
@@ -61,7 +61,8 @@ class TransportError(VitserveError):
 
 
 class UnexpectedResponseError(VitserveError):
-    """A success status with a body that is not what a vitserve server sends."""
+    """An answer that no vitserve server sends: an HTML page (whatever the status, but for a gateway's 502, 503 or
+    504, which speaks for the server behind it), or a success whose body is not what the call expects."""
 
     def __init__(self, message: str, *, response: httpx.Response) -> None:
         super().__init__(message)

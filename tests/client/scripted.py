@@ -4,7 +4,9 @@ connections): stdlib `http.server` in a thread on a free loopback port."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -13,8 +15,10 @@ from typing import Any
 @dataclass
 class Reply:
     status: int = 200
-    body: Any = field(default_factory=lambda: {"status": "ok", "models": {}})
+    body: Any = field(default_factory=lambda: {"status": "ok", "models": {}})  # JSON, or bytes as they are
     headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+    delay: float = 0.0  # seconds between reading the request and answering it
 
 
 @dataclass
@@ -43,8 +47,9 @@ class Scripted:
                 scripted.seen.append(Seen(self.command, self.path, dict(self.headers), self.client_address[1]))
                 reply = scripted.replies[min(len(scripted.seen), len(scripted.replies)) - 1]
                 body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                time.sleep(reply.delay)
                 self.send_response(reply.status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", reply.content_type)
                 self.send_header("content-length", str(len(body)))
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
@@ -56,7 +61,13 @@ class Scripted:
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A client that gave up on a delayed reply (its timeout, under test) closed the connection.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()

@@ -219,6 +219,18 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         assert sdk.base_url == "http://127.0.0.1:8000" and "Authorization" not in sdk.headers
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost:8000", "gpu-box", "ftp://gpu-box/"])
+def test_a_url_that_is_not_http_is_refused_at_once(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `127.0.0.1:8000` parses as scheme "127.0.0.1": without this check, every call would fail on its own.
+    with pytest.raises(ValueError, match=r"base_url '.*' is not an http:// or https:// URL") as caught:
+        Client(url)
+    if "://" not in url:
+        assert f"did you mean http://{url}?" in str(caught.value)
+    monkeypatch.setenv("VITSERVE_URL", url)
+    with pytest.raises(ValueError, match=r"^\$VITSERVE_URL '.*' is not an http"):
+        AsyncClient()
+
+
 def test_async_client_runs_calls_concurrently(server: Any, digits: list[Any]) -> None:
     import asyncio
 

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 from PIL import Image
 from vitserve_client._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
-from vitserve_client.cli import COMMANDS, main
+from vitserve_client.cli import BROKEN_PIPE, COMMANDS, main
+
+from tests.client.scripted import Reply
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 
@@ -179,3 +181,79 @@ def test_every_command_has_help(
     assert out.startswith("usage: vitserve-client" + ("" if command is None else f" {command}"))
     # The connection options, accepted before and after the command, show their defaults in both places.
     assert f"(default: {DEFAULT_TIMEOUT:g})" in out and f"(default: {DEFAULT_MAX_RETRIES})" in out
+
+
+@pytest.mark.parametrize("where", ["before the command", "after the command", "$VITSERVE_URL"])
+def test_a_url_without_a_scheme_is_a_usage_error(
+    where: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if where == "$VITSERVE_URL":
+        monkeypatch.setenv("VITSERVE_URL", "127.0.0.1:8000")
+        argv = ["health"]
+    else:
+        monkeypatch.delenv("VITSERVE_URL", raising=False)
+        argv = ["--url", "127.0.0.1:8000", "health"] if where == "before the command" else ["health", "--url", "127.0.0.1:8000"]
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    name = "$VITSERVE_URL" if where == "$VITSERVE_URL" else "--url"
+    assert f"error: {name} '127.0.0.1:8000' is not an http:// or https:// URL; did you mean http://127.0.0.1:8000?" in err
+    assert "base_url" not in err
+
+
+def test_errors_name_the_option_a_command_line_user_has(closed_url: str) -> None:
+    run = cli("health", "--max-retries", "0", url=closed_url)
+    assert run.returncode == 3 and "(pass --url or set VITSERVE_URL)" in run.stderr and "base_url" not in run.stderr
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "PYTHONUNBUFFERED"])
+@pytest.mark.parametrize("args", [["health"], ["models", "--json"], ["--help"], ["classify", "--help"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(args: list[str], buffered: bool, scripted: Any) -> None:
+    # `vitserve-client ... | head`: the reader has closed the pipe by the time the command writes. No traceback;
+    # the exit status a shell gives a command that SIGPIPE ended, or 0 where argparse printed the help (it
+    # ignores a failed write, which unbuffered output meets at once).
+    if args[0] == "models":
+        scripted.script(Reply(body={"default": "m", "models": []}))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(VITSERVE_URL=scripted.url, PYTHONPATH=str(CLIENT_DIR), **({} if buffered else {"PYTHONUNBUFFERED": "1"}))
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "vitserve_client", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    finally:
+        os.close(write_end)
+    expected = 0 if "--help" in args and not buffered else BROKEN_PIPE
+    assert (run.returncode, run.stderr) == (expected, "")
+    assert BROKEN_PIPE == 141
+
+
+HTML = b"<!DOCTYPE html><html><head><title>Welcome to nginx!</title></head><body><h1>Welcome</h1></body></html>"
+
+
+def test_a_server_that_answers_html_is_not_vitserve(scripted: Any, digit_dir: Path) -> None:
+    scripted.script(Reply(404, HTML, content_type="text/html"))
+    run = cli("classify", str(digit_dir), "--max-retries", "0", url=scripted.url)
+    assert run.returncode == 3 and run.stdout == ""  # no table of the same error per image
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert "answered 404 with an HTML page titled 'Welcome to nginx!'" in run.stderr
+    assert f"the server at {scripted.url} is not vitserve" in run.stderr and "<html" not in run.stderr
+    for command in (["models"], ["health", "--json"], ["attention", str(digit_dir), "--json"]):
+        run = cli(*command, url=scripted.url)
+        assert run.returncode == 3 and run.stdout == "" and "is not vitserve" in run.stderr, (command, run.stderr)
+
+
+def test_a_late_answer_is_reported_once_not_retried(scripted: Any, digit_dir: Path) -> None:
+    scripted.script(Reply(delay=2.0))
+    image = str(sorted(digit_dir.glob("*.png"))[0])
+    run = cli("classify", image, "--timeout", "0.2", "--max-retries", "3", url=scripted.url)
+    assert run.returncode == 3 and len(scripted.seen) == 1
+    assert "timed out waiting for the answer (limit 0.2 s): ReadTimeout" in run.stderr
+    assert "attempts" not in run.stderr

@@ -29,6 +29,8 @@ from vitserve_client.errors import (
     VitserveError,
 )
 
+from tests.client.scripted import Reply
+
 API_ERRORS = [
     BadImageError,
     BadRequestError,
@@ -178,7 +180,7 @@ def test_transport_error_on_a_closed_port(connect: Any) -> None:
     error = caught.value
     assert isinstance(error.__cause__, httpx.ConnectError)
     assert error.request is not None and error.request.url.path == "/healthz"
-    assert "after 3 attempts" in str(error) and "is the server running" in str(error)
+    assert "3 attempts" in str(error) and "is the server running" in str(error)
 
 
 def test_timeouts_are_transport_errors_and_not_retried(connect: Any) -> None:
@@ -197,13 +199,47 @@ def test_timeouts_are_transport_errors_and_not_retried(connect: Any) -> None:
 
 def test_a_success_that_is_not_vitserve(connect: Any) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/attention":
-            return httpx.Response(200, json={"not": "a png"})
-        return httpx.Response(200, html="<html>captive portal</html>")
+        return httpx.Response(200, json={"not": "a png"})
 
     sdk = connect("http://vitserve.test", transport=httpx.MockTransport(handler))
     with pytest.raises(UnexpectedResponseError, match="not a ModelList") as caught:
         sdk.models()
     assert caught.value.response.status_code == 200 and caught.value.request.url.path == "/v1/models"
+    assert "is http://vitserve.test a vitserve server of a compatible version?" in str(caught.value)
     with pytest.raises(UnexpectedResponseError, match="application/json, not a PNG"):
         sdk.attention(b"GIF89a", format="png")
+
+
+NGINX = b"<!DOCTYPE html>\n<html><head><title>Welcome to nginx!</title></head><body>...</body></html>"
+
+
+@pytest.mark.parametrize("status", [200, 401, 404, 405, 500, 501])
+def test_an_html_page_says_the_server_is_not_vitserve(connect: Any, scripted: Any, status: int) -> None:
+    # Another web server, a portal or a proxy with no route: whatever the status, the page is not an API error
+    # (whose message would be a page of markup), nor a body that failed to parse.
+    scripted.script(Reply(status, NGINX, content_type="text/html; charset=utf-8"))
+    sdk = connect(scripted.url, max_retries=0)
+    with pytest.raises(UnexpectedResponseError) as caught:
+        sdk.classify(b"GIF89a")
+    message = str(caught.value)
+    assert f"POST {scripted.url}/v1/classify answered {status} with an HTML page titled 'Welcome to nginx!'" in message
+    assert f"the server at {scripted.url} is not vitserve" in message and "<html" not in message
+    assert caught.value.response.status_code == status
+
+
+def test_html_is_recognised_without_its_content_type(connect: Any, scripted: Any) -> None:
+    scripted.script(Reply(404, b"  <html><body>Not here</body></html>", content_type="text/plain"))
+    with pytest.raises(UnexpectedResponseError, match="answered 404 with an HTML page: the server at"):
+        connect(scripted.url).health()
+
+
+@pytest.mark.parametrize(("status", "cls"), [(502, ServerError), (503, OverloadedError), (504, ServerError)])
+def test_a_gateways_html_page_keeps_its_status(
+    connect: Any, scripted: Any, status: int, cls: type[APIError]
+) -> None:
+    # A proxy's 502/503/504 page speaks for the server behind it (down, restarting, too slow): a 503 is retried.
+    scripted.script(Reply(status, b"<html><title>Bad Gateway</title></html>", content_type="text/html"))
+    with pytest.raises(cls) as caught:
+        connect(scripted.url, max_retries=1, backoff=0.001, max_backoff=0.001).health()
+    assert caught.value.status == status
+    assert len(scripted.seen) == (2 if status == 503 else 1)

@@ -6,8 +6,10 @@ fact under test, and a busy machine cannot blur it.
 
 from __future__ import annotations
 
+import socket
 import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,7 +18,7 @@ import vitserve_client._core
 import vitserve_client.client
 from vitserve_client import Client
 from vitserve_client._core import retry_after_seconds
-from vitserve_client.errors import NotFoundError, OverloadedError, ServerError
+from vitserve_client.errors import NotFoundError, OverloadedError, ServerError, TransportError
 
 from tests.client.scripted import Reply
 
@@ -119,6 +121,58 @@ def test_connection_errors_are_retried(connect: Any, waits: list[float]) -> None
 
     assert connect("http://vitserve.test", transport=httpx.MockTransport(handler), backoff=0.01).health().ok
     assert calls == 3 and len(waits) == 2
+
+
+@pytest.fixture
+def full_listener() -> Iterator[str]:
+    """The URL of a port that is listening but takes no new connection: its accept queue is full and never
+    drained, so a connect gets no answer (Linux drops the SYN) and times out, as with a server too busy to
+    accept or a host that drops packets."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    queued: list[socket.socket] = []
+    for _ in range(8):  # fill the queue: connect until one gets no answer
+        probe = socket.socket()
+        probe.settimeout(0.2)
+        try:
+            probe.connect(address)
+        except TimeoutError:
+            probe.close()
+            break
+        queued.append(probe)
+    else:
+        pytest.fail("the listener kept accepting connections: no way to make a connect time out here")
+    yield f"http://{address[0]}:{address[1]}"
+    for probe in queued:
+        probe.close()
+    listener.close()
+
+
+def test_a_connect_timeout_is_retried(connect: Any, full_listener: str, waits: list[float]) -> None:
+    # No connection, so the server never saw the request: sending it again is safe, as after a refusal.
+    sdk = connect(full_listener, timeout=0.1, max_retries=2, backoff=0.01)
+    with pytest.raises(TransportError) as caught:
+        sdk.health()
+    assert isinstance(caught.value.__cause__, httpx.ConnectTimeout)
+    assert len(waits) == 2  # three attempts
+    assert "timed out connecting (limit 0.1 s, 3 attempts)" in str(caught.value)
+    assert "is the server running at" in str(caught.value)
+
+
+def test_a_late_answer_is_not_retried(connect: Any, scripted: Any, waits: list[float]) -> None:
+    # The request reached the server, which may still be working on it: sending it again would add load where
+    # there is too much, and make the caller wait a multiple of the timeout it asked for.
+    scripted.script(Reply(delay=1.0))
+    sdk = connect(scripted.url, timeout=0.1, max_retries=3)
+    with pytest.raises(TransportError) as caught:
+        sdk.classify(b"GIF89a")
+    assert isinstance(caught.value.__cause__, httpx.ReadTimeout)
+    assert len(scripted.seen) == 1 and waits == []
+    message = str(caught.value)
+    assert "POST" in message and "timed out waiting for the answer (limit 0.1 s)" in message
+    assert "attempts" not in message and "not sent again" in message
 
 
 def test_one_connection_is_reused(connect: Any, scripted: Any) -> None:
