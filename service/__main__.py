@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -40,8 +41,14 @@ EXIT_CONFIG = 2
 STARTUP_FAILURE = 3  # as uvicorn: the port could not be opened
 
 
+def program_name() -> str:
+    """How the user started the server, for --help: the `vitserve` console script, or `python -m service`
+    (whose argv[0] is this file's path, meaningless to them)."""
+    return "vitserve" if Path(sys.argv[0]).name == "vitserve" else "python -m service"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service", description="Serve ViT artifacts over HTTP.")
+    p = argparse.ArgumentParser(prog=program_name(), description="Serve ViT artifacts over HTTP.")
     p.add_argument("--model-dir", help="model repository (VITSERVE_MODEL_DIR)")
     p.add_argument("--default-model", help="model for the routes without a name (VITSERVE_DEFAULT_MODEL)")
     p.add_argument("--host", help="bind address (VITSERVE_HOST, default 127.0.0.1)")
