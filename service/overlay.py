@@ -69,6 +69,31 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return INFERNO_LUT[index]  # (..., 3)
 
 
+def overlay_title(method: str, *, layer: int | None, head: int | None, label: str, probability: float) -> str:
+    """The figure's title line: which map it is, and what the model predicted, with how sure it was.
+
+    >>> overlay_title("layer", layer=-1, head=2, label="7", probability=0.3142)
+    'layer -1 · head 2 · predicted 7 (31%)'
+    """
+    parts = [] if method == "layer" and layer is not None else [method]  # not "layer · layer -1"
+    if layer is not None:
+        parts.append(f"layer {layer}")
+    if head is not None:
+        parts.append(f"head {head}")
+    parts.append(f"predicted {label} ({percent(probability)})")
+    return " · ".join(parts)
+
+
+def percent(probability: float) -> str:
+    """A probability as a whole percentage; never "0%" or "100%" for what is neither, as rounding would say."""
+    text = f"{probability:.0%}"
+    if text == "0%" and probability > 0.0:
+        return "<1%"
+    if text == "100%" and probability < 1.0:
+        return ">99%"
+    return text
+
+
 def render_overlay(
     image: Image.Image,
     heatmap: np.ndarray,

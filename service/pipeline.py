@@ -14,7 +14,7 @@ from PIL import Image
 from service.errors import InvalidParameter, NotFound
 from service.imaging import decode_image
 from service.memory import ByteBudget, Reservation
-from service.overlay import render_overlay
+from service.overlay import overlay_title, render_overlay
 from service.schemas import AttentionParams, Prediction
 from vit_artifact.attention import AttentionArgumentError, Method, NoSuchIndex, attention_map
 from vit_artifact.metadata import ArtifactMetadata
@@ -116,9 +116,4 @@ def overlay_png(prepared: Prepared, heatmap: np.ndarray, *, alpha: float, title:
 
 
 def describe(method: str, params: AttentionParams, top: Prediction) -> str:
-    parts = [method]
-    if params.layer is not None:
-        parts.append(f"layer {params.layer}")
-    if params.head is not None:
-        parts.append(f"head {params.head}")
-    return " · ".join(parts) + f" · top: {top.label} {top.probability:.2f}"
+    return overlay_title(method, layer=params.layer, head=params.head, label=top.label, probability=top.probability)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from service.errors import InvalidParameter
-from service.overlay import colormap, overlay_figure, overlay_panel, render_overlay
+from service.overlay import colormap, overlay_figure, overlay_panel, overlay_title, percent, render_overlay
 
 REC709 = np.array([0.2126, 0.7152, 0.0722])
 
@@ -57,7 +57,7 @@ def test_colormap_clips_and_treats_nan_as_low() -> None:
 
 
 def test_render_overlay_is_a_png_within_max_side_plus_decorations() -> None:
-    png = render_overlay(photo(1000, 500), np.eye(4), max_side=256, title="rollout · top: cat 0.93")
+    png = render_overlay(photo(1000, 500), np.eye(4), max_side=256, title="rollout · predicted cat (93%)")
     figure = Image.open(io.BytesIO(png))
     assert figure.format == "PNG" and figure.mode == "RGB"
     assert 256 < figure.width <= 256 + 150  # colour bar, labels and margins on the right
@@ -163,7 +163,7 @@ def test_transparency_is_flattened_onto_white() -> None:
 def test_figure_has_the_panel_and_a_colour_bar_from_high_to_low() -> None:
     image, heat = photo(120, 80), np.random.default_rng(2).random((3, 3))
     panel = overlay_panel(image, heat, max_side=240)
-    figure = overlay_figure(image, heat, max_side=240, title="cls · top: 7 0.99")
+    figure = overlay_figure(image, heat, max_side=240, title="cls · predicted 7 (99%)")
     x0, y0 = find(panel, figure)
     pixels = np.asarray(figure)
     top, bottom = pixels[y0], pixels[y0 + panel.height - 1]  # (W, 3) rows level with the panel's edges
@@ -174,6 +174,37 @@ def test_figure_has_the_panel_and_a_colour_bar_from_high_to_low() -> None:
     ]
     assert len(bar_columns) >= 8, "expected a colour bar at least 8 pixels wide right of the panel"
     assert (luminance(pixels[:y0]) < 100).any(), "the title should be drawn above the panel"
+
+
+@pytest.mark.parametrize(
+    ("method", "layer", "head", "label", "probability", "title"),
+    [
+        ("rollout", None, None, "0", 0.3142, "rollout · predicted 0 (31%)"),
+        ("layer", -1, 2, "7", 0.875, "layer -1 · head 2 · predicted 7 (88%)"),
+        ("cls", None, None, "golden retriever", 1.0, "cls · predicted golden retriever (100%)"),
+    ],
+)
+def test_the_title_says_the_map_and_the_prediction_with_its_probability(
+    method: str, layer: int | None, head: int | None, label: str, probability: float, title: str
+) -> None:
+    assert overlay_title(method, layer=layer, head=head, label=label, probability=probability) == title
+
+
+def test_the_served_overlay_is_titled_by_overlay_title() -> None:
+    from service.pipeline import describe
+    from service.schemas import AttentionParams, Prediction
+
+    top = Prediction(label="4", index=4, probability=0.912)
+    assert describe("layer", AttentionParams(layer=3, head=0), top) == "layer 3 · head 0 · predicted 4 (91%)"
+    assert describe("rollout", AttentionParams(), top) == "rollout · predicted 4 (91%)"
+
+
+@pytest.mark.parametrize(
+    ("probability", "text"),
+    [(0.0, "0%"), (0.004, "<1%"), (0.005, "<1%"), (0.31, "31%"), (0.994, "99%"), (0.9951, ">99%"), (1.0, "100%")],
+)
+def test_percent_never_rounds_to_certainty(probability: float, text: str) -> None:
+    assert percent(probability) == text
 
 
 def test_long_titles_are_cut_to_fit() -> None:
