@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from vit_artifact.metadata import Preprocessing
 from vit_artifact.preprocessing import preprocess_batch
 
 from . import digits
+from .progress import TrainingProgress
 from .vit import VisionTransformer, ViTConfig, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _train(settings: TrainSettings, *, progress: bool) -> tuple[VisionTransforme
         opt, max_lr=settings.lr, total_steps=steps_per_epoch * settings.epochs, pct_start=0.1
     )
     started = time.perf_counter()
-    bar = tqdm(total=steps_per_epoch * settings.epochs, desc="train", unit="step", disable=not progress)
+    meter = TrainingProgress(epochs=settings.epochs, steps_per_epoch=steps_per_epoch, enabled=progress)
     model.train()
     for epoch in range(settings.epochs):
         data = digits.make_canvases(
@@ -120,9 +120,8 @@ def _train(settings: TrainSettings, *, progress: bool) -> tuple[VisionTransforme
             loss.backward()
             opt.step()
             sched.step()
-            bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-    bar.close()
+            meter.step(epoch, loss.item())
+    meter.close()
     model.eval()
     return model, {"train_seconds": round(time.perf_counter() - started, 1), "train_sources": len(train_idx)}
 
