@@ -2,8 +2,9 @@
 
 A request puts its preprocessed image in the model's bounded queue and awaits a future. One worker per model
 takes the first waiting item, then keeps taking items until it has `max_batch_size` or `max_queue_delay_ms`
-has passed since the first, stacks them and runs them in a single onnxruntime call in the runtime thread;
-each future gets its own row back. While a batch runs, new requests queue up, so under load batches fill
+has passed since the first, and runs them in a single onnxruntime call in the runtime thread, which copies
+each item's pixels into the model's bound batch buffer (`service.runtime.BoundBatch`: the one copy on the way
+to the runtime); each future gets its own row back. While a batch runs, new requests queue up, so under load batches fill
 without waiting. A full queue is refused at once (503 + Retry-After), never an unbounded wait.
 
 Adaptive admission (`admission="adaptive"`, the default) refuses earlier, from what the batcher measures: it keeps
@@ -270,11 +271,13 @@ class DynamicBatcher:
             if not batch:
                 continue
             with_attention = any(item.with_attention for item in batch)
-            pixels = np.stack([item.pixels for item in batch])  # (B, 3, H, W)
+            # Copied into the batch in the runtime thread, off this loop. An item that times out before then may have
+            # its pixels rewritten (the engine's worker reuses the slot): only its own row, whose answer is dropped.
+            images = [item.pixels for item in batch]
             started = time.perf_counter()
             self._running_until[runner] = started + (self.times.estimate(len(batch)) or 0.0)
             try:
-                infer = functools.partial(self.model.infer, pixels, with_attention=with_attention)
+                infer = functools.partial(self.model.infer, images, with_attention=with_attention)
                 logits, attentions = await loop.run_in_executor(self.executor, infer)
             except Exception as e:  # a runtime fault fails this batch's requests, not the worker
                 log.exception("batch of %d failed on %s", len(batch), name)

@@ -3,6 +3,10 @@
 Like a Triton backend, a model is initialised once (sessions built, one warm-up run) and then executes
 batches: `infer(pixels (B, 3, H, W), with_attention)` -> logits (B, C) and, when asked, attentions
 (B, L, H, N, N). Dynamic batching is a scheduling concern above this, not a rewrite of it.
+
+A classify batch runs through onnxruntime's IO binding (`BoundBatch`): the batch's images are copied once, into a
+host buffer that stays bound to the session's input, and the logits land in a buffer allocated once. On CUDA,
+onnxruntime copies that buffer to the device and the logits back; nothing else is copied or allocated per batch.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import queue
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -38,6 +43,15 @@ log = logging.getLogger("vitserve.runtime")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 SMALL_MODEL_BYTES = 32 * 2**20  # classify graphs under this get one session per CPU by default (session_layout)
+CUDA_INSTANCES = 2  # sessions per model on a GPU by default (session_layout says why)
+CUDA_MAX_BATCH_SIZE = 64  # images per batch on a GPU unless the settings or serving.json say (provider_batching)
+# onnxruntime's CUDA provider, as the service builds its sessions. cuDNN's exhaustive search would time every
+# convolution algorithm the first time each input shape runs, and dynamic batching makes every batch size a new
+# shape: requests would wait for it long after start. The heuristic picks at once (ViT's one convolution, the
+# patch embedding, is a small share of its time).
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+# onnxruntime's element types, as a session's inputs and outputs name them.
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class ProviderError(Exception):
@@ -73,13 +87,78 @@ def _session(path: Path, providers: list[str], threads: int, cpu_rewrites: bool)
     # Idle pool threads sleep instead of spinning: the cores are shared with the event loop, the decode threads
     # and the other pool threads, and a spinning thread takes its core from them (benchmarks/serving.py).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    chosen: list[str | tuple[str, dict[str, str]]] = [(p, CUDA_OPTIONS) if p == CUDA else p for p in providers]
     try:
         rewritten = rewrite_layer_norms(path) if cpu_rewrites and providers == [CPU] else None
         if rewritten is not None:
-            return ort.InferenceSession(rewritten, options, providers=providers, disabled_optimizers=LAYER_NORM_FUSIONS)
-        return ort.InferenceSession(str(path), options, providers=providers)
+            return ort.InferenceSession(rewritten, options, providers=chosen, disabled_optimizers=LAYER_NORM_FUSIONS)
+        return ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as e:  # onnxruntime raises its own untyped errors for bad files
         raise ArtifactError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from e
+
+
+class BoundBatch:
+    """A classify session run through onnxruntime's IO binding, with buffers that outlive the batch.
+
+    `run(images)` copies the images into a host buffer of the session's input type (the one copy of a request's
+    pixels in the runtime: the rows come straight from the requests, or from the engine's shared slots) and binds
+    the first B rows as the input; the logits go to a buffer bound as the output. Both buffers grow to the
+    largest batch seen (a power of two) and are reused after it, so a batch allocates nothing but its answer: a
+    fresh (B, 3, H, W) array per batch is a new mapping above glibc's mmap threshold, and its first write pays a
+    page fault per 4 KiB (np.stack of 64 ViT-B/16 images: about 9 ms, against 3-4 ms into a buffer written
+    before, 2 shared cores). On CUDA onnxruntime copies the bound input to the device and the logits back.
+
+    Not thread-safe: one per session, used by whoever holds that session (`LoadedModel` hands them out).
+    """
+
+    def __init__(self, session: ort.InferenceSession, classes: int, input_shape: tuple[int, ...]) -> None:
+        self.session = session
+        self.binding = session.io_binding()
+        self.classes = classes
+        source = session.get_inputs()[0]
+        logits = next((o.type for o in session.get_outputs() if o.name == LOGITS), "")  # none: warm_up says so
+        self.input_name = source.name
+        self.input_type = NUMPY_TYPES.get(source.type, np.float32)
+        self.output_type = NUMPY_TYPES.get(logits, np.float32)
+        self.pixels = np.empty((0, *input_shape), self.input_type)
+        self.logits = np.empty((0, classes), self.output_type)
+
+    def _grow(self, size: int) -> None:
+        capacity = 1 << (size - 1).bit_length()
+        self.pixels = np.empty((capacity, *self.pixels.shape[1:]), self.input_type)
+        self.logits = np.empty((capacity, self.classes), self.output_type)
+
+    def stage(self, images: np.ndarray | Sequence[np.ndarray]) -> int:
+        """Copy a batch ((B, 3, H, W), or B images of (3, H, W)) into the input buffer; returns B."""
+        size = len(images)
+        if size > len(self.pixels):
+            self._grow(size)
+        if isinstance(images, np.ndarray):
+            np.copyto(self.pixels[:size], images, casting="unsafe")
+        else:
+            for row, image in zip(self.pixels, images, strict=False):
+                np.copyto(row, image, casting="unsafe")
+        return size
+
+    def run_staged(self, size: int) -> np.ndarray:
+        """Run the first `size` staged rows; their logits (size, C), float32, in an array of their own."""
+        pixels, logits = self.pixels[:size], self.logits[:size]
+        self.binding.bind_input(self.input_name, "cpu", 0, self.input_type, list(pixels.shape), pixels.ctypes.data)
+        self.binding.bind_output(LOGITS, "cpu", 0, self.output_type, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(self.binding)
+        return logits.astype(np.float32)  # a copy: the buffer is the next batch's
+
+    def run(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        return self.run_staged(self.stage(images))
+
+
+@dataclass
+class _Instance:
+    """One runnable copy of a model: its sessions, and the classify session's bound buffers."""
+
+    classify: ort.InferenceSession | None
+    attention: ort.InferenceSession | None
+    bound: BoundBatch | None = None
 
 
 @dataclass
@@ -99,11 +178,11 @@ class LoadedModel:
     spares: list[tuple[ort.InferenceSession, ort.InferenceSession | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._free: queue.SimpleQueue[tuple[ort.InferenceSession | None, ort.InferenceSession | None]] = (
-            queue.SimpleQueue()
-        )
-        for pair in [(self.classify, self.attention), *self.spares]:
-            self._free.put(pair)
+        self._free: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
+        shape = (3, *self.meta.input_size)
+        for classify, attention in [(self.classify, self.attention), *self.spares]:
+            bound = None if classify is None else BoundBatch(classify, len(self.meta.labels), shape)
+            self._free.put(_Instance(classify, attention, bound))
 
     @property
     def instances(self) -> int:
@@ -119,25 +198,30 @@ class LoadedModel:
         """The artifact has the attention graph (attention maps and the `attentions` output)."""
         return "attention" in self.meta.graphs
 
-    def infer(self, pixels: np.ndarray, *, with_attention: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run one batch on a free instance (waiting for one if all are busy). Thread-safe."""
-        feed = {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)}
-        classify, attention = pair = self._free.get()
+    def infer(
+        self, pixels: np.ndarray | Sequence[np.ndarray], *, with_attention: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run one batch, (B, 3, H, W) or B images of (3, H, W), on a free instance (waiting for one if all are
+        busy). The logits (B, C) and attentions are arrays of their own. Thread-safe."""
+        instance = self._free.get()
         try:
             if with_attention:
-                if attention is None:
+                if instance.attention is None:
                     raise ArtifactError(f"model {self.name} has no attention graph")
-                logits, attentions = attention.run([LOGITS, ATTENTIONS], feed)
+                batch = pixels if isinstance(pixels, np.ndarray) else np.stack(pixels)
+                feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+                logits, attentions = instance.attention.run([LOGITS, ATTENTIONS], feed)
                 return logits, attentions
-            assert classify is not None, "an HTTP worker's model runs in the engine"
-            (logits,) = classify.run([LOGITS], feed)
-            return logits, None
+            assert instance.bound is not None, "an HTTP worker's model runs in the engine"
+            return instance.bound.run(pixels), None
         finally:
-            self._free.put(pair)
+            self._free.put(instance)
 
     def warm_up(self) -> None:
         x = np.zeros((1, 3, *self.meta.input_size), np.float32)
-        logits, _ = self.infer(x, with_attention=False)
+        assert self.classify is not None, "an HTTP worker's model runs in the engine"
+        # Unbound first: a graph whose logits disagree with the labels is reported as such, not as a binding error.
+        (logits,) = self.classify.run([LOGITS], {INPUT_NAME: x})
         if logits.shape != (1, len(self.meta.labels)):
             raise ArtifactError(
                 f"model {self.name}: the classify graph gives logits of shape {logits.shape}, but the artifact "
@@ -149,8 +233,8 @@ class LoadedModel:
             if att is None or att.shape != want:
                 shape = None if att is None else att.shape
                 raise ArtifactError(f"model {self.name}: attention output {shape} does not match the metadata {want}")
-        for classify, _ in self.spares:  # the first run of a session is slow: not a client's
-            classify.run([LOGITS], {INPUT_NAME: x})
+        for _ in range(self.instances):  # the first run of each session and binding is slow: not a client's
+            self.infer(x, with_attention=False)
         self.warmed_up = True
 
 
@@ -163,15 +247,28 @@ def session_layout(
     session per CPU, each running its own batch: its operators are too small for onnxruntime to split across
     threads at a gain (the default model at batch 16: 0.93 ms of CPU per image on one two-thread session, 0.77
     on two one-thread sessions side by side, in-process; and through the server 1.3x the images per second for
-    pixel tensors, see README "Benchmarks"). Larger models and GPUs get one session: their operators split well,
-    and one batch runs in the time N would. Auto threads: the CPUs shared out among the sessions (onnxruntime's
-    own choice when there is one session)."""
+    pixel tensors, see README "Benchmarks"). Larger models get one session: their operators split well, and one
+    batch runs in the time N would. A GPU gets CUDA_INSTANCES (2): still one big batch at a time on the device,
+    but while one session's batch computes, the other's is copied into its buffer and across to the device (64
+    ViT-B/16 images are 38 MB: a few ms each way, against a batch's 15-25 ms of compute), and the runner's turn
+    on the event loop between batches is hidden too. Auto threads: the CPUs shared out among the sessions
+    (onnxruntime's own choice when there is one session)."""
     if instances == 0:
         small = providers == [CPU] and weight_bytes < SMALL_MODEL_BYTES
-        instances = max(1, cpus) if small else 1
+        instances = max(1, cpus) if small else CUDA_INSTANCES if CUDA in providers else 1
     if threads == 0 and instances > 1:
         threads = max(1, cpus // instances)
     return instances, threads
+
+
+def provider_batching(provider: str, explicit: set[str]) -> dict[str, int]:
+    """The batching a provider wants for the settings an operator left unset (`explicit`: those set): on CUDA,
+    batches of up to CUDA_MAX_BATCH_SIZE, since a GPU's images/s keep rising with the batch well past the CPU
+    default of 16 (it is one of few devices, not one of many cores). An artifact's serving.json overrides this
+    (`service.state.batch_policy`), as it does the settings."""
+    if provider == CUDA and "max_batch_size" not in explicit:
+        return {"max_batch_size": CUDA_MAX_BATCH_SIZE}
+    return {}
 
 
 def load_model(

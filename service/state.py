@@ -23,7 +23,7 @@ from service.errors import NotFound, Overloaded, PayloadTooLarge, Unavailable
 from service.memory import ByteBudget
 from service.middleware import Admission
 from service.pipeline import Prepared, prepare
-from service.runtime import LoadedModel, ModelRepository
+from service.runtime import LoadedModel, ModelRepository, provider_batching
 from service.settings import Settings
 from vit_artifact.metadata import ArtifactMetadata
 from vit_artifact.serving import read_serving_config
@@ -66,7 +66,8 @@ def batch_policy(settings: Settings, model: LoadedModel) -> BatchPolicy:
     overrides = read_serving_config(model.directory).overrides()  # read even when batching is off: a bad file fails
     policy = settings_policy(settings)
     if settings.batching:
-        policy = dataclasses.replace(policy, **overrides)
+        defaults = provider_batching(model.provider, settings.model_fields_set)  # a GPU's larger batches
+        policy = dataclasses.replace(policy, **{**defaults, **overrides})
     if not model.meta.batch_invariant:  # dynamic INT8: batch neighbours would change an image's answer
         policy = dataclasses.replace(policy, max_batch_size=1)
     return policy

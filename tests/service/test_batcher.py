@@ -339,7 +339,7 @@ def test_the_real_model_with_two_instances_answers_as_with_one():
         (0, 0, [CPU], 600_000, 2, (2, 1)),  # a small model on CPUs: one single-threaded session per CPU
         (0, 0, [CPU], 600_000, 16, (16, 1)),
         (0, 0, [CPU], 330 * 2**20, 16, (1, 0)),  # ViT-B/16: one session, onnxruntime's threads
-        (0, 0, [CUDA, CPU], 600_000, 16, (1, 0)),  # a GPU wants one big batch
+        (0, 0, [CUDA, CPU], 600_000, 16, (2, 8)),  # a GPU: one batch computes while the next is copied in
         (4, 0, [CPU], 330 * 2**20, 16, (4, 4)),  # asked for: the CPUs shared out
         (3, 2, [CPU], 600_000, 2, (3, 2)),  # both asked for: as asked
         (1, 0, [CPU], 600_000, 2, (1, 0)),
