@@ -28,7 +28,8 @@
  * and the rate it really offered.
  *
  * One thread, one epoll set, edge-triggered non-blocking sockets; epoll_pwait2's nanosecond timeout wakes it for
- * the next arrival. Linux only (epoll_pwait2: kernel 5.11, glibc 2.35).
+ * the next arrival (epoll_wait's millisecond one on a kernel without it). Linux only; builds with glibc 2.35 or
+ * later, also statically (`cc -O2 -static`, to carry to a machine without a compiler: benchmarks/openloop.py).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -494,6 +495,19 @@ static int finished(void) {
     return concurrency ? timed && n_done == arrived : n_done == n_reqs;
 }
 
+/* epoll_pwait2, or where the kernel lacks it (ENOSYS: before 5.11, or a sandbox such as gVisor) epoll_wait, whose
+ * timeout is whole milliseconds: rounded up, an arrival is handled up to 1 ms late, which late_*_ms shows. */
+static int wait_events(struct epoll_event *events, const struct timespec *wait) {
+    static int coarse = 0;
+    if (!coarse) {
+        int n = epoll_pwait2(ep, events, EVENTS_MAX, wait, NULL);
+        if (n >= 0 || errno != ENOSYS) return n;
+        coarse = 1;
+    }
+    int ms = wait == NULL ? -1 : (int)(wait->tv_sec * 1000 + (wait->tv_nsec + 999999) / 1000000);
+    return epoll_wait(ep, events, EVENTS_MAX, ms);
+}
+
 static void run(void) {
     struct epoll_event events[EVENTS_MAX];
     origin = now_s();
@@ -513,7 +527,7 @@ static void run(void) {
             wait.tv_sec = (time_t)wake;
             wait.tv_nsec = (long)((wake - (double)wait.tv_sec) * 1e9);
         }
-        int n = epoll_pwait2(ep, events, EVENTS_MAX, isfinite(wake) ? &wait : NULL, NULL);
+        int n = wait_events(events, isfinite(wake) ? &wait : NULL);
         if (n < 0 && errno != EINTR) die("epoll_pwait2: %s", strerror(errno));
         for (int k = 0; k < n; k++) on_event(events[k].data.u64, events[k].events);
     }
@@ -574,8 +588,14 @@ static void parse_options(int argc, char **argv) {
 }
 
 static void set_up(void) {
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM};
+    /* A numeric address first: resolving one needs no name service, so a static build (which cannot load glibc's
+     * NSS modules) runs anywhere against 127.0.0.1. */
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST};
     int rc = getaddrinfo(host, port, &hints, &server);
+    if (rc == EAI_NONAME) {
+        hints.ai_flags = 0;
+        rc = getaddrinfo(host, port, &hints, &server);
+    }
     if (rc != 0) die("%s:%s: %s", host, port, gai_strerror(rc));
     /* One descriptor per connection, and a few for stdio and epoll. */
     struct rlimit limit;

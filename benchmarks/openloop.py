@@ -7,8 +7,10 @@
 On 2 shared cores a Python client costs about as much CPU per request as a fast server (httpx: 1.2-1.5 ms), and its
 event loop's lag is inside every latency it records; openloop.c costs about 0.02 ms per request closed loop and
 0.05 ms open loop (its timer's wake-ups), nearly all of it in the kernel, so the server is what gets measured. It is compiled with `cc -O2` on first use into ~/.cache/vitserve/bench-tools,
-keyed by the source's hash. Each request uploads one image file from `--images` (taken in turn) as multipart field
-`--field`, as loadgen.py does; the raw HTTP requests are built here, once, and the C program only sends them.
+keyed by the source's hash (`binary(static=True)`: linked statically, to carry to a machine with no compiler, as
+docker/gpu_check.py does). Each request uploads one image file from `--images` (taken in turn) as multipart field
+`--field`, as loadgen.py does; the raw HTTP requests are built here, once, and the C program only sends them
+(`send` takes requests built elsewhere, such as V2 tensors).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from benchmarks.loadgen import multipart_bodies, percentile, upload_arguments
 SOURCE = Path(__file__).with_name("openloop.c")
 
 
-def binary() -> Path:
-    """openloop.c built with `cc -O2` (or $CC) into the benchmark cache, once per version of the source."""
+def binary(*, static: bool = False) -> Path:
+    """openloop.c built with `cc -O2` (or $CC) into the benchmark cache, once per version of the source; `static`:
+    linked statically (it then runs on any x86-64 Linux, whatever its C library)."""
     source = SOURCE.read_bytes()
-    target = CACHE / "bench-tools" / f"openloop-{hashlib.sha256(source).hexdigest()[:12]}"
+    kind = "openloop-static" if static else "openloop"
+    target = CACHE / "bench-tools" / f"{kind}-{hashlib.sha256(source).hexdigest()[:12]}"
     if target.is_file():
         return target
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -47,9 +51,8 @@ def binary() -> Path:
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    done = subprocess.run(
-        [compiler, "-O2", "-Wall", "-Wextra", "-o", str(partial), str(SOURCE)], capture_output=True, text=True
-    )
+    flags = ["-O2", "-Wall", "-Wextra", *(["-static"] if static else [])]
+    done = subprocess.run([compiler, *flags, "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"building {SOURCE} failed:\n{done.stderr[-3000:]}")
     partial.replace(target)  # whole or absent: two benchmarks building at once each rename a complete binary
@@ -93,15 +96,45 @@ def drive(
     Open loop when `rate` is given (`requests` arrivals at `rate` per second, up to `max_connections` connections;
     no warm-up), else a closed loop of `concurrency` (`warmup` untimed requests, then `requests` or `duration`
     seconds). `raw` adds every request's (start s, latency s, status; 0 = no answer)."""
+    return send(
+        url,
+        raw_requests(url, path, images, field, params or {}),
+        concurrency=concurrency,
+        rate=rate,
+        requests=requests,
+        duration=duration,
+        warmup=warmup,
+        timeout=timeout,
+        max_connections=max_connections,
+        raw=raw,
+    )
+
+
+def send(
+    url: str,
+    messages: list[bytes],
+    *,
+    concurrency: int = 1,
+    rate: float = 0.0,
+    requests: int = 1000,
+    duration: float = 60.0,
+    warmup: int = 20,
+    timeout: float = 60.0,
+    max_connections: int = 2000,
+    raw: bool = False,
+    program: Path | None = None,
+) -> dict:
+    """`drive` with the complete HTTP requests given (`messages`, taken in turn), from `program` (default: built
+    here by `binary`)."""
     where = urlsplit(url)
     with tempfile.TemporaryDirectory(prefix="vitserve-openloop-") as tmp:
         names = []
-        for i, request in enumerate(raw_requests(url, path, images, field, params or {})):
+        for i, request in enumerate(messages):
             names.append(Path(tmp) / f"{i:04d}.http")
             names[-1].write_bytes(request)
         mode = [f"--rate={rate}"] if rate else [f"--concurrency={concurrency}", f"--duration={duration}"]
         command = [
-            str(binary()),
+            str(program or binary()),
             f"--host={where.hostname or '127.0.0.1'}",
             f"--port={where.port or 80}",
             *mode,
