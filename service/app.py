@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -34,7 +34,7 @@ from service.reload import Loader, RepositoryWatcher
 from service.routes import demo, health, inference, metrics, models, shared_memory, stats, v2
 from service.routes import repository as repository_routes
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
-from service.security import APIKeyMiddleware, APIKeys, cors_options, document_api_keys
+from service.security import Access, AccessMiddleware, cors_options, document_api_keys
 from service.settings import Settings, usable_cpus
 from service.state import ServiceState, batch_policy
 
@@ -91,11 +91,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     """Every exception becomes a `ServiceError`, rendered by `error_response` like the middleware's."""
 
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    async def service_error(request: Request, exc: ServiceError) -> Response:
         return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         problems = [
             {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")} for e in exc.errors()
         ]
@@ -103,7 +103,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(InvalidParameter(message, detail=problems), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         codes = {404: "not_found", 405: "method_not_allowed"}
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         error = ServiceError(
@@ -120,7 +120,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return internal_error(getattr(request.state, "request_id", "?"), request.url.path)
 
 
-def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, keys: APIKeys | None) -> None:
+def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, access: Access) -> None:
     assert state.body_budget is not None, "an app's state serves HTTP"
     # Added innermost first; the last added runs first on a request.
     app.add_middleware(FastPath, state=state)  # innermost: V2 infer past FastAPI's router
@@ -132,8 +132,7 @@ def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, k
         grace_s=settings.body_timeout_s,
         min_rate=settings.body_min_rate,
     )
-    if keys is not None:
-        app.add_middleware(APIKeyMiddleware, keys=keys)
+    app.add_middleware(AccessMiddleware, access=access)  # before any byte of a body is read or reserved
     app.add_middleware(MetricsMiddleware)
     if settings.cors_origins:  # outside the key check: a preflight carries no key, and a 401 must be readable
         app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
@@ -192,12 +191,12 @@ def create_app(
     )
     app.state.vitserve = state
     _install_error_handlers(app)
-    keys = APIKeys(settings.api_keys, settings.open_routes) if settings.api_keys else None
-    _install_middleware(app, settings, state, keys)
+    access = Access(settings.api_keys, settings.admin_keys, settings.open_routes)
+    _install_middleware(app, settings, state, access)
     # The connection layer answers V2 infer itself (service.fast_path); CORS headers and spans come from the
     # middleware only.
     direct = settings.direct_infer and not settings.cors_origins and tracing.traces_endpoint(settings) is None
-    app.state.direct = DirectInfer(app, state, settings, keys) if direct else None
+    app.state.direct = DirectInfer(app, state, settings, access) if direct else None
     for module in (health, models, inference, stats, repository_routes, v2, shared_memory, metrics, demo):
         # stats before v2's `{name}`
         app.include_router(module.router)

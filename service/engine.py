@@ -216,12 +216,15 @@ class Engine:
         writer.write(wire.REPLY.pack(request_id, status, len(slots), len(attention)) + timings + attention + error)
 
     async def _admin(self, writer: asyncio.StreamWriter, request_id: int, command: dict[str, Any]) -> None:
-        """A worker's repository-extension call: load or unload a model; the answer comes after the broadcast."""
+        """A worker's repository-extension call: load or unload a model, the answer after the broadcast; or a
+        readiness ping, answered at once (that this loop runs is what the worker asks)."""
         admin = self.state.admin
         assert admin is not None
         status, error = wire.OK, b""
         try:
-            if command["op"] == "load":
+            if command["op"] == "ping":
+                pass
+            elif command["op"] == "load":
                 await admin.load_model(command["name"])
             else:
                 await admin.unload_model(command["name"])

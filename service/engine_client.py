@@ -58,6 +58,7 @@ class EngineLink:
         self.welcome: dict[str, Any] = {}
         self.on_catalog: Callable[[dict[str, Any]], None] | None = None  # `apply_catalog`, once attached
         self.admin_pending: dict[int, asyncio.Future[None]] = {}
+        self._ping: asyncio.Future[None] | None = None
         self._reader_task: asyncio.Task | None = None
 
     def _request_id(self) -> int:
@@ -70,6 +71,17 @@ class EngineLink:
 
     async def unload_model(self, name: str) -> None:
         await self._admin({"op": "unload", "name": name})
+
+    async def ping(self, timeout_s: float) -> bool:
+        """Whether the engine answers within `timeout_s` (its event loop runs): readiness asks. One ping at a time
+        is outstanding, however many probes ask: a stopped engine collects no backlog."""
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(self._admin({"op": "ping"}))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ping), timeout_s)
+        except (TimeoutError, ServiceError):
+            return False
+        return True
 
     async def _admin(self, command: dict[str, Any]) -> None:
         if not self.alive:

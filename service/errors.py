@@ -7,9 +7,13 @@ traces or server file paths.
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger("vitserve")
 
 
 class ServiceError(Exception):
@@ -39,14 +43,46 @@ def is_v2(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-def error_response(error: ServiceError, path: str) -> JSONResponse:
-    """The error as the API at `path` renders it: the REST body with code and detail, or V2's message only."""
-    body: dict[str, Any] = (
-        {"error": error.message}
-        if is_v2(path)
-        else {"error": {"code": error.code, "message": error.message, "detail": error.detail}}
-    )
-    return JSONResponse(body, error.status, headers=error.headers)
+# What a message may echo of client input only escaped: control characters (a log line or a terminal would act on
+# them) and lone surrogates (a JSON string may hold them; UTF-8 cannot).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# The answer when even an error cannot be rendered: fixed, ASCII, and never raising.
+_FALLBACK = b'{"error":{"code":"internal_error","message":"internal error while answering","detail":null}}'
+_FALLBACK_V2 = b'{"error":"internal error while answering"}'
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(value: Any) -> Any:
+    """`value` (a message, or a detail of dicts, lists and strings) with unsafe characters spelt as escapes."""
+    if isinstance(value, str):
+        return _UNSAFE.sub(_escape_char, value)
+    if isinstance(value, dict):
+        return {escape(k): escape(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escape(v) for v in value]
+    return value
+
+
+def error_response(error: ServiceError, path: str) -> Response:
+    """The error as the API at `path` renders it: the REST body with code and detail, or V2's message only.
+    Whatever the error holds, this answers: client input in it is escaped, and an error that still cannot be
+    rendered (a detail that is not JSON) becomes a fixed 500, logged."""
+    v2 = is_v2(path)
+    try:
+        message = escape(error.message)
+        body: dict[str, Any] = (
+            {"error": message}
+            if v2
+            else {"error": {"code": error.code, "message": message, "detail": escape(error.detail)}}
+        )
+        return JSONResponse(body, error.status, headers=error.headers)
+    except Exception:
+        log.exception("an error answer (%s) could not be rendered; answering a plain 500", type(error).__name__)
+        return Response(_FALLBACK_V2 if v2 else _FALLBACK, 500, media_type="application/json")
 
 
 class BadImage(ServiceError):

@@ -25,6 +25,7 @@ way, whose middleware answers it as before.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from types import SimpleNamespace
@@ -41,6 +42,7 @@ from service.logs import REQUEST_ID
 from service.metrics import METRICS
 from service.middleware import (
     body_too_slow,
+    content_length,
     cut_off_by_shutdown,
     internal_error,
     record_request,
@@ -54,7 +56,9 @@ from service.state import ServiceState
 
 if TYPE_CHECKING:
     from service.http_protocol import GuardedProtocol
-    from service.security import APIKeys
+    from service.security import Access
+
+log = logging.getLogger("vitserve")
 
 INFER_TEMPLATES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")  # metric route labels
 CLASSIFY_TEMPLATES = ("/v1/classify", "/v1/models/{name}/classify")
@@ -164,11 +168,11 @@ def direct_target(url: bytes) -> _V2Infer | _Classify | None:
 class DirectInfer:
     """The direct path of one server process: its state and the settings its rules need."""
 
-    def __init__(self, app: ASGIApp, state: ServiceState, settings: Settings, keys: APIKeys | None) -> None:
+    def __init__(self, app: ASGIApp, state: ServiceState, settings: Settings, access: Access) -> None:
         assert state.body_budget is not None, "an app's state serves HTTP"
         self.app = app  # in each request's scope, as on the ASGI way (Starlette turns form errors into 400s then)
         self.state = state
-        self.keys = keys
+        self.access = access
         self.budget = state.body_budget
         self.max_body = min(DIRECT_MAX_BODY, settings.max_body_bytes)
         self.grace_s = settings.body_timeout_s
@@ -184,7 +188,7 @@ class DirectInfer:
         size: int | None = None
         for name, value in connection.headers:
             if name == b"content-length":
-                size = int(value) if value.isdigit() and len(value) < 10 else None
+                size = content_length(value)
             elif name == b"transfer-encoding":
                 return None
         if size is None or size > self.max_body:
@@ -218,18 +222,24 @@ class Exchange:
         self.path, self.query = path.decode("ascii"), query
         self.headers = connection.headers
         self.request_id = request_id_for(self.headers)
-        self.refused = None if direct.keys is None else direct.keys.check(self.path, self.headers)
+        self.refused = direct.access.check(self.path, self.headers)
         self.size = size
         self.held = held
         self.chunks: list[bytes] = []
         self.received = 0
         self.started = time.perf_counter()
         self.response_started = self.response_complete = self.disconnected = False
-        self.keep_alive = connection.parser.should_keep_alive() and not connection.policy.draining
+        # As uvicorn decides for its own cycles: HTTP/1.0 closes after the answer, whatever it asked for.
+        http_version = connection.parser.get_http_version()
+        self.http_version = http_version
+        self.keep_alive = (
+            http_version != "1.0" and connection.parser.should_keep_alive() and not connection.policy.draining
+        )
         self.model: Any = None
         loop = connection.loop
         self.arrived = loop.time()
         self.pace_timer: asyncio.TimerHandle | None = loop.call_later(direct.grace_s, self._check_pace)
+        self.counted = True  # in the in-flight gauge until `_release`
         METRICS.in_flight.inc()
 
     # --- the body -------------------------------------------------------------------------------------------
@@ -250,13 +260,21 @@ class Exchange:
 
     def abandon(self) -> None:
         """The client left before its body was complete: nobody to answer, free what the request held now."""
+        self.response_complete = self.disconnected = True
+        self._release()
+
+    def _release(self) -> None:
+        """Give back what the request holds (its body's bytes, its place in the in-flight gauge); once, whichever
+        way the request ends: answered, abandoned, or failed while answering."""
         if self.pace_timer is not None:
             self.pace_timer.cancel()
             self.pace_timer = None
-        self.response_complete = True
-        self.direct.budget.release(self.held)
-        self.held = 0
-        METRICS.in_flight.dec()
+        if self.held:
+            self.direct.budget.release(self.held)
+            self.held = 0
+        if self.counted:
+            self.counted = False
+            METRICS.in_flight.dec()
 
     def _check_pace(self) -> None:
         """The body may take the grace period plus its size at the minimum rate, as in the middleware."""
@@ -277,6 +295,8 @@ class Exchange:
         except asyncio.CancelledError:  # the shutdown's grace period ended first
             self._finish(error_response(cut_off_by_shutdown(self.request_id), self.path))
             raise
+        except Exception:  # a fault while answering: the client still gets a 500
+            response = internal_error(self.request_id, self.path)
         self._finish(response)
 
     async def _respond(self, body: bytes) -> Response:
@@ -286,8 +306,9 @@ class Exchange:
         refused = direct.state.admission.enter(self.path)
         if refused is not None:
             return error_response(refused, self.path)
-        request = self.target.request(self, body)
+        request = None
         try:
+            request = self.target.request(self, body)
             return await self.target.respond(direct.state, self, request)
         except ServiceError as e:
             return error_response(e, self.path)
@@ -295,13 +316,23 @@ class Exchange:
             return internal_error(self.request_id, self.path)
         finally:
             direct.state.admission.leave()
-            self.model = getattr(request.state, "model", None)
+            self.model = getattr(getattr(request, "state", None), "model", None)
 
     def _finish(self, response: Response) -> None:
         """Write the whole response at once, count it, free what the request held, hand the connection back."""
         if self.response_complete:
             return
         self.response_started = self.response_complete = True
+        try:
+            self._write(response)
+        except Exception:  # nothing more can be said on this connection; what the request held is still freed
+            log.exception("request %s: the answer could not be written; closing the connection", self.request_id)
+            self.keep_alive = False
+        finally:
+            self._release()
+            self.connection.exchange_done(self)
+
+    def _write(self, response: Response) -> None:
         status = response.status_code
         connection = self.connection
         parts = [STATUS_LINE[status]]
@@ -316,15 +347,13 @@ class Exchange:
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
         parts += (b"\r\n", response.body)  # type: ignore[arg-type]  # bytes: every response here is built whole
-        if not self.disconnected:
+        # The client may have gone while the answer was being made (uvicorn closes a connection whose next bytes
+        # fail to parse); a closed transport is not written to.
+        if not self.disconnected and not connection.transport.is_closing():
             connection.transport.write(b"".join(parts))
         if connection.access_log:
             client = f"{connection.client[0]}:{connection.client[1]}" if connection.client else "-"
-            http = connection.parser.get_http_version() if connection.parser is not None else "1.1"
             # uvicorn's own message and arguments: its access formatter reads them by position
-            connection.access_logger.info('%s - "%s %s HTTP/%s" %d', client, "POST", self.url, http, status)
-        self.direct.budget.release(self.held)
-        self.held = 0
-        METRICS.in_flight.dec()
+            args = (client, "POST", self.url, self.http_version, status)
+            connection.access_logger.info('%s - "%s %s HTTP/%s" %d', *args)
         record_request(self.target.template, "POST", status, self.started, self.model)
-        connection.exchange_done(self)

@@ -57,9 +57,10 @@ class ConnectionPolicy:
 def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
     """A whole error response for the moments no ASGI app is involved (the body as `service.errors` renders it)."""
     body = json.dumps({"error": {"code": code, "message": message, "detail": None}}).encode()
+    retry = "retry-after: 1\r\n" if status == 503 else ""  # only an overload is worth the same request again
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-        "retry-after: 1\r\nconnection: close\r\n\r\n"
+        f"{retry}connection: close\r\n\r\n"
     )
     return head.encode() + body
 
@@ -67,6 +68,7 @@ def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
 _TOO_MANY = _raw_error(
     503, "Service Unavailable", "overloaded", "the server has too many open connections; retry shortly"
 )
+_UNPARSABLE = _raw_error(400, "Bad Request", "bad_request", "the request is not valid HTTP/1.1")
 _HEADERS_TOO_SLOW = _raw_error(
     408, "Request Timeout", "request_timeout", "the request headers did not arrive in time (VITSERVE_HEADER_TIMEOUT_S)"
 )
@@ -84,6 +86,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self.refused = False
         self.close_when_idle = False  # shutting down: close once no request is in progress (after a grace)
         self.receiving: Exchange | None = None  # a direct-path request whose body is arriving
+        # The direct-path request in progress (receiving or being answered): a request pipelined behind it
+        # replaces `cycle`, and the connection's end must still reach this one.
+        self.exchange: Exchange | None = None
 
     # --- connection lifecycle -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -105,6 +110,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         if self.receiving is not None and not self.receiving.response_complete:
             self.receiving.abandon()
+        elif self.exchange is not None:
+            self.exchange.disconnected = True  # being answered: the answer is made, counted, and not written
         METRICS.connections.dec()
         super().connection_lost(exc)
 
@@ -112,6 +119,11 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.refused:
             return
         super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        """Bytes the parser refuses: answered as every other error is (JSON), and the connection closed."""
+        self.transport.write(_UNPARSABLE)
+        self.transport.close()
 
     def _evict_one(self) -> bool:
         """Close the oldest connection that is idle or still sending its headers; False when there is none."""
@@ -158,7 +170,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if direct is not None and (self.cycle is None or self.cycle.response_complete):  # not pipelined
             exchange = direct.begin(self)
             if exchange is not None:
-                self.cycle = self.receiving = exchange  # type: ignore[assignment]  # stands in for uvicorn's cycle
+                self.cycle = self.receiving = self.exchange = exchange  # type: ignore[assignment]  # as uvicorn's cycle
                 return
         super().on_headers_complete()
         if self.policy.draining and self.cycle is not None:
@@ -179,6 +191,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def exchange_done(self, exchange: Exchange) -> None:
         """A direct-path response is written: close, or take the next request as after any response."""
+        self.exchange = None
         if not exchange.keep_alive:
             self.receiving = None
             self.transport.close()

@@ -50,6 +50,9 @@ class ByteBudget:
         self.used = 0
         self.high = 0  # the most held at once since the heap was last trimmed
         self._changed = threading.Condition()
+        # When the first refusal since the last reservation that succeeded came (monotonic), or None: a budget
+        # that only refuses for long is stuck, and readiness says so (ServiceState.readiness).
+        self.refusing_since: float | None = None
         self._gauge = METRICS.budget_used.labels(budget=name)
         METRICS.budget_limit.labels(budget=name).set(limit)
 
@@ -57,6 +60,7 @@ class ByteBudget:
         return self.used + size <= self.limit
 
     def _take(self, size: int) -> None:
+        self.refusing_since = None
         self.used += size
         self.high = max(self.high, self.used)
         self._gauge.set(self.used)
@@ -66,7 +70,7 @@ class ByteBudget:
         size = min(size, self.limit)
         with self._changed:
             if not self._changed.wait_for(lambda: self._fits(size), timeout=wait_s):
-                METRICS.budget_refused.labels(budget=self.name).inc()
+                self._refused()
                 return None
             self._take(size)
         return size
@@ -89,10 +93,20 @@ class ByteBudget:
                     self._take(size)
                     return size
             if time.monotonic() >= deadline:
-                METRICS.budget_refused.labels(budget=self.name).inc()
+                self._refused()
                 return None
             await asyncio.sleep(delay)  # poll: a release from a worker thread cannot wake the loop cheaply
             delay = min(delay * 2, 0.05)
+
+    def _refused(self) -> None:
+        METRICS.budget_refused.labels(budget=self.name).inc()
+        if self.refusing_since is None:
+            self.refusing_since = time.monotonic()
+
+    def stalled_s(self) -> float:
+        """How long every reservation has been refused (0 while the last one since a refusal succeeded)."""
+        since = self.refusing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def release(self, size: int) -> None:
         with self._changed:

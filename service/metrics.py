@@ -174,6 +174,13 @@ class Metrics(Collector):
             ["reason"],
             registry=r,
         )
+        self.trace_headers_dropped = Counter(
+            "vitserve_trace_headers_dropped",
+            "W3C trace-context headers ignored as malformed or oversized (traceparent, tracestate); the request is "
+            "served as if they were absent",
+            ["header"],
+            registry=r,
+        )
         self.connections = Gauge(
             "vitserve_http_connections", "Open client connections", registry=r, multiprocess_mode="livesum"
         )

@@ -29,7 +29,6 @@ from service.metrics import METRICS
 log = logging.getLogger("vitserve")
 
 REQUEST_ID_HEADER = "x-request-id"
-_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit() accepts "²", which int() refuses
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Unique without a system call per request: a random prefix per process, then a counter (uuid4 reads urandom).
 _ID_PREFIX = uuid.uuid4().hex[:16]
@@ -41,8 +40,17 @@ SECURITY_HEADERS = [
 ]
 
 
-def header(scope: Scope, name: bytes) -> str | None:
-    return header_in(scope.get("headers", []), name)
+_OVER_EVERY_LIMIT = 1 << 64
+
+
+def content_length(value: bytes) -> int | None:
+    """A `Content-Length` header's size, or None when the value is not one (anything but ASCII digits). Any
+    number of digits is a size: zero-padded, or 20 digits and more (then over every limit), so that it meets the
+    body limit at once, never a deadline."""
+    if not value.isdigit():  # bytes: ASCII digits only
+        return None
+    significant = value.lstrip(b"0")
+    return int(significant or b"0") if len(significant) <= 19 else _OVER_EVERY_LIMIT
 
 
 async def send_error(scope: Scope, send: Send, error: ServiceError) -> None:
@@ -58,11 +66,16 @@ async def _no_body() -> Message:
 _ID_NAME = REQUEST_ID_HEADER.encode()
 
 
-def header_in(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+def raw_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for key, value in headers:
         if key == name:
-            return value.decode("latin-1")
+            return value
     return None
+
+
+def header_in(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    value = raw_header(headers, name)
+    return None if value is None else value.decode("latin-1")
 
 
 def request_id_for(headers: list[tuple[bytes, bytes]]) -> str:
@@ -160,12 +173,14 @@ class RequestBodyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = header(scope, b"content-length")
-        size = int(declared) if declared is not None and _DIGITS.fullmatch(declared) else None
+        declared = raw_header(scope["headers"], b"content-length")
+        size = None if declared is None else content_length(declared)
         if size is not None and size > self.max_bytes:
-            await send_error(scope, send, self._too_large(size))
+            refused = self._too_large(size)
+            refused.headers["Connection"] = "close"  # the body it declared may be on its way: not read
+            await send_error(scope, send, refused)
             return
-        if is_inference(scope):
+        if reads_body_whole(scope):
             await self._buffered(scope, receive, send, size)
         else:
             await self._streamed(scope, receive, send)
@@ -286,9 +301,19 @@ class _ClientGone(Exception):
     """The client disconnected before its body was complete: there is no one to answer."""
 
 
-def is_inference(scope: Scope) -> bool:
-    """Every POST under /v1 and /v2 runs a model (classify, attention, V2 infer); nothing else does."""
+# The control plane: POSTs that change what is served or registered, never shed by the data plane's admission.
+CONTROL_PREFIXES = ("/v2/repository/", "/v2/systemsharedmemory/")
+
+
+def reads_body_whole(scope: Scope) -> bool:
+    """Every POST under /v1 and /v2: its body is read whole, against the body budget and its deadline."""
     return scope["method"] == "POST" and scope["path"].startswith(("/v1/", "/v2/"))
+
+
+def is_inference(scope: Scope) -> bool:
+    """A POST that runs a model (classify, attention, V2 infer): every one under /v1 and /v2 but the control
+    plane's (the repository and shared-memory extensions), which an operator must reach during an overload."""
+    return reads_body_whole(scope) and not scope["path"].startswith(CONTROL_PREFIXES)
 
 
 class Admission:

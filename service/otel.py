@@ -20,6 +20,7 @@ own requests' spans; resource attributes name the process.
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -33,9 +34,55 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.metrics import METRICS
 from service.tracing import TRACE_KEY, RequestTrace
 
-_PROPAGATION_HEADERS = {b"traceparent", b"tracestate"}
+# W3C Trace Context, checked here so that a malformed or oversized header is dropped quietly (and counted):
+# OpenTelemetry logs a WARNING for each one, echoing the client's value, which a client could use to flood the log.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-[!-~]*)?")
+_TRACEPARENT_MAX = 512  # version 00 is 55 characters; later versions may add fields
+_TRACESTATE_MAX = 512  # the length the specification asks every vendor to propagate
+_TRACESTATE_MEMBERS = 32
+_TRACESTATE_MEMBER = re.compile(
+    r"(?:[a-z0-9][_0-9a-z*/-]{0,255}|[a-z0-9][_0-9a-z*/-]{0,240}@[a-z][_0-9a-z*/-]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+
+
+def _valid_tracestate(value: str) -> bool:
+    if len(value) > _TRACESTATE_MAX:
+        return False
+    members = [m.strip(" \t") for m in value.split(",")]
+    members = [m for m in members if m]
+    keys = {m.partition("=")[0] for m in members}
+    return (
+        len(members) <= _TRACESTATE_MEMBERS
+        and len(keys) == len(members)
+        and all(_TRACESTATE_MEMBER.fullmatch(m) for m in members)
+    )
+
+
+def trace_carrier(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request's trace-context headers that are well formed; any other is dropped and counted."""
+    found: dict[str, list[str]] = {}
+    for name, value in headers:
+        if name in (b"traceparent", b"tracestate"):
+            found.setdefault(name.decode(), []).append(value.decode("latin-1"))
+    carrier: dict[str, str] = {}
+    parents = found.get("traceparent", [])
+    if parents:
+        parent = parents[0].strip(" \t")
+        if len(parents) == 1 and len(parent) <= _TRACEPARENT_MAX and _TRACEPARENT.fullmatch(parent):
+            carrier["traceparent"] = parent
+        else:
+            METRICS.trace_headers_dropped.labels(header="traceparent").inc()
+    if "tracestate" in found:
+        state = ",".join(found["tracestate"])  # several fields are one list (RFC 9110, section 5.3)
+        if "traceparent" in carrier and _valid_tracestate(state):
+            carrier["tracestate"] = state
+        elif "traceparent" in carrier:
+            METRICS.trace_headers_dropped.labels(header="tracestate").inc()
+    return carrier
 
 
 def tracer_provider(endpoint: str) -> TracerProvider:
@@ -113,7 +160,7 @@ class TracingMiddleware:
         if record.results:
             attributes["vitserve.images"] = len(record.results)
             attributes["vitserve.batch_size"] = max(r.batch_size for r in record.results)
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _PROPAGATION_HEADERS}
+        carrier = trace_carrier(scope["headers"])
         span = self.tracer.start_span(
             f"{scope['method']} {route}" if route is not None else scope["method"],
             context=self.propagator.extract(carrier),

@@ -24,6 +24,7 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "not_ready"] = "ok"
     models: dict[str, bool] = Field(default_factory=dict, description="model name -> loaded and warmed up")
+    reason: str | None = Field(None, description="why the server is not ready (absent when it is)")
 
 
 class Prediction(BaseModel):

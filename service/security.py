@@ -11,8 +11,8 @@ header. Without keys the document declares no scheme: a client generated from it
 
 The V2 model repository extension (`ADMIN_PREFIX`: index, load, unload) is another matter: it changes what is
 served, so it takes an admin key (`VITSERVE_ADMIN_KEYS`, sent the same ways), never an API key, and with no
-admin key configured it is off (403). `APIKeyMiddleware` lets those paths through to `require_admin`, which
-decides alone.
+admin key configured it is off (403). Both decisions are `Access.check`, made before a request's body is read or
+anything is reserved for it: a client without a key holds nothing.
 
 A presented key's SHA-256 is compared with every configured key's by `hmac.compare_digest`, all of them every
 time, so the answer's timing says nothing about how much of a key (or its length) was right. Keys are never
@@ -75,20 +75,24 @@ class KeySet:
         return matched
 
 
-class APIKeys(KeySet):
-    """The API keys; `check` is the one decision, for the middleware, the direct path and gRPC (service.grpc_v2).
-    The repository extension's routes are left to their own gate (`require_admin`)."""
+class Access:
+    """Who may call what, decided before anything is reserved for a request: API keys for every route but the
+    open ones (when any is configured), admin keys for the repository extension (off while none is). `check`
+    is the one decision, for the middleware, the direct path and gRPC (service.grpc_v2)."""
 
-    def __init__(self, keys: list[str], open_routes: list[str]) -> None:
-        super().__init__(keys)
+    def __init__(self, api_keys: list[str], admin_keys: list[str], open_routes: list[str]) -> None:
+        self.api = KeySet(api_keys) if api_keys else None
+        self.admin = KeySet(admin_keys) if admin_keys else None
         self.open_routes = open_routes
 
-    def check(self, path: str, headers: list[tuple[bytes, bytes]]) -> Unauthorized | None:
-        """None when the request may go on; else the 401 to answer with (counted)."""
-        if is_open(path, self.open_routes) or path.startswith(ADMIN_PREFIX):
+    def check(self, path: str, headers: list[tuple[bytes, bytes]]) -> Unauthorized | Forbidden | None:
+        """None when the request may go on; else the 401 or 403 to answer with (counted)."""
+        if path.startswith(ADMIN_PREFIX):
+            return self._admin(headers)
+        if self.api is None or is_open(path, self.open_routes):
             return None
         candidate = presented_key(headers)
-        if self.accepts(candidate):
+        if self.api.accepts(candidate):
             return None
         METRICS.refused.labels(reason="unauthorized").inc()
         problem = "no API key was sent" if candidate is None else "the API key is not valid"
@@ -97,37 +101,39 @@ class APIKeys(KeySet):
             headers={"WWW-Authenticate": "Bearer"},
         )
 
-
-class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: APIKeys) -> None:
-        self.app = app
-        self.keys = keys
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # A CORS preflight (OPTIONS, never with credentials) does not get here: the CORS middleware outside
-        # answers it.
-        refused = self.keys.check(scope["path"], scope["headers"]) if scope["type"] == "http" else None
-        if refused is None:
-            await self.app(scope, receive, send)
-        else:
-            await send_error(scope, send, refused)
-
-
-def require_admin(scope: Scope, admin_keys: KeySet | None) -> None:
-    """The repository extension's gate: 403 while no admin key is configured, 401 without a valid one."""
-    if admin_keys is None:
-        raise Forbidden(
-            "the model repository extension is disabled on this server; set VITSERVE_ADMIN_KEYS to enable it"
-        )
-    candidate = presented_key(scope["headers"])
-    if not admin_keys.accepts(candidate):
+    def _admin(self, headers: list[tuple[bytes, bytes]]) -> Unauthorized | Forbidden | None:
+        """The repository extension's gate: 403 while no admin key is configured, 401 without a valid one."""
+        if self.admin is None:
+            return Forbidden(
+                "the model repository extension is disabled on this server; set VITSERVE_ADMIN_KEYS to enable it"
+            )
+        candidate = presented_key(headers)
+        if self.admin.accepts(candidate):
+            return None
         METRICS.refused.labels(reason="unauthorized").inc()
         problem = "no admin key was sent" if candidate is None else "the admin key is not valid"
-        raise Unauthorized(
+        return Unauthorized(
             f"{problem}; the model repository extension needs a key of VITSERVE_ADMIN_KEYS as "
             "`Authorization: Bearer <key>` (or `X-API-Key: <key>`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+class AccessMiddleware:
+    """`Access.check` for every HTTP request, before its body is read or anything is reserved for it."""
+
+    def __init__(self, app: ASGIApp, access: Access) -> None:
+        self.app = app
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A CORS preflight (OPTIONS, never with credentials) does not get here: the CORS middleware outside
+        # answers it.
+        refused = self.access.check(scope["path"], scope["headers"]) if scope["type"] == "http" else None
+        if refused is None:
+            await self.app(scope, receive, send)
+        else:
+            await send_error(scope, send, refused)
 
 
 def document_api_keys(app: FastAPI, open_routes: list[str]) -> None:

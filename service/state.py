@@ -32,6 +32,11 @@ log = logging.getLogger("vitserve")
 
 T = TypeVar("T")
 
+# Readiness's self-check (ServiceState.readiness): how long the engine may take to answer a ping, and how long
+# a memory budget may refuse every request (a load that fills it turns over within the body deadline).
+READY_ENGINE_TIMEOUT_S = 2.0
+READY_STALL_S = 15.0
+
 # Work on at most this many bytes of JSON or tensors runs on the event loop (about 50 us for 64 KiB).
 INLINE_BYTES = 64 * 1024
 # Images decoded on the event loop (ServiceState.prepare): at most this many encoded bytes and header pixels.
@@ -115,6 +120,19 @@ class ServiceState:
             and (self.engine is None or self.engine.alive)
             and (self.all_ready_file is None or self.all_ready_file.exists())
         )
+
+    async def readiness(self) -> str | None:
+        """Why the server cannot answer inference now, or None: it can. Beyond `ready` (models loaded, not
+        draining), a bounded self-check: the engine answers a ping within `READY_ENGINE_TIMEOUT_S`
+        (multi-process mode), and no memory budget has refused every request for `READY_STALL_S`."""
+        if not self.ready:
+            return "loading" if not self.shutting_down else "draining"
+        if self.engine is not None and not await self.engine.ping(READY_ENGINE_TIMEOUT_S):
+            return f"the inference engine did not answer within {READY_ENGINE_TIMEOUT_S:g} s"
+        for budget in (self.body_budget, self.decode_budget):
+            if budget is not None and budget.stalled_s() > READY_STALL_S:
+                return f"the {budget.name} budget has refused every request for {budget.stalled_s():.0f} s"
+        return None
 
     def models(self) -> ModelRepository:
         if self.repository is None:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 METADATA_FILE = "artifact.json"
 FORMAT_VERSION = 1
@@ -89,9 +89,18 @@ class Preprocessing(_Record):
 
 
 class GraphFile(_Record):
-    file: str
+    file: str = Field(description="path relative to the artifact directory, inside it")
     sha256: str
     outputs: list[str]
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, file: str) -> str:
+        # A record names files of its own directory only: never an absolute path or one that climbs out of it.
+        path = PurePosixPath(file)
+        if not file or "\\" in file or path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"graph file {file!r} must be a path inside the artifact directory")
+        return file
 
 
 class Source(_Record):
@@ -212,6 +221,8 @@ def read_metadata(directory: Path, *, verify_hashes: bool = True) -> ArtifactMet
         raise ArtifactError(f"{path}: format_version {meta.format_version}, this vitserve reads {FORMAT_VERSION}")
     for role, graph in meta.graphs.items():
         file = directory / graph.file
+        if not file.resolve().is_relative_to(directory.resolve()):  # a link that leads out of the directory
+            raise ArtifactError(f"{file}: the {role} graph named in {METADATA_FILE} lies outside {directory}")
         if not file.is_file():
             raise ArtifactError(f"{file}: the {role} graph named in {METADATA_FILE} is missing")
         if verify_hashes and sha256_file(file) != graph.sha256:

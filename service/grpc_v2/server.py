@@ -5,7 +5,7 @@ of its own and hands results to whichever loop runs the server), so an RPC calls
 core (`service.routes.v2.infer_tensors`) directly and its images meet HTTP requests' in the same batches.
 
 What is shared with HTTP, and how:
-- API keys: metadata `authorization: Bearer <key>` or `x-api-key: <key>`, checked by the same `APIKeys`; an RPC
+- API keys: metadata `authorization: Bearer <key>` or `x-api-key: <key>`, checked by the same `Access`; an RPC
   is open without a key when its REST twin's path is in `VITSERVE_OPEN_ROUTES` (ServerLive and ServerReady are
   `/v2/health/*`, open by default).
 - Limits: a message may be as large as an HTTP body (`VITSERVE_MAX_BODY_BYTES`; grpcio refuses a larger one
@@ -36,12 +36,12 @@ from typing import Any
 import grpc
 
 from service import __version__
-from service.errors import Overloaded, ServiceError
+from service.errors import BadRequest, Overloaded, ServiceError, escape
 from service.grpc_v2 import codec
 from service.grpc_v2.stubs import Stubs, load
 from service.metrics import METRICS
 from service.routes import v2
-from service.security import APIKeys
+from service.security import Access
 from service.state import ServiceState
 
 log = logging.getLogger("vitserve.grpc")
@@ -81,7 +81,7 @@ def rpc(rest_path: Callable[[Any], str]) -> Callable[[Handler], Handler]:
                 self.authorize(context, rest_path(request))
                 return await method(self, request, context)
             except ServiceError as e:
-                code, message = STATUS_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message
+                code, message = STATUS_CODES.get(e.status, grpc.StatusCode.INTERNAL), escape(e.message)
                 retry = e.headers.get("Retry-After")
             except asyncio.CancelledError:  # the client went away, or the shutdown's grace ran out
                 code = grpc.StatusCode.CANCELLED
@@ -112,16 +112,16 @@ class InferenceService:
         self.state = state
         self.pb2 = stubs.pb2
         settings = state.settings
-        self.keys = APIKeys(settings.api_keys, settings.open_routes) if settings.api_keys else None
+        self.access = Access(settings.api_keys, settings.admin_keys, settings.open_routes)
 
     def authorize(self, context: grpc.aio.ServicerContext, path: str) -> None:
-        if self.keys is None:
+        if self.access.api is None:
             return
         # gRPC metadata keys are lower case already; binary (`-bin`) values are bytes and never a key.
         headers = [
             (k.encode(), v.encode("latin-1")) for k, v in context.invocation_metadata() or () if isinstance(v, str)
         ]
-        refused = self.keys.check(path, headers)
+        refused = self.access.check(path, headers)
         if refused is not None:
             raise refused
 
@@ -131,7 +131,7 @@ class InferenceService:
 
     @rpc(lambda _: "/v2/health/ready")
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return self.pb2.ServerReadyResponse(ready=self.state.ready)
+        return self.pb2.ServerReadyResponse(ready=await self.state.readiness() is None)
 
     @rpc(lambda request: _model_path(request.name, request.version, "/ready"))
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -158,6 +158,8 @@ class InferenceService:
 
     @rpc(lambda request: _model_path(request.model_name, request.model_version, "/infer"))
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not request.model_name:  # an empty message says nothing to run: a client mistake, not an overload
+            raise BadRequest("ModelInferRequest.model_name is empty; name the model to run")
         # One limit for HTTP and gRPC together; judged against the latency of its REST twin's path.
         refused = self.state.admission.enter(_model_path(request.model_name, request.model_version, "/infer"))
         if refused is not None:
@@ -167,13 +169,14 @@ class InferenceService:
         started = time.perf_counter()
         try:
             if budget is not None:
-                held = await budget.reserve_async(request.ByteSize()) or 0
-                if not held:
+                reserved = await budget.reserve_async(request.ByteSize())
+                if reserved is None:  # None is a refusal; 0 bytes (an empty message) is not
                     raise Overloaded(
                         "the server holds too many request bodies in flight (VITSERVE_BODY_BUDGET_BYTES); retry "
                         "shortly",
                         headers={"Retry-After": "1"},
                     )
+                held = reserved
             model = v2.find_model(self.state, request.model_name, request.model_version or None)
             parsed, binary = await self.state.run_sized(codec.input_size(request), codec.parse_request, request)
             tensors, size = await v2.infer_tensors(self.state, model, parsed, binary, packed=True)

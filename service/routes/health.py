@@ -20,10 +20,17 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Health,
     operation_id="readyz",
-    summary="Every model loaded and warmed up",
-    responses={503: {"model": Health, "description": "loading, or draining before shutdown"}},
+    summary="The server can answer inference now",
+    responses={
+        503: {
+            "model": Health,
+            "description": "loading, draining before shutdown, the inference engine not answering, or a memory "
+            "budget refusing every request",
+        }
+    },
 )
 async def readyz(state: State) -> JSONResponse:
     models = {} if state.repository is None else {n: m.warmed_up for n, m in state.repository.models.items()}
-    body = Health(status="ok" if state.ready else "not_ready", models=models)
-    return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)
+    reason = await state.readiness()
+    body = Health(status="ok" if reason is None else "not_ready", models=models, reason=reason)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if reason is None else 503)

@@ -1,6 +1,7 @@
 """Triton's model repository extension: `POST /v2/repository/index`, `.../models/{name}/load`, `.../unload`.
 
-Off unless `VITSERVE_ADMIN_KEYS` is set, and then only for an admin key (service/security.py). The repository
+Off unless `VITSERVE_ADMIN_KEYS` is set, and then only for an admin key (`service.security.Access`, checked
+before the body is read). The repository
 is `VITSERVE_MODEL_DIR` (limited to `VITSERVE_MODELS` when set): load serves a directory of it, verified and warmed
 up exactly as at start, and swapped in atomically (a version that fails to load is refused with 400 and what was
 served keeps serving); unload stops serving a model: requests already admitted finish on it, later ones get 404
@@ -20,7 +21,6 @@ from fastapi.responses import JSONResponse, Response
 from service.deps import State
 from service.errors import BadRequest, Unavailable
 from service.runtime import discover
-from service.security import KeySet, require_admin
 from service.state import RepositoryAdmin
 
 router = APIRouter(prefix="/v2/repository", tags=["open inference protocol (v2): model repository"])
@@ -32,9 +32,8 @@ _ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 async def _admin_body(request: Request, state: State) -> dict[str, Any]:
-    """Check the admin key, then read the optional JSON body (tritonclient sends an empty one for the index)."""
-    keys = state.settings.admin_keys
-    require_admin(request.scope, KeySet(keys) if keys else None)
+    """The optional JSON body (tritonclient sends an empty one for the index); the admin key was checked before
+    it was read (service.security.Access)."""
     body = await request.body()
     if not body.strip():
         return {}

@@ -129,7 +129,8 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", operation_id="v2_ready", summary="Server ready", responses=NOT_READY)
 async def ready(state: State) -> JSONResponse:
-    return JSONResponse({"ready": state.ready}, 200 if state.ready else 503)
+    ready = await state.readiness() is None
+    return JSONResponse({"ready": ready}, 200 if ready else 503)
 
 
 @router.get(

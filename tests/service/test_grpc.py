@@ -181,6 +181,20 @@ def test_errors_are_grpc_status_codes(server, digits):
 
 
 @in_child
+def test_an_empty_infer_request_is_invalid_argument(server):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(service_pb2.ModelInferRequest(), metadata=list(AUTH.items()))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "model_name" in caught.value.details()
+    assert not dict(caught.value.trailing_metadata() or ()).get("retry-after")  # a mistake: nothing to retry
+
+
+@in_child
 def test_metrics_count_grpc_calls(server, digits):
     triton = connect(server)
 

@@ -21,7 +21,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 import service
 from service.settings import Settings
 from service.tracing import traces_endpoint
-from tests.conftest import MODELS, Server, run_cli
+from tests.conftest import MODELS, Server, metric, run_cli
 
 STAGES = ["decode", "preprocess", "queue", "inference", "encode"]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -226,6 +226,42 @@ def test_a_refused_request_is_one_span_with_its_status(traced, receiver, held_ou
     (span,) = receiver.wait_for("traced-404", 1)
     assert span["name"] == "POST /v1/models/{name}/classify"
     assert span["attributes"]["http.response.status_code"] == 404 and "vitserve.model" not in span["attributes"]
+
+
+BAD_TRACE_HEADERS = [
+    ({"traceparent": "00-" + "a" * 600}, "traceparent"),  # over OpenTelemetry's 512 characters
+    (
+        {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "tracestate": ",".join(f"k{i}=v" for i in range(40))},
+        "tracestate",
+    ),
+    ({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "tracestate": "BAD KEY=v,a=1,a=2"}, "tracestate"),
+    ({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "tracestate": "x=" + "v" * 9000}, "tracestate"),
+]
+
+
+@pytest.mark.server
+def test_malformed_trace_headers_are_dropped_quietly_and_counted(traced, receiver, held_out_pngs):
+    def dropped(header: str) -> float:
+        return metric(httpx.get(f"{traced.url}/metrics").text, "vitserve_trace_headers_dropped_total", header=header)
+
+    before = {h: dropped(h) for h in ("traceparent", "tracestate")}
+    for round_ in range(10):
+        for index, (headers, _) in enumerate(BAD_TRACE_HEADERS):
+            request_id = f"bad-trace-{round_}-{index}"
+            response = httpx.post(
+                f"{traced.url}/v1/classify",
+                content=held_out_pngs[0],
+                headers={"content-type": "image/png", "x-request-id": request_id, **headers},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+    # Each request is still one span tree: under the caller's span when its traceparent was good.
+    root = check_tree(receiver.wait_for("bad-trace-9-1", 1 + len(STAGES)), "POST /v1/classify", images=1)
+    assert root["trace_id"] == TRACE_ID and root["parent"] == PARENT_ID
+    expected = {"traceparent": 10, "tracestate": 30}
+    assert {h: dropped(h) - before[h] for h in expected} == expected
+    log = traced.log.read_text()
+    assert "tracestate" not in log and "traceparent" not in log and "key/value" not in log, log[-2000:]
 
 
 @pytest.mark.server
