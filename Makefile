@@ -68,10 +68,13 @@ docker-smoke: dev-env ## build the container image and check it from the host (n
 k8s-validate: dev-env ## build and validate the Kubernetes manifests offline
 	$(RUN) $(DEV_VENV)/bin/python -m pytest -q tests/docker/test_k8s.py tests/docker/test_container_files.py tests/docker/test_versions.py
 
-# On a machine with an NVIDIA GPU: the CUDA provider against the CPU provider, ViT-B/16 throughput.
-gpu-check: dev-env
-	@mkdir -p test-artifacts
-	$(RUN) $(DEV_VENV)/bin/python docker/gpu_check.py --report test-artifacts/gpu-check.json
+# GPU serving in one short run (docker/gpu_check.py): here it prepares build/gpu-check, what a GPU machine without
+# a package registry needs, in parts for the device tool's calls, and prints the calls (also in plan.md there).
+# PROVIDER=cpu runs the same check end to end on this machine's CPU, with the default model and its FP16 variant.
+gpu-check: dev-env ## prepare the GPU check for a GPU machine (PROVIDER=cpu: run it here, a dry run under 2 minutes)
+	$(RUN) $(DEV_VENV)/bin/python docker/gpu_check.py prepare --provider $(or $(PROVIDER),cuda)
+	$(if $(filter cpu,$(PROVIDER)),$(RUN) $(DEV_VENV)/bin/python docker/gpu_check.py run --bundle build/gpu-check-cpu \
+	  --report test-artifacts/gpu-check-cpu.json)
 
 # The demo page's tests drive Debian's Chromium through Playwright (never `playwright install`, which downloads
 # a browser of its own). Installed only where it is missing; where it cannot be (no root, no mirror), those
