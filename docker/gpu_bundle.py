@@ -230,7 +230,7 @@ class _Joined(io.RawIOBase):
 
     def __init__(self, files: Iterable[Path]) -> None:
         self._files = iter(files)
-        self._current: IO[bytes] | None = None
+        self._current: io.BufferedReader | None = None
 
     def readable(self) -> bool:
         return True

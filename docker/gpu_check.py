@@ -130,7 +130,12 @@ def _pip_download(target: Path, *requirements: str) -> None:
     command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(target)]
     command += ["--python-version", "3.12", "--implementation", "cp", "--abi", "cp312"]
     command += [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-    subprocess.run([*command, *requirements], check=True)
+    done = subprocess.run([*command, *requirements], capture_output=True, text=True)
+    # pip names every configured index that lacks a package (the Makefile's venv rule hides the same lines)
+    said = [line for line in done.stderr.splitlines() if not line.startswith("WARNING: Location")]
+    if said:
+        print("\n".join(said), file=sys.stderr, flush=True)
+    done.check_returncode()
 
 
 def _wheels(work: Path) -> dict[str, Path]:

@@ -431,6 +431,8 @@ def measure(report: Report, work: Path, check: dict[str, Any], schedule: Schedul
         agree = float(np.mean(got.argmax(1) == expected[name].argmax(1)))
         parity[name] = {"max_prob_diff": diff, "top1_agreement": agree, "reference": f"{reference_of[name]} on CPU"}
         report.check(f"{name}: {want} vs CPU probabilities <= {PARITY_MAX}", diff <= PARITY_MAX)
+        parity[name]["io_binding"] = model.unbound or "bound"
+        report.check(f"{name}: the service's batches run through IO binding", not model.unbound)
         loaded[name] = model
     report.data["parity"] = parity
     report.save()

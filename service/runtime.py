@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from service.graph_rewrite import LAYER_NORM_FUSIONS, rewrite_layer_norms
+from service.settings import EMBEDDED_MODEL
 from vit_artifact.metadata import (
     ATTENTIONS,
     INPUT_NAME,
@@ -122,6 +123,8 @@ class BoundBatch:
         self.output_type = NUMPY_TYPES.get(logits, np.float32)
         self.pixels = np.empty((0, *input_shape), self.input_type)
         self.logits = np.empty((0, classes), self.output_type)
+        self.runs = 0  # bound runs that succeeded
+        self.unbound: str | None = None  # why IO binding was given up, if it was
 
     def _grow(self, size: int) -> None:
         capacity = 1 << (size - 1).bit_length()
@@ -143,10 +146,24 @@ class BoundBatch:
     def run_staged(self, size: int) -> np.ndarray:
         """Run the first `size` staged rows; their logits (size, C), float32, in an array of their own."""
         pixels, logits = self.pixels[:size], self.logits[:size]
-        self.binding.bind_input(self.input_name, "cpu", 0, self.input_type, list(pixels.shape), pixels.ctypes.data)
-        self.binding.bind_output(LOGITS, "cpu", 0, self.output_type, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(self.binding)
-        return logits.astype(np.float32)  # a copy: the buffer is the next batch's
+        if self.unbound is None:
+            try:
+                self.binding.bind_input(
+                    self.input_name, "cpu", 0, self.input_type, list(pixels.shape), pixels.ctypes.data
+                )
+                self.binding.bind_output(LOGITS, "cpu", 0, self.output_type, list(logits.shape), logits.ctypes.data)
+                self.session.run_with_iobinding(self.binding)
+                self.runs += 1
+                return logits.astype(np.float32)  # a copy: the buffer is the next batch's
+            except Exception as e:
+                if self.runs:  # binding worked before: this batch's own fault
+                    raise
+                # A provider whose binding fails from the first run (the CUDA path has not run on every GPU and
+                # onnxruntime release this serves): keep serving, through `run` on the same staged buffer.
+                self.unbound = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+                log.warning("IO binding failed on %s; running it unbound: %s", self.session.get_providers()[0], e)
+        (out,) = self.session.run([LOGITS], {self.input_name: pixels})
+        return np.asarray(out, dtype=np.float32)
 
     def run(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         return self.run_staged(self.stage(images))
@@ -180,9 +197,14 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self._free: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
         shape = (3, *self.meta.input_size)
-        for classify, attention in [(self.classify, self.attention), *self.spares]:
-            bound = None if classify is None else BoundBatch(classify, len(self.meta.labels), shape)
-            self._free.put(_Instance(classify, attention, bound))
+        self._instances = [
+            _Instance(
+                classify, attention, None if classify is None else BoundBatch(classify, len(self.meta.labels), shape)
+            )
+            for classify, attention in [(self.classify, self.attention), *self.spares]
+        ]
+        for instance in self._instances:
+            self._free.put(instance)
 
     @property
     def instances(self) -> int:
@@ -192,6 +214,11 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.meta.name
+
+    @property
+    def unbound(self) -> list[str]:
+        """Why IO binding was given up on a session of this model (`BoundBatch`); empty: every batch ran bound."""
+        return [i.bound.unbound for i in self._instances if i.bound is not None and i.bound.unbound]
 
     @property
     def has_attention(self) -> bool:
@@ -379,6 +406,22 @@ def discover(model_dir: Path, only: list[str] | None = None) -> list[Path]:
     return found
 
 
+def choose_default(names: list[str], default: str | None) -> str:
+    """The model the routes without a name use: `default` (VITSERVE_DEFAULT_MODEL) when it is set; unset, the
+    repository's only model, or else the embedded one. A name that is not served stops the start, saying which
+    setting names it and what may be named."""
+    if not default and len(names) == 1:
+        return names[0]
+    chosen = default or EMBEDDED_MODEL
+    if chosen in names:
+        return chosen
+    source = "VITSERVE_DEFAULT_MODEL" if default else "VITSERVE_DEFAULT_MODEL is unset"
+    raise ArtifactError(
+        f"default model {chosen!r} ({source}) is not among the models {sorted(names)}: set VITSERVE_DEFAULT_MODEL "
+        "to the one the routes without a model name should use"
+    )
+
+
 @dataclass(frozen=True)
 class LoadFailure:
     """A model that could not be loaded (VITSERVE_ON_MODEL_ERROR=skip): why, as clients may read it."""
@@ -402,7 +445,7 @@ class ModelRepository:
         cls,
         model_dir: Path,
         *,
-        default: str,
+        default: str | None,
         providers: list[str],
         threads: int,
         cpu_rewrites: bool,
@@ -412,12 +455,11 @@ class ModelRepository:
         on_error: Literal["fail", "skip"] = "fail",
     ) -> ModelRepository:
         """Load every artifact. A failure stops the start, unless `on_error="skip"` and it is not the default
-        model: then that model is listed as unavailable and the others are served."""
+        model (`choose_default`): then that model is listed as unavailable and the others are served."""
         paths = discover(model_dir, only)
         if not paths:
             raise ArtifactError(f"no artifacts in {model_dir}; export one with `python -m model_export`")
-        if default not in {p.name for p in paths}:
-            raise ArtifactError(f"default model {default!r} is not among the models {sorted(p.name for p in paths)}")
+        default = choose_default([p.name for p in paths], default)
         models: dict[str, LoadedModel] = {}
         unavailable: dict[str, LoadFailure] = {}
         for path in paths:

@@ -88,6 +88,45 @@ def test_infer_takes_the_rows_the_batcher_collects_and_copies_them_once(model):
     np.testing.assert_allclose(with_maps, logits, rtol=0, atol=1e-5)
 
 
+class Refusing:
+    """A session whose IO binding fails (as a provider's might) while its plain `run` works."""
+
+    def __init__(self, session: ort.InferenceSession, fail_after: int = 0) -> None:
+        self.session, self.fail_after, self.bound_runs = session, fail_after, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def run_with_iobinding(self, binding: Any) -> None:
+        if self.bound_runs >= self.fail_after:
+            raise RuntimeError("binding refused")
+        self.bound_runs += 1
+        self.session.run_with_iobinding(binding)
+
+
+def test_a_binding_that_fails_from_the_first_run_is_given_up_and_the_batch_runs_unbound(model):
+    assert model.classify is not None
+    bound = BoundBatch(Refusing(model.classify), 10, (3, 32, 32))  # type: ignore[arg-type]
+    rows = images(5)
+    np.testing.assert_array_equal(bound.run(rows), plain(model.classify, np.stack(rows)))
+    assert bound.unbound == "RuntimeError: binding refused"
+    np.testing.assert_array_equal(bound.run(rows[:2]), plain(model.classify, np.stack(rows[:2])))
+
+
+def test_a_binding_that_worked_and_then_fails_fails_that_batch(model):
+    assert model.classify is not None
+    bound = BoundBatch(Refusing(model.classify, fail_after=1), 10, (3, 32, 32))  # type: ignore[arg-type]
+    bound.run(images(2))
+    with pytest.raises(RuntimeError, match="binding refused"):
+        bound.run(images(2))
+    assert bound.unbound is None
+
+
+def test_a_loaded_model_says_its_batches_run_bound(model):
+    model.infer(images(3), with_attention=False)
+    assert model.unbound == []
+
+
 def test_an_fp16_graph_is_fed_and_read_in_its_own_types(tmp_path):
     """A graph that takes and gives FP16: the buffers have its types, and the caller still gets float32 logits."""
     onnx = pytest.importorskip("onnx")
