@@ -485,11 +485,36 @@ def measure(report: Report, work: Path, check: dict[str, Any], schedule: Schedul
                 log(f"load: {name} {kind}, {schedule.in_flight * batch} connections")
                 result = point(url, name, kind, messages, program, schedule, batch, photos[0].read_bytes())
                 result["ratio_to_bare"] = round(result["images_per_s"] / bare[name]["best_images_per_s"], 3)
+                result["split_ms_per_image"] = split(result, bare[name])
                 points.setdefault(name, {})[kind] = result
                 log(f"{name} {kind}: {json.dumps(result)}")
                 report.check(f"{name} {kind}: every request answered 200", result_clean(result))
                 report.save()
+    fallbacks = [line for line in tail(service_log, 10**6).splitlines() if "IO binding failed" in line]
+    report.data["service_io_binding"] = fallbacks[:4] or "bound"
+    report.check("the service's batches ran through IO binding", not fallbacks)
     report.data["goals"] = goals(report.data, provider)
+
+
+def split(result: dict[str, Any], bare: dict[str, Any]) -> dict[str, float | None]:
+    """Where an image's time goes in the service, per image, beside bare onnxruntime's: decoding and
+    preprocessing (JPEG; on an HTTP worker, side by side with the others), the wait in the batch queue, the copy
+    into the batch and the bound run (in this process, at bare's best batch), and the service's runtime call at the
+    batch it really formed; bare's time at its best batch, and at the size nearest that batch."""
+    batcher, timings = result["batcher"], result.get("server_timings_ms", {})
+    path = bare["service_path"]
+    mean = batcher.get("mean_batch")
+    nearest = min(bare["ms_per_batch"], key=lambda size: abs(int(size) - (mean or 0)))
+    per_batch = batcher.get("runtime_ms_per_batch")
+    return {
+        "decode_and_preprocess": round(timings["decode_ms"] + timings["preprocess_ms"], 3) if timings else None,
+        "queue": batcher.get("queue_ms"),
+        "copy_into_batch": round(path["copy_into_batch_ms"] / path["batch"], 3),
+        "bound_run": round(path["bound_run_ms"] / path["batch"], 3),
+        "service_runtime": round(per_batch / mean, 3) if per_batch and mean else None,
+        "bare_at_best_batch": round(1e3 / bare["best_images_per_s"], 3),
+        "bare_at_the_service_batch": round(bare["ms_per_batch"][nearest] / int(nearest), 3),
+    }
 
 
 def v2_parity(url: str, model: str, pixels: np.ndarray, expected: np.ndarray) -> float:
