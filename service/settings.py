@@ -84,8 +84,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="onnxruntime sessions per model, each running its own batch at once (Triton's instance_group "
-        "count); 0: one single-threaded session per CPU for a classify graph under 32 MB on the CPU provider, "
-        "else one (`service.runtime.session_layout`)",
+        "count); 0: one single-threaded session per CPU for a classify graph under 32 MB on the CPU provider, two "
+        "on CUDA (one batch computes while the next is copied in), else one (`service.runtime.session_layout`)",
     )
     cpu_graph_rewrites: bool = Field(
         True,
@@ -112,7 +112,12 @@ class Settings(BaseSettings):
         "most `VITSERVE_MAX_QUEUE_SIZE`",
     )
     batching: bool = Field(True, description="dynamic batching: coalesce concurrent requests into one runtime call")
-    max_batch_size: int = Field(16, gt=0, description="images per runtime call (a model's `serving.json` may override)")
+    max_batch_size: int = Field(
+        16,
+        gt=0,
+        description="images per runtime call (a model's `serving.json` may override); unset, a model on CUDA takes "
+        "up to 64 (`service.runtime.provider_batching`)",
+    )
     max_queue_delay_ms: float = Field(
         0.0,
         ge=0,
