@@ -21,20 +21,15 @@ from service.batching import BatchPolicy
 from service.engine_client import attach_engine
 from service.errors import InvalidParameter, ServiceError, error_response
 from service.fast_path import DirectInfer, FastPath
+from service.gate import Gate, internal_error
 from service.http_protocol import AcceptErrorFilter
 from service.metrics import METRICS
-from service.middleware import (
-    ConcurrencyLimitMiddleware,
-    MetricsMiddleware,
-    RequestBodyMiddleware,
-    RequestContextMiddleware,
-    internal_error,
-)
+from service.middleware import GateMiddleware, RequestContextMiddleware
 from service.reload import Loader, RepositoryWatcher
 from service.routes import demo, health, inference, metrics, models, shared_memory, stats, v2
 from service.routes import repository as repository_routes
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
-from service.security import Access, AccessMiddleware, cors_options, document_api_keys
+from service.security import Access, cors_options, document_api_keys
 from service.settings import Settings, usable_cpus
 from service.state import ServiceState, batch_policy
 
@@ -120,20 +115,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return internal_error(getattr(request.state, "request_id", "?"), request.url.path)
 
 
-def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, access: Access) -> None:
-    assert state.body_budget is not None, "an app's state serves HTTP"
+def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, gate: Gate) -> None:
     # Added innermost first; the last added runs first on a request.
     app.add_middleware(FastPath, state=state)  # innermost: V2 infer past FastAPI's router
-    app.add_middleware(ConcurrencyLimitMiddleware, admission=state.admission)  # once a body is in
-    app.add_middleware(
-        RequestBodyMiddleware,
-        max_bytes=settings.max_body_bytes,
-        budget=state.body_budget,
-        grace_s=settings.body_timeout_s,
-        min_rate=settings.body_min_rate,
-    )
-    app.add_middleware(AccessMiddleware, access=access)  # before any byte of a body is read or reserved
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(GateMiddleware, gate=gate)  # keys, limits, body, budget, admission, metrics: service.gate
     if settings.cors_origins:  # outside the key check: a preflight carries no key, and a 401 must be readable
         app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
     tracing.install(app, settings)  # inside the request id, outside every refusal: each request is one span
@@ -170,7 +155,7 @@ def create_app(
         if settings.grpc_port:
             from service.grpc_v2.server import start
 
-            grpc_server = await start(state, shared_port=worker is not None)
+            grpc_server = await start(state, gate, shared_port=worker is not None)
         yield
         state.shutting_down = True
         if grpc_server is not None:  # after HTTP's drain: in-flight calls finish within the grace, new ones are refused
@@ -192,11 +177,13 @@ def create_app(
     app.state.vitserve = state
     _install_error_handlers(app)
     access = Access(settings.api_keys, settings.admin_keys, settings.open_routes)
-    _install_middleware(app, settings, state, access)
+    assert state.body_budget is not None, "an app's state serves HTTP"
+    gate = app.state.gate = Gate(settings, access, state.body_budget, state.admission)
+    _install_middleware(app, settings, state, gate)
     # The connection layer answers V2 infer itself (service.fast_path); CORS headers and spans come from the
     # middleware only.
     direct = settings.direct_infer and not settings.cors_origins and tracing.traces_endpoint(settings) is None
-    app.state.direct = DirectInfer(app, state, settings, access) if direct else None
+    app.state.direct = DirectInfer(app, state, gate) if direct else None
     for module in (health, models, inference, stats, repository_routes, v2, shared_memory, metrics, demo):
         # stats before v2's `{name}`
         app.include_router(module.router)

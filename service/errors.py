@@ -16,9 +16,14 @@ from starlette.responses import JSONResponse, Response
 log = logging.getLogger("vitserve")
 
 
+RETRY_AFTER_S = 1  # what `Retry-After` says of every refusal worth retrying: soon, here or elsewhere
+_UNSET: Any = object()
+
+
 class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
+    retry_after: int | None = None  # seconds, sent as `Retry-After` (and gRPC's retry-after metadata)
 
     def __init__(
         self,
@@ -28,6 +33,7 @@ class ServiceError(Exception):
         headers: dict[str, str] | None = None,
         status: int | None = None,
         code: str | None = None,
+        retry_after: int | None = _UNSET,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -37,6 +43,10 @@ class ServiceError(Exception):
             self.status = status
         if code is not None:
             self.code = code
+        if retry_after is not _UNSET:
+            self.retry_after = retry_after
+        if self.retry_after is not None:
+            self.headers.setdefault("Retry-After", str(self.retry_after))
 
 
 def is_v2(path: str) -> bool:
@@ -122,8 +132,10 @@ class InvalidParameter(ServiceError):
 
 
 class Unavailable(ServiceError):
-    status, code = 503, "unavailable"
+    """Not now (starting, stopping, the engine away): retry shortly, unless `retry_after=None` says otherwise."""
+
+    status, code, retry_after = 503, "unavailable", RETRY_AFTER_S
 
 
 class Overloaded(ServiceError):
-    status, code = 503, "overloaded"
+    status, code, retry_after = 503, "overloaded", RETRY_AFTER_S

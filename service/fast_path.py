@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -35,28 +34,16 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.errors import ServiceError, error_response
+from service.gate import Gate, Ticket, content_length, cut_off_by_shutdown, internal_error, with_context_headers
 from service.logs import REQUEST_ID
-from service.metrics import METRICS
-from service.middleware import (
-    body_too_slow,
-    content_length,
-    cut_off_by_shutdown,
-    internal_error,
-    record_request,
-    request_id_for,
-    with_context_headers,
-)
 from service.routes import inference, v2
 from service.routes.inference import DEFAULT_TOP_K, MAX_TOP_K
-from service.settings import Settings
 from service.state import ServiceState
 
 if TYPE_CHECKING:
-    from service.http_protocol import GuardedProtocol
-    from service.security import Access
+    from service.http_protocol import GuardedProtocol, RequestHead
 
 log = logging.getLogger("vitserve")
 
@@ -109,6 +96,8 @@ class DirectRequest:
 class _V2Infer:
     """V2 `infer`: `v2.infer_response` reads a `DirectRequest`."""
 
+    path = ""
+
     def __init__(self, name: str, version: str | None) -> None:
         self.name, self.version = name, version
         self.template = INFER_TEMPLATES[version is not None]
@@ -124,6 +113,8 @@ class _Classify:
     """`/v1/classify` and `/v1/models/{name}/classify`: the route's own handler, given a Starlette request over
     the collected body, so that the multipart form is read by the same code (and its errors worded the same) as
     on the ASGI way; the answer serialized as FastAPI serializes its response model."""
+
+    path = ""
 
     def __init__(self, name: str | None, k: int) -> None:
         self.name, self.k = name, k
@@ -157,46 +148,48 @@ class _Classify:
 
 def direct_target(url: bytes) -> _V2Infer | _Classify | None:
     """What the direct path would answer at this raw request target (path and query), or None: the ASGI way."""
+    target: _V2Infer | _Classify | None = None
     if (match := _V2_INFER_RAW.match(url)) is not None:
-        return _V2Infer(match[1].decode("ascii"), None if match[2] is None else match[2].decode("ascii"))
-    if (match := _CLASSIFY_RAW.match(url)) is not None:
+        target = _V2Infer(match[1].decode("ascii"), None if match[2] is None else match[2].decode("ascii"))
+    elif (match := _CLASSIFY_RAW.match(url)) is not None:
         k = DEFAULT_TOP_K if match[2] is None else int(match[2])
-        return _Classify(None if match[1] is None else match[1].decode("ascii"), k) if k <= MAX_TOP_K else None
-    return None
+        target = _Classify(None if match[1] is None else match[1].decode("ascii"), k) if k <= MAX_TOP_K else None
+    if target is not None:
+        target.path = url.partition(b"?")[0].decode("ascii")  # no escapes here: as the ASGI scope would have it
+    return target
 
 
 class DirectInfer:
-    """The direct path of one server process: its state and the settings its rules need."""
+    """The direct path of one server process: which requests it takes; the gate decides everything else."""
 
-    def __init__(self, app: ASGIApp, state: ServiceState, settings: Settings, access: Access) -> None:
-        assert state.body_budget is not None, "an app's state serves HTTP"
+    def __init__(self, app: ASGIApp, state: ServiceState, gate: Gate) -> None:
         self.app = app  # in each request's scope, as on the ASGI way (Starlette turns form errors into 400s then)
         self.state = state
-        self.access = access
-        self.budget = state.body_budget
-        self.max_body = min(DIRECT_MAX_BODY, settings.max_body_bytes)
-        self.grace_s = settings.body_timeout_s
-        self.min_rate = settings.body_min_rate
+        self.gate = gate
+        self.max_body = min(DIRECT_MAX_BODY, gate.max_body)
 
-    def begin(self, connection: GuardedProtocol) -> Exchange | None:
+    def begin(self, connection: GuardedProtocol, head: RequestHead) -> Exchange | None:
         """An exchange for the request whose headers just arrived on `connection`, or None: the ASGI way."""
-        if connection.parser.get_method() != b"POST" or connection.expect_100_continue:
+        if head.method != b"POST" or head.expect_continue:
             return None
-        target = direct_target(connection.url)
+        target = direct_target(head.url)
         if target is None:
             return None
         size: int | None = None
-        for name, value in connection.headers:
+        for name, value in head.headers:
             if name == b"content-length":
                 size = content_length(value)
             elif name == b"transfer-encoding":
                 return None
         if size is None or size > self.max_body:
             return None
-        held = self.budget.reserve_now(size)
-        if held is None:
-            return None  # the middleware waits for room, then answers 503
-        return Exchange(self, connection, target, size, held)
+        ticket = self.gate.open("POST", target.path, head.headers)
+        ticket.label = target.template
+        refused = ticket.refusal()  # keys first: a refused request reserves nothing, and its body is dropped
+        if refused is None and not ticket.cover_now(size):
+            ticket.close(None)  # no room now: the ASGI way waits for room, then answers 503
+            return None
+        return Exchange(self, connection, head, target, ticket, refused)
 
 
 class _NoEvent:
@@ -207,85 +200,67 @@ class _NoEvent:
 class Exchange:
     """One request on the direct path. On the connection it stands where uvicorn's request-response cycle
     would, with the attributes the connection layer reads (response_started, response_complete, keep_alive,
-    disconnected, message_event)."""
+    disconnected, message_event). What it holds is its ticket's, given back by `ticket.close`."""
 
     message_event = _NoEvent()
 
     def __init__(
-        self, direct: DirectInfer, connection: GuardedProtocol, target: _V2Infer | _Classify, size: int, held: int
+        self,
+        direct: DirectInfer,
+        connection: GuardedProtocol,
+        head: RequestHead,
+        target: _V2Infer | _Classify,
+        ticket: Ticket,
+        refused: ServiceError | None,
     ) -> None:
         self.direct = direct
         self.connection = connection
         self.target = target
-        self.url = connection.url.decode("ascii")  # path and query, as the access log shows it
-        path, _, query = connection.url.partition(b"?")
-        self.path, self.query = path.decode("ascii"), query
-        self.headers = connection.headers
-        self.request_id = request_id_for(self.headers)
-        self.refused = direct.access.check(self.path, self.headers)
-        self.size = size
-        self.held = held
+        self.ticket = ticket
+        self.refused = refused
+        self.url = head.url.decode("ascii")  # path and query, as the access log shows it
+        self.path, self.query = target.path, head.url.partition(b"?")[2]
+        self.headers = head.headers
+        self.http_version = head.http_version
+        self.keep_alive = head.keep_alive
+        self.request_id = ticket.request_id
         self.chunks: list[bytes] = []
         self.received = 0
-        self.started = time.perf_counter()
         self.response_started = self.response_complete = self.disconnected = False
-        # As uvicorn decides for its own cycles: HTTP/1.0 closes after the answer, whatever it asked for.
-        http_version = connection.parser.get_http_version()
-        self.http_version = http_version
-        self.keep_alive = (
-            http_version != "1.0" and connection.parser.should_keep_alive() and not connection.policy.draining
-        )
-        self.model: Any = None
-        loop = connection.loop
-        self.arrived = loop.time()
-        self.pace_timer: asyncio.TimerHandle | None = loop.call_later(direct.grace_s, self._check_pace)
-        self.counted = True  # in the in-flight gauge until `_release`
-        METRICS.in_flight.inc()
+        self.loop = asyncio.get_running_loop()
+        self.pace_timer: asyncio.TimerHandle | None = self.loop.call_at(ticket.body_due(0), self._check_pace)
 
     # --- the body -------------------------------------------------------------------------------------------
     def on_body(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
         self.received += len(chunk)
+        if self.refused is None:  # a refused request's body is read past, never kept
+            self.chunks.append(chunk)
 
     def on_complete(self) -> None:
         """The whole body is in: answer it in a task the server waits for at shutdown, as uvicorn's are."""
-        if self.pace_timer is not None:
-            self.pace_timer.cancel()
-            self.pace_timer = None
-        task = self.connection.loop.create_task(self._run(b"".join(self.chunks)))
+        self._stop_pace()
+        self.connection.start_task(self._run(b"".join(self.chunks)))
         self.chunks = []
-        tasks = self.connection.tasks
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
 
     def abandon(self) -> None:
         """The client left before its body was complete: nobody to answer, free what the request held now."""
         self.response_complete = self.disconnected = True
-        self._release()
+        self._stop_pace()
+        self.ticket.close(None)
 
-    def _release(self) -> None:
-        """Give back what the request holds (its body's bytes, its place in the in-flight gauge); once, whichever
-        way the request ends: answered, abandoned, or failed while answering."""
+    def _stop_pace(self) -> None:
         if self.pace_timer is not None:
             self.pace_timer.cancel()
             self.pace_timer = None
-        if self.held:
-            self.direct.budget.release(self.held)
-            self.held = 0
-        if self.counted:
-            self.counted = False
-            METRICS.in_flight.dec()
 
     def _check_pace(self) -> None:
-        """The body may take the grace period plus its size at the minimum rate, as in the middleware."""
-        loop = self.connection.loop
-        due = self.arrived + self.direct.grace_s + self.received / self.direct.min_rate
-        if loop.time() < due:
-            self.pace_timer = loop.call_later(due - loop.time(), self._check_pace)
+        """The body may take the grace period plus its size at the minimum rate (the gate's rule)."""
+        due = self.ticket.body_due(self.received)
+        if self.loop.time() < due:
+            self.pace_timer = self.loop.call_at(due, self._check_pace)
             return
         self.pace_timer = None
-        error = body_too_slow(self.received, loop.time() - self.arrived, self.direct.grace_s, self.direct.min_rate)
-        self._finish(error_response(error, self.path))
+        self._finish(error_response(self.ticket.too_slow(self.received), self.path))
 
     # --- the answer -----------------------------------------------------------------------------------------
     async def _run(self, body: bytes) -> None:
@@ -300,60 +275,45 @@ class Exchange:
         self._finish(response)
 
     async def _respond(self, body: bytes) -> Response:
-        if self.refused is not None:
-            return error_response(self.refused, self.path)
-        direct = self.direct
-        refused = direct.state.admission.enter(self.path)
+        refused = self.refused or self.ticket.admit()
         if refused is not None:
             return error_response(refused, self.path)
         request = None
         try:
             request = self.target.request(self, body)
-            return await self.target.respond(direct.state, self, request)
+            return await self.target.respond(self.direct.state, self, request)
         except ServiceError as e:
             return error_response(e, self.path)
         except Exception:
             return internal_error(self.request_id, self.path)
         finally:
-            direct.state.admission.leave()
-            self.model = getattr(getattr(request, "state", None), "model", None)
+            self.ticket.model = getattr(getattr(request, "state", None), "model", None)
 
     def _finish(self, response: Response) -> None:
-        """Write the whole response at once, count it, free what the request held, hand the connection back."""
+        """Write the whole response at once, close the ticket (counted, everything given back), hand the
+        connection back."""
         if self.response_complete:
             return
         self.response_started = self.response_complete = True
+        self._stop_pace()
         try:
             self._write(response)
         except Exception:  # nothing more can be said on this connection; what the request held is still freed
             log.exception("request %s: the answer could not be written; closing the connection", self.request_id)
             self.keep_alive = False
         finally:
-            self._release()
+            self.ticket.close(response.status_code)
             self.connection.exchange_done(self)
 
     def _write(self, response: Response) -> None:
-        status = response.status_code
-        connection = self.connection
-        parts = [STATUS_LINE[status]]
-        for name, value in (
-            *connection.server_state.default_headers,
-            *with_context_headers(response.raw_headers, self.request_id),
-        ):
+        headers = []
+        for name, value in with_context_headers(response.raw_headers, self.request_id):
             if name == b"connection" and b"close" in value.lower():
                 self.keep_alive = False
                 continue
-            parts += (name, b": ", value, b"\r\n")
+            headers.append((name, value))
         if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts += (b"\r\n", response.body)  # type: ignore[arg-type]  # bytes: every response here is built whole
-        # The client may have gone while the answer was being made (uvicorn closes a connection whose next bytes
-        # fail to parse); a closed transport is not written to.
-        if not self.disconnected and not connection.transport.is_closing():
-            connection.transport.write(b"".join(parts))
-        if connection.access_log:
-            client = f"{connection.client[0]}:{connection.client[1]}" if connection.client else "-"
-            # uvicorn's own message and arguments: its access formatter reads them by position
-            args = (client, "POST", self.url, self.http_version, status)
-            connection.access_logger.info('%s - "%s %s HTTP/%s" %d', *args)
-        record_request(self.target.template, "POST", status, self.started, self.model)
+            headers.append((b"connection", b"close"))
+        if not self.disconnected:
+            self.connection.write_response(response.status_code, headers, response.body)  # type: ignore[arg-type]
+        self.connection.log_access("POST", self.url, self.http_version, response.status_code)

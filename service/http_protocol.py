@@ -13,7 +13,7 @@ limit (past which even `/healthz` is unreachable). `GuardedProtocol` adds, per c
   `Connection: close`; at shutdown an idle connection is closed only after `IDLE_CLOSE_GRACE_S`, and a request
   that arrives in that window is still answered, so no connection is closed with a request unanswered.
 
-Body deadlines live in `service.middleware.RequestBodyMiddleware`, where the body is read.
+Body deadlines are the gate's (`service.gate.Ticket.body_due`), applied where the body is read.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.metrics import METRICS
 
@@ -34,9 +35,55 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vitserve.http")
 
+# What this module relies on of uvicorn beyond asyncio's Protocol interface: the one module that names uvicorn's
+# internals (`pyproject.toml` bounds uvicorn and httptools to the versions tested with them).
+# tests/service/test_uvicorn_contract.py checks every name here against the installed uvicorn.
+UVICORN_ATTRIBUTES = (
+    "access_log",
+    "access_logger",
+    "client",
+    "connections",
+    "cycle",
+    "expect_100_continue",
+    "headers",
+    "loop",
+    "parser",
+    "pipeline",
+    "server_state",
+    "tasks",
+    "transport",
+    "url",
+)
+UVICORN_METHODS = (
+    "connection_lost",
+    "connection_made",
+    "data_received",
+    "on_body",
+    "on_headers_complete",
+    "on_message_begin",
+    "on_message_complete",
+    "on_response_complete",
+    "send_400_response",
+    "shutdown",
+)
+# What uvicorn's protocol reads of its request-response cycle, which a direct-path exchange stands in for.
+CYCLE_ATTRIBUTES = ("disconnected", "keep_alive", "message_event", "response_complete", "response_started")
+
 # How long an idle keep-alive connection stays open once shutdown begins: a client that has just read its
 # response and sent the next request on the same connection gets that request answered, not a reset.
 IDLE_CLOSE_GRACE_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A request whose headers are complete, as the direct path reads it."""
+
+    method: bytes
+    url: bytes  # path and query, raw
+    headers: list[tuple[bytes, bytes]]  # names lower-cased
+    http_version: str
+    keep_alive: bool  # the connection may take another request after this one's answer
+    expect_continue: bool
 
 
 @dataclass
@@ -168,7 +215,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.request_started = False
         direct = self.policy.direct
         if direct is not None and (self.cycle is None or self.cycle.response_complete):  # not pipelined
-            exchange = direct.begin(self)
+            exchange = direct.begin(self, self._head())
             if exchange is not None:
                 self.cycle = self.receiving = self.exchange = exchange  # type: ignore[assignment]  # as uvicorn's cycle
                 return
@@ -188,6 +235,41 @@ class GuardedProtocol(HttpToolsProtocol):
             super().on_message_complete()
         elif not exchange.response_complete:
             exchange.on_complete()
+
+    # --- what the direct path uses of a connection (service.fast_path names nothing of uvicorn's) ------------
+    def _head(self) -> RequestHead:
+        version = self.parser.get_http_version()
+        return RequestHead(
+            self.parser.get_method(),
+            self.url,
+            self.headers,
+            version,
+            # As uvicorn decides for its own cycles: HTTP/1.0 closes after the answer, whatever it asked for.
+            version != "1.0" and self.parser.should_keep_alive() and not self.policy.draining,
+            self.expect_100_continue,
+        )
+
+    def start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run an answer in a task the server waits for at shutdown, as uvicorn's own are."""
+        task = self.loop.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def write_response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """One whole response in one write, with the server's default headers (date, server); nothing once the
+        transport is closing (the client went while the answer was made)."""
+        parts = [STATUS_LINE[status]]
+        for name, value in (*self.server_state.default_headers, *headers):
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"\r\n", body)
+        if not self.transport.is_closing():
+            self.transport.write(b"".join(parts))
+
+    def log_access(self, method: str, url: str, http_version: str, status: int) -> None:
+        if self.access_log:
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+            # uvicorn's own message and arguments: its access formatter reads them by position
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, method, url, http_version, status)
 
     def exchange_done(self, exchange: Exchange) -> None:
         """A direct-path response is written: close, or take the next request as after any response."""

@@ -163,7 +163,6 @@ class Reservation:
             raise Overloaded(
                 f"the server is decoding or holding too many large requests to take {what} now; retry shortly",
                 detail={"budget": self.budget.name, "bytes": size},
-                headers={"Retry-After": "1"},
             )
         self.size += got
 

@@ -250,7 +250,7 @@ class Metrics(Collector):
         series.last_inference.set(time.time())
 
     def observe_request(self, model: str, version: str, ok: bool, seconds: float) -> None:
-        """One inference request's outcome and end-to-end time (`MetricsMiddleware`, on every request)."""
+        """One inference request's outcome and end-to-end time (`service.gate.Ticket.close`, on every request)."""
         series = self._request_series.get((model, version, ok))
         if series is None:  # a label lookup costs more than the increment: once per model version and outcome
             count, duration = (self.request_success, self.request_us) if ok else (self.request_failure, self.failure_us)

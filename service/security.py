@@ -26,11 +26,10 @@ import hmac
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import Forbidden, Unauthorized
+from service.gate import REQUEST_ID_HEADER, header_in
 from service.metrics import METRICS
-from service.middleware import REQUEST_ID_HEADER, header_in, send_error
 from service.v2_codec import HEADER_LENGTH
 
 AUTH_HEADERS = ["Authorization", "X-API-Key"]
@@ -78,7 +77,7 @@ class KeySet:
 class Access:
     """Who may call what, decided before anything is reserved for a request: API keys for every route but the
     open ones (when any is configured), admin keys for the repository extension (off while none is). `check`
-    is the one decision, for the middleware, the direct path and gRPC (service.grpc_v2)."""
+    is the one decision, made by the gate (service.gate) for every transport."""
 
     def __init__(self, api_keys: list[str], admin_keys: list[str], open_routes: list[str]) -> None:
         self.api = KeySet(api_keys) if api_keys else None
@@ -117,23 +116,6 @@ class Access:
             "`Authorization: Bearer <key>` (or `X-API-Key: <key>`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-
-
-class AccessMiddleware:
-    """`Access.check` for every HTTP request, before its body is read or anything is reserved for it."""
-
-    def __init__(self, app: ASGIApp, access: Access) -> None:
-        self.app = app
-        self.access = access
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # A CORS preflight (OPTIONS, never with credentials) does not get here: the CORS middleware outside
-        # answers it.
-        refused = self.access.check(scope["path"], scope["headers"]) if scope["type"] == "http" else None
-        if refused is None:
-            await self.app(scope, receive, send)
-        else:
-            await send_error(scope, send, refused)
 
 
 def document_api_keys(app: FastAPI, open_routes: list[str]) -> None:

@@ -93,5 +93,5 @@ async def unload(name: str, request: Request, state: State) -> Response:
 
 def _admin(state: State) -> RepositoryAdmin:
     if state.admin is None:
-        raise Unavailable("the server is still starting; retry shortly", headers={"Retry-After": "1"})
+        raise Unavailable("the server is still starting; retry shortly")
     return state.admin
