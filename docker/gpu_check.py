@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -281,11 +282,28 @@ def run(bundle: Path, stash: Path, report: Path) -> int:
     left = RUN_BUDGET_S - (time.monotonic() - STARTED)
     command = [sys.executable, __file__, "measure", "--work", str(work), "--report", str(report)]
     log(f"measuring ({left:.0f} s left)")
+    child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    copying = threading.Thread(target=_tee, args=(child, report.with_name(f"{report.stem}-measure.log")))
+    copying.start()
     try:
-        child = subprocess.run(command, env=env, cwd=ROOT, timeout=max(left, 30))
+        code = child.wait(timeout=max(left, 30))
     except subprocess.TimeoutExpired:
+        child.kill()
+        code = -1
+    copying.join()
+    if code == -1:
         return _failed(report, f"the measurement ran past the {RUN_BUDGET_S} s budget; the report holds what it had")
-    return child.returncode
+    return code
+
+
+def _tee(child: subprocess.Popen[str], copy: Path) -> None:
+    """The child's output to this one's (the device tool's reply shows its end) and to `copy` (under $OUT)."""
+    assert child.stdout is not None
+    with copy.open("w") as f:
+        for line in child.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            f.write(line)
 
 
 def _failed(report: Path, error: str) -> int:

@@ -462,35 +462,38 @@ def measure(report: Report, work: Path, check: dict[str, Any], schedule: Schedul
         "max_queue_size": str(max(256, schedule.in_flight * largest)),
     }
     report.data["service_settings"] = settings
-    service_log = report.path.with_name(report.path.stem + "-service.log")
+    service_log = work / "service.log"  # the access log runs to tens of MB: an excerpt goes beside the report
     program = work / "openloop"
     photos = sorted(uploads.glob("*.jpg"))
-    with service(models, service_log, 300.0 if provider == "cuda" else 90.0, **settings) as url:
-        listing = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
-        served = {m["name"]: m["provider"] for m in listing}
-        report.data["service_providers"] = served
-        report.check(f"the service runs every model on {want}", all(p == want for p in served.values()))
-        report.data["service_parity"] = {}
-        for name in names:
-            diff = v2_parity(url, name, pixels[name], expected[name])
-            report.data["service_parity"][name] = diff
-            report.check(f"{name}: the service's V2 probabilities vs CPU <= {PARITY_MAX}", diff <= PARITY_MAX)
-        report.save()
-        points: dict[str, Any] = {}
-        report.data["points"] = points
-        for name in measured.values():
-            for kind in KINDS:
-                messages = requests_for(kind, url, name, pixels[name], uploads)
-                batch = bare[name]["best_batch"]
-                log(f"load: {name} {kind}, {schedule.in_flight * batch} connections")
-                result = point(url, name, kind, messages, program, schedule, batch, photos[0].read_bytes())
-                result["ratio_to_bare"] = round(result["images_per_s"] / bare[name]["best_images_per_s"], 3)
-                result["split_ms_per_image"] = split(result, bare[name])
-                points.setdefault(name, {})[kind] = result
-                log(f"{name} {kind}: {json.dumps(result)}")
-                report.check(f"{name} {kind}: every request answered 200", result_clean(result))
-                report.save()
-    fallbacks = [line for line in tail(service_log, 10**6).splitlines() if "IO binding failed" in line]
+    try:
+        with service(models, service_log, 300.0 if provider == "cuda" else 90.0, **settings) as url:
+            listing = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
+            served = {m["name"]: m["provider"] for m in listing}
+            report.data["service_providers"] = served
+            report.check(f"the service runs every model on {want}", all(p == want for p in served.values()))
+            report.data["service_parity"] = {}
+            for name in names:
+                diff = v2_parity(url, name, pixels[name], expected[name])
+                report.data["service_parity"][name] = diff
+                report.check(f"{name}: the service's V2 probabilities vs CPU <= {PARITY_MAX}", diff <= PARITY_MAX)
+            report.save()
+            points: dict[str, Any] = {}
+            report.data["points"] = points
+            for name in measured.values():
+                for kind in KINDS:
+                    messages = requests_for(kind, url, name, pixels[name], uploads)
+                    batch = bare[name]["best_batch"]
+                    log(f"load: {name} {kind}, {schedule.in_flight * batch} connections")
+                    result = point(url, name, kind, messages, program, schedule, batch, photos[0].read_bytes())
+                    result["ratio_to_bare"] = round(result["images_per_s"] / bare[name]["best_images_per_s"], 3)
+                    result["split_ms_per_image"] = split(result, bare[name])
+                    points.setdefault(name, {})[kind] = result
+                    log(f"{name} {kind}: {json.dumps(result)}")
+                    report.check(f"{name} {kind}: every request answered 200", result_clean(result))
+                    report.save()
+    finally:
+        excerpt(service_log, report.path.with_name(report.path.stem + "-service.log"))
+    fallbacks = [line for line in tail(service_log, 10**8).splitlines() if "IO binding failed" in line]
     report.data["service_io_binding"] = fallbacks[:4] or "bound"
     report.check("the service's batches ran through IO binding", not fallbacks)
     report.data["goals"] = goals(report.data, provider)
@@ -515,6 +518,16 @@ def split(result: dict[str, Any], bare: dict[str, Any]) -> dict[str, float | Non
         "bare_at_best_batch": round(1e3 / bare["best_images_per_s"], 3),
         "bare_at_the_service_batch": round(bare["ms_per_batch"][nearest] / int(nearest), 3),
     }
+
+
+def excerpt(log_file: Path, to: Path, head: int = 2 * 2**20, end: int = 6 * 2**20) -> None:
+    """The log's first `head` and last `end` bytes (the device tool brings back files of 16 MiB at most)."""
+    if not log_file.is_file():
+        return
+    data = log_file.read_bytes()
+    if len(data) > head + end:
+        data = data[:head] + f"\n[... {len(data) - head - end} bytes left out ...]\n".encode() + data[-end:]
+    to.write_bytes(data)
 
 
 def v2_parity(url: str, model: str, pixels: np.ndarray, expected: np.ndarray) -> float:

@@ -121,12 +121,15 @@ def test_a_wheel_repacked_with_xz_installs_the_same_files(tmp_path):
 
 
 def test_make_gpu_check_prepares_here_or_runs_the_dry_run():
-    made = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "docker/gpu_check.py prepare --provider cuda" in made and " run " not in made
-    dry = subprocess.run(
-        ["make", "-n", "gpu-check", "PROVIDER=cpu"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    assert "docker/gpu_check.py prepare --provider cpu" in dry and "docker/gpu_check.py run --bundle" in dry
+    def commands(*args: str) -> list[str]:
+        made = subprocess.run(["make", "-n", "gpu-check", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+        return [line.split("docker/gpu_check.py ", 1)[1] for line in made.stdout.splitlines() if "gpu_check.py" in line]
+
+    assert commands() == ["prepare --provider cuda"]
+    assert commands("PROVIDER=cpu") == [
+        "prepare --provider cpu",
+        "run --bundle build/gpu-check-cpu --report test-artifacts/gpu-check-cpu.json",
+    ]
 
 
 @pytest.mark.server
@@ -170,4 +173,6 @@ def test_the_check_runs_end_to_end_on_the_cpu(tmp_path):
         assert record["points"][name]["jpeg"]["server_timings_ms"]["decode_ms"] > 0
     assert {row["kind"] for row in record["goals"]} == {"v2 pixels", "jpeg"}
     assert all(row["goal"] is None for row in record["goals"])  # goals are a GPU's
-    assert "PASSED" in ran.stdout and (report.parent / "gpu-check-service.log").is_file()
+    assert "PASSED" in ran.stdout
+    assert "PASSED" in (report.parent / "gpu-check-measure.log").read_text()  # what comes back from $OUT there
+    assert "execution providers" in (report.parent / "gpu-check-service.log").read_text()
