@@ -402,6 +402,7 @@ def main(work: Path, report_path: Path) -> int:
 
 def measure(report: Report, work: Path, check: dict[str, Any], schedule: Schedule) -> None:
     from service.runtime import CPU, CUDA, load_model, resolve_providers
+    from service.settings import usable_cpus
 
     provider = check["provider"]
     models = work / "models"
@@ -412,6 +413,7 @@ def measure(report: Report, work: Path, check: dict[str, Any], schedule: Schedul
     report.data["environment"] = environment(provider)
     report.save()
     providers = resolve_providers(provider)
+    cpus = usable_cpus()
     reference_of = {name: measured["fp32"] if name == measured["fp16"] else name for name in names}
 
     # 1. parity, through the service's own sessions
@@ -424,7 +426,8 @@ def measure(report: Report, work: Path, check: dict[str, Any], schedule: Schedul
         pixels[name] = photo_pixels(models / name, uploads)
         reference = models / reference_of[name]
         expected[name] = softmax(cpu_session(graph(reference)).run(["logits"], {"pixel_values": pixels[name]})[0])
-        model = load_model(models / name, providers=providers, threads=0, cpu_rewrites=True, instances=0, cpus=2)
+        # As the service's engine loads it (service.app.load_repository, the default settings).
+        model = load_model(models / name, providers=providers, threads=0, cpu_rewrites=True, instances=0, cpus=cpus)
         report.check(f"{name}: the service's sessions run on {want}", model.provider == want)
         got = softmax(model.infer(list(pixels[name]), with_attention=False)[0])
         diff = float(np.abs(got - expected[name]).max())
