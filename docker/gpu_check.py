@@ -81,7 +81,7 @@ def prepare(provider: str, out: Path, part_mib: float | None, work: Path) -> dic
         members.update(_classify_only(fp16, staging))
         measured = {"fp32": fp32.name, "fp16": fp16.name}
     else:
-        fp16 = _fp16_variant(ROOT / "models" / "digits-vit", work / "digits-vit-fp16")
+        fp16 = _fp16_variant(ROOT / "models" / "digits-vit", work)
         members[f"models/{fp16.name}"] = fp16
         measured = {"fp32": "digits-vit", "fp16": fp16.name}
     check = {"provider": provider, "default_model": "digits-vit", "measured": measured, "created": _now()}
@@ -170,7 +170,7 @@ def _vit_b16(work: Path) -> tuple[Path, Path]:
     `python -m model_export hf ... --fp16`; cached by the exporter's sources, as the benchmarks cache theirs."""
     from benchmarks.artifacts import _save_hf_vit_b16, export_key
 
-    base = work / f"vit-b16-{export_key()}"
+    base = _cache(work, "vit-b16", export_key())
     fp32, fp16 = base / "models" / "vit-b16", base / "models" / "vit-b16-fp16"
     if not (fp16 / "artifact.json").is_file():
         log(f"exporting a random-init ViT-B/16, FP32 and FP16, into {base} (once: several minutes)")
@@ -181,13 +181,29 @@ def _vit_b16(work: Path) -> tuple[Path, Path]:
     return fp32, fp16
 
 
-def _fp16_variant(fp32: Path, out: Path) -> Path:
+def _fp16_variant(fp32: Path, work: Path) -> Path:
     """The default model's FP16 variant, by the exporter's own code: the dry run's stand-in for ViT-B/16 FP16."""
+    import hashlib
+
+    from benchmarks.artifacts import export_key
+
+    key = hashlib.sha256((export_key() + (fp32 / "artifact.json").read_text()).encode()).hexdigest()[:12]
+    out = _cache(work, "digits-vit-fp16", key) / "digits-vit-fp16"
     if not (out / "artifact.json").is_file():
         from model_export.variants import make_variant
 
         make_variant(fp32, out, precision="fp16", name=out.name)
     return out
+
+
+def _cache(work: Path, name: str, key: str) -> Path:
+    """`work/<name>-<key>`, the other keys' folders of `name` removed (an export is hundreds of MB)."""
+    import shutil
+
+    for old in work.glob(f"{name}-*"):
+        if old.is_dir() and old.name != f"{name}-{key}" and len(old.name) == len(name) + 13:
+            shutil.rmtree(old)
+    return work / f"{name}-{key}"
 
 
 def _classify_only(artifact: Path, staging: Path) -> dict[str, Path]:
