@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from service.graph_rewrite import LAYER_NORM_FUSIONS, rewrite_layer_norms
-from service.settings import EMBEDDED_MODEL
 from vit_artifact.metadata import (
     ATTENTIONS,
     INPUT_NAME,
@@ -404,6 +403,9 @@ def discover(model_dir: Path, only: list[str] | None = None) -> list[Path]:
             raise ArtifactError(f"models {missing} are not in {model_dir} (found: {sorted(names)})")
         found = [p for p in found if p.name in only]
     return found
+
+
+EMBEDDED_MODEL = "digits-vit"  # the model trained here (models/digits-vit): the default when none is named
 
 
 def choose_default(names: list[str], default: str | None) -> str:
