@@ -27,6 +27,7 @@ before a reload reaches the version it looked up (service/engine.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mmap
 import os
@@ -92,8 +93,12 @@ class SlotPool:
         return self.outputs[slot, :classes]
 
     def close(self) -> None:
+        """Close the descriptor and unmap the slots, or, while a view of them is still held elsewhere (in the
+        engine, a request a departed worker left in a batch queue), leave the mapping to be unmapped with the last
+        view (mmap's own deallocation)."""
         del self.inputs, self.outputs
-        self.memory.close()
+        with contextlib.suppress(BufferError):  # "cannot close exported pointers exist"
+            self.memory.close()
         os.close(self.fd)
 
 
