@@ -121,7 +121,11 @@ def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, g
     app.add_middleware(GateMiddleware, gate=gate)  # keys, limits, body, budget, admission, metrics: service.gate
     if settings.cors_origins:  # outside the key check: a preflight carries no key, and a 401 must be readable
         app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
-    tracing.install(app, settings)  # inside the request id, outside every refusal: each request is one span
+    endpoint = tracing.traces_endpoint(settings)
+    if endpoint is not None:  # inside the request id, outside every refusal: each request is one span
+        from service.otel import TracingMiddleware  # the only import of OpenTelemetry: tracing is on
+
+        app.add_middleware(TracingMiddleware, endpoint=endpoint)
     app.add_middleware(RequestContextMiddleware)  # outermost: every response gets an id and the safe headers
 
 

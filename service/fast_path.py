@@ -28,7 +28,7 @@ import asyncio
 import logging
 import re
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -36,14 +36,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ServiceError, error_response
-from service.gate import Gate, Ticket, content_length, cut_off_by_shutdown, internal_error, with_context_headers
+from service.gate import Gate, Ticket, content_length, cut_off_by_shutdown, internal_error
+from service.headers import with_context_headers
+from service.http_protocol import GuardedProtocol, RequestHead
 from service.logs import REQUEST_ID
 from service.routes import inference, v2
 from service.routes.inference import DEFAULT_TOP_K, MAX_TOP_K
 from service.state import ServiceState
-
-if TYPE_CHECKING:
-    from service.http_protocol import GuardedProtocol, RequestHead
 
 log = logging.getLogger("vitserve")
 

@@ -24,14 +24,11 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.metrics import METRICS
-
-if TYPE_CHECKING:
-    from service.fast_path import DirectInfer, Exchange
 
 log = logging.getLogger("vitserve.http")
 
@@ -86,6 +83,28 @@ class RequestHead:
     expect_continue: bool
 
 
+class Exchange(Protocol):
+    """A request the direct path took (service.fast_path.Exchange): on the connection it stands where uvicorn's
+    request-response cycle would, with what uvicorn reads of one (CYCLE_ATTRIBUTES)."""
+
+    response_started: bool
+    response_complete: bool
+    keep_alive: bool
+    disconnected: bool
+
+    def on_body(self, chunk: bytes) -> None: ...
+
+    def on_complete(self) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
+class DirectPath(Protocol):
+    """What answers some requests without ASGI (service.fast_path.DirectInfer)."""
+
+    def begin(self, connection: GuardedProtocol, head: RequestHead) -> Exchange | None: ...
+
+
 @dataclass
 class ConnectionPolicy:
     """What every connection of one server obeys; `draining` is flipped by the server on SIGTERM. `direct`
@@ -94,7 +113,7 @@ class ConnectionPolicy:
     header_timeout_s: float
     max_connections: int
     draining: bool = False
-    direct: DirectInfer | None = None
+    direct: DirectPath | None = None
     # The open connections, oldest first (a dict keeps insertion order): eviction looks from the oldest and
     # stops at the first it may close, where scanning uvicorn's set for the oldest cost O(connections) per
     # accept, at the cap (a connection storm made each accept a millisecond).

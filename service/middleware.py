@@ -16,15 +16,8 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, error_response
-from service.gate import (
-    Gate,
-    Ticket,
-    cut_off_by_shutdown,
-    is_inference,
-    reads_body_whole,
-    request_id_for,
-    with_context_headers,
-)
+from service.gate import Gate, Ticket, cut_off_by_shutdown, is_inference, reads_body_whole
+from service.headers import request_id_for, with_context_headers
 from service.logs import REQUEST_ID
 from service.metrics import METRICS
 

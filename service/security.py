@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.errors import Forbidden, Unauthorized
-from service.gate import REQUEST_ID_HEADER, header_in
+from service.headers import REQUEST_ID_HEADER, header_in
 from service.metrics import METRICS
 from service.v2_codec import HEADER_LENGTH
 

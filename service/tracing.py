@@ -1,6 +1,6 @@
 """Tracing's switch, and what a request notes for its spans. OpenTelemetry itself is in `service.otel`, imported
-only when tracing is on: with no endpoint configured nothing of it is loaded, no middleware is installed, and a
-route's whole cost is one `scope.get` and one `if`.
+only when tracing is on (by `service.app`): with no endpoint configured nothing of it is loaded, no middleware is
+installed, and a route's whole cost is one `scope.get` and one `if`.
 
 Spans are built after the fact from timings the service measures anyway (decode and preprocess in
 `service.pipeline.prepare`, queue and inference from the batcher, in the engine process in multi-process mode),
@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
-
     from service.batching import Result
     from service.pipeline import Prepared
     from service.settings import Settings
@@ -60,13 +58,3 @@ def _with_traces_path(base: str) -> str:
     # already names it is taken as it is.
     base = base.rstrip("/")
     return base if base.endswith(TRACES_PATH) else base + TRACES_PATH
-
-
-def install(app: FastAPI, settings: Settings) -> None:
-    """Add the tracing middleware when an endpoint is configured; otherwise do nothing and import nothing."""
-    endpoint = traces_endpoint(settings)
-    if endpoint is None:
-        return
-    from service.otel import TracingMiddleware  # the only import of OpenTelemetry
-
-    app.add_middleware(TracingMiddleware, endpoint=endpoint)
