@@ -26,7 +26,7 @@ from service.http_protocol import AcceptErrorFilter
 from service.metrics import METRICS
 from service.middleware import GateMiddleware, RequestContextMiddleware
 from service.reload import Loader, RepositoryWatcher
-from service.routes import demo, health, inference, metrics, models, shared_memory, stats, v2
+from service.routes import demo, docs, health, inference, metrics, models, shared_memory, stats, v2
 from service.routes import repository as repository_routes
 from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
 from service.security import Access, cors_options, document_api_keys
@@ -176,6 +176,8 @@ def create_app(
         summary="Vision Transformers over HTTP: classification and attention maps from verified ONNX artifacts.",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,  # /docs is service.routes.docs: Swagger UI from this server, not a CDN
+        redoc_url=None,  # ReDoc needs inline styles, which the docs' Content-Security-Policy refuses
         responses={500: {"description": "a server fault (never caused by client input)"}},
     )
     app.state.vitserve = state
@@ -188,7 +190,7 @@ def create_app(
     # middleware only.
     direct = settings.direct_infer and not settings.cors_origins and tracing.traces_endpoint(settings) is None
     app.state.direct = DirectInfer(app, state, gate) if direct else None
-    for module in (health, models, inference, stats, repository_routes, v2, shared_memory, metrics, demo):
+    for module in (health, models, inference, stats, repository_routes, v2, shared_memory, metrics, demo, docs):
         # stats before v2's `{name}`
         app.include_router(module.router)
     if settings.api_keys:
