@@ -28,7 +28,7 @@ import asyncio
 import logging
 import re
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, AnyStr, TypeVar
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -40,20 +40,37 @@ from service.gate import Gate, Ticket, content_length, cut_off_by_shutdown, inte
 from service.headers import with_context_headers
 from service.http_protocol import GuardedProtocol, RequestHead
 from service.logs import REQUEST_ID
-from service.routes import inference, v2
+from service.routes import inference, table, v2
 from service.routes.inference import DEFAULT_TOP_K, MAX_TOP_K
 from service.state import ServiceState
 
 log = logging.getLogger("vitserve")
+T = TypeVar("T")
 
-INFER_TEMPLATES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")  # metric route labels
-CLASSIFY_TEMPLATES = ("/v1/classify", "/v1/models/{name}/classify")
-_V2_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 # The direct path takes plain paths only: a %-escape, or any query but a plain `top_k` for classify, goes the
 # ASGI way, which decodes it (and answers a bad `top_k` with FastAPI's validation).
-_V2_INFER_RAW = re.compile(rb"^/v2/models/([^/?%]+)(?:/versions/([^/?%]+))?/infer$")
-_CLASSIFY_RAW = re.compile(rb"^/v1(?:/models/([^/?%]+))?/classify(?:\?top_k=([1-9][0-9]{0,3}))?$")
-_ROUTES = tuple(SimpleNamespace(path=template) for template in INFER_TEMPLATES)
+_TOP_K = re.compile(rb"top_k=([1-9][0-9]{0,3})")
+_DIRECT = tuple(
+    (route, re.compile(table.template_pattern(route.path, "[^/?%]+").encode()))
+    for route in table.ROUTES
+    if route.direct
+)
+# FastPath: V2 infer over the decoded path ASGI gives; `route` is what metrics and traces read of a route.
+_V2_INFER = tuple(
+    (SimpleNamespace(path=route.path), re.compile(table.template_pattern(route.path)))
+    for route in table.ROUTES
+    if route.direct and route.path.startswith("/v2/")
+)
+
+
+def _first_match(patterns: tuple[tuple[T, re.Pattern[AnyStr]], ...], path: AnyStr) -> tuple[T, dict[str, Any]] | None:
+    """The first route whose pattern matches `path` whole, and its parameters."""
+    for route, pattern in patterns:
+        if (match := pattern.fullmatch(path)) is not None:
+            return route, match.groupdict()
+    return None
+
+
 # Bodies up to this size are collected by the connection itself; larger ones stream through the middleware.
 DIRECT_MAX_BODY = 1 << 20
 
@@ -64,13 +81,15 @@ class FastPath:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _V2_INFER.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if match is None:
+        found = (
+            _first_match(_V2_INFER, scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        )
+        if found is None:
             await self.app(scope, receive, send)
             return
-        name, version = match["name"], match["version"]
-        scope["route"] = _ROUTES[version is not None]  # what metrics and traces read of a route: its template
-        scope["path_params"] = {"name": name} if version is None else {"name": name, "version": version}
+        route, params = found
+        name, version = params["name"], params.get("version")
+        scope["route"], scope["path_params"] = route, params
         try:
             response = await v2.infer_response(self.state, Request(scope, receive), name, version)
         except ServiceError as e:
@@ -95,11 +114,10 @@ class DirectRequest:
 class _V2Infer:
     """V2 `infer`: `v2.infer_response` reads a `DirectRequest`."""
 
-    path = ""
+    path = template = ""
 
     def __init__(self, name: str, version: str | None) -> None:
         self.name, self.version = name, version
-        self.template = INFER_TEMPLATES[version is not None]
 
     def request(self, exchange: Exchange, body: bytes) -> DirectRequest:
         return DirectRequest(body, exchange.headers)
@@ -113,11 +131,10 @@ class _Classify:
     the collected body, so that the multipart form is read by the same code (and its errors worded the same) as
     on the ASGI way; the answer serialized as FastAPI serializes its response model."""
 
-    path = ""
+    path = template = ""
 
     def __init__(self, name: str | None, k: int) -> None:
         self.name, self.k = name, k
-        self.template = CLASSIFY_TEMPLATES[name is not None]
 
     def request(self, exchange: Exchange, body: bytes) -> Request:
         sent = False
@@ -147,14 +164,23 @@ class _Classify:
 
 def direct_target(url: bytes) -> _V2Infer | _Classify | None:
     """What the direct path would answer at this raw request target (path and query), or None: the ASGI way."""
-    target: _V2Infer | _Classify | None = None
-    if (match := _V2_INFER_RAW.match(url)) is not None:
-        target = _V2Infer(match[1].decode("ascii"), None if match[2] is None else match[2].decode("ascii"))
-    elif (match := _CLASSIFY_RAW.match(url)) is not None:
-        k = DEFAULT_TOP_K if match[2] is None else int(match[2])
-        target = _Classify(None if match[1] is None else match[1].decode("ascii"), k) if k <= MAX_TOP_K else None
-    if target is not None:
-        target.path = url.partition(b"?")[0].decode("ascii")  # no escapes here: as the ASGI scope would have it
+    path, _, query = url.partition(b"?")
+    found = _first_match(_DIRECT, path)
+    if found is None:
+        return None
+    route, raw = found
+    params = {key: value.decode("ascii") for key, value in raw.items()}
+    target: _V2Infer | _Classify
+    if route.operation.startswith("classify"):
+        k = DEFAULT_TOP_K
+        if query and ((top_k := _TOP_K.fullmatch(query)) is None or (k := int(top_k[1])) > MAX_TOP_K):
+            return None
+        target = _Classify(params.get("name"), k)
+    elif query:
+        return None
+    else:
+        target = _V2Infer(params["name"], params.get("version"))
+    target.path, target.template = path.decode("ascii"), route.path  # no escapes: as the ASGI scope would have it
     return target
 
 

@@ -28,6 +28,7 @@ from starlette.responses import Response
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable, error_response
 from service.headers import REQUEST_ID_HEADER, SECURITY_HEADERS, raw_header, request_id_for
 from service.metrics import METRICS
+from service.routes.table import is_control, is_inference
 from service.security import Access
 
 if TYPE_CHECKING:
@@ -37,20 +38,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vitserve")
 
+
 # --- what a request is -----------------------------------------------------------------------------------------
-# The control plane: POSTs that change what is served or registered, never shed by the data plane's admission.
-CONTROL_PREFIXES = ("/v2/repository/", "/v2/systemsharedmemory/")
-
-
 def reads_body_whole(method: str, path: str) -> bool:
-    """Every POST under /v1 and /v2: its body is read whole, against the body budget and its deadline."""
-    return method == "POST" and path.startswith(("/v1/", "/v2/"))
-
-
-def is_inference(method: str, path: str) -> bool:
-    """A POST that runs a model (classify, attention, V2 infer): every one under /v1 and /v2 but the control
-    plane's (the repository and shared-memory extensions), which an operator must reach during an overload."""
-    return reads_body_whole(method, path) and not path.startswith(CONTROL_PREFIXES)
+    """A request whose body is read whole, against the body budget and its deadline, before its route sees it:
+    inference and the control plane (service.routes.table)."""
+    return is_inference(method, path) or is_control(method, path)
 
 
 _OVER_EVERY_LIMIT = 1 << 64

@@ -9,7 +9,7 @@ With keys on, the OpenAPI document declares both ways to send a key (`document_a
 that needs one, and on no open one, so Swagger UI at `/docs` offers Authorize and generated clients send the
 header. Without keys the document declares no scheme: a client generated from it has nothing to configure.
 
-The V2 model repository extension (`ADMIN_PREFIX`: index, load, unload) is another matter: it changes what is
+The V2 model repository extension (its routes' access is `admin` in service.routes.table: index, load, unload) is another matter: it changes what is
 served, so it takes an admin key (`VITSERVE_ADMIN_KEYS`, sent the same ways), never an API key, and with no
 admin key configured it is off (403). Both decisions are `Access.check`, made before a request's body is read or
 anything is reserved for it: a client without a key holds nothing.
@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from service.errors import Forbidden, Unauthorized
 from service.headers import REQUEST_ID_HEADER, header_in
 from service.metrics import METRICS
+from service.routes.table import is_admin
 from service.v2_codec import HEADER_LENGTH
 
 AUTH_HEADERS = ["Authorization", "X-API-Key"]
@@ -38,7 +39,6 @@ SECURITY_SCHEMES: dict[str, dict[str, str]] = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`"},
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "`X-API-Key: <key>`"},
 }
-ADMIN_PREFIX = "/v2/repository/"
 UNAUTHORIZED_RESPONSE = {"description": "no API key was sent, or it is not valid (`WWW-Authenticate: Bearer`)"}
 
 
@@ -86,7 +86,7 @@ class Access:
 
     def check(self, path: str, headers: list[tuple[bytes, bytes]]) -> Unauthorized | Forbidden | None:
         """None when the request may go on; else the 401 or 403 to answer with (counted)."""
-        if path.startswith(ADMIN_PREFIX):
+        if is_admin(path):
             return self._admin(headers)
         if self.api is None or is_open(path, self.open_routes):
             return None

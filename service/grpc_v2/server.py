@@ -40,6 +40,7 @@ from service.gate import Gate, Ticket
 from service.grpc_v2 import codec
 from service.grpc_v2.stubs import Stubs, load
 from service.routes import v2
+from service.routes.table import rest_path
 from service.state import ServiceState
 
 log = logging.getLogger("vitserve.grpc")
@@ -60,14 +61,16 @@ Handler = Callable[[Any, Any, grpc.aio.ServicerContext, Ticket], Awaitable[Any]]
 Servicer = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-def _model_path(name: str, version: str, tail: str = "") -> str:
-    """The REST path of a model's RPC (for `VITSERVE_OPEN_ROUTES`)."""
-    return f"/v2/models/{name}{f'/versions/{version}' if version else ''}{tail}"
+def _model_path(name: str, version: str, operation: str, version_operation: str) -> str:
+    """The path of a model's RPC's REST twin, whose openness it shares: the version's route when one is named."""
+    if version:
+        return rest_path(version_operation, name=name, version=version)
+    return rest_path(operation, name=name)
 
 
-def rpc(rest_path: Callable[[Any], str]) -> Callable[[Handler], Servicer]:
+def rpc(twin: Callable[[Any], str]) -> Callable[[Handler], Servicer]:
     """An RPC through the gate (service.gate): a ticket opened from its metadata (the key check, metrics) and
-    closed however it ends; each `ServiceError` becomes the gRPC status of its HTTP status. `rest_path` names its
+    closed however it ends; each `ServiceError` becomes the gRPC status of its HTTP status. `twin` names its
     REST twin, whose openness it shares."""
 
     def wrap(method: Handler) -> Servicer:
@@ -79,7 +82,7 @@ def rpc(rest_path: Callable[[Any], str]) -> Callable[[Handler], Servicer]:
             metadata = [
                 (k.encode(), v.encode("latin-1")) for k, v in context.invocation_metadata() or () if isinstance(v, str)
             ]
-            ticket = self.gate.open_call(name, rest_path(request), metadata)
+            ticket = self.gate.open_call(name, twin(request), metadata)
             code = grpc.StatusCode.OK
             try:
                 refused = ticket.refusal()
@@ -117,26 +120,26 @@ class InferenceService:
         self.gate = gate
         self.pb2 = stubs.pb2
 
-    @rpc(lambda _: "/v2/health/live")
+    @rpc(lambda _: rest_path("v2_live"))
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext, ticket: Ticket) -> Any:
         return self.pb2.ServerLiveResponse(live=True)
 
-    @rpc(lambda _: "/v2/health/ready")
+    @rpc(lambda _: rest_path("v2_ready"))
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext, ticket: Ticket) -> Any:
         return self.pb2.ServerReadyResponse(ready=await self.state.readiness() is None)
 
-    @rpc(lambda request: _model_path(request.name, request.version, "/ready"))
+    @rpc(lambda r: _model_path(r.name, r.version, "v2_model_ready", "v2_model_version_ready"))
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext, ticket: Ticket) -> Any:
         model = v2.find_model(self.state, request.name, request.version or None)
         return self.pb2.ModelReadyResponse(ready=model.warmed_up)
 
-    @rpc(lambda _: "/v2")
+    @rpc(lambda _: rest_path("v2_server_metadata"))
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext, ticket: Ticket) -> Any:
         return self.pb2.ServerMetadataResponse(
             name="vitserve", version=__version__, extensions=v2.extensions(self.state.settings)
         )
 
-    @rpc(lambda request: _model_path(request.name, request.version))
+    @rpc(lambda r: _model_path(r.name, r.version, "v2_model_metadata", "v2_model_version_metadata"))
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext, ticket: Ticket) -> Any:
         body = v2.model_metadata_body(v2.find_model(self.state, request.name, request.version or None))
         tensor = self.pb2.ModelMetadataResponse.TensorMetadata
@@ -148,7 +151,7 @@ class InferenceService:
             outputs=[tensor(**t) for t in body["outputs"]],
         )
 
-    @rpc(lambda request: _model_path(request.model_name, request.model_version, "/infer"))
+    @rpc(lambda r: _model_path(r.model_name, r.model_version, "v2_infer", "v2_infer_version"))
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext, ticket: Ticket) -> Any:
         if not request.model_name:  # an empty message says nothing to run: a client mistake, not an overload
             raise BadRequest("ModelInferRequest.model_name is empty; name the model to run")

@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from service.errors import NotFound
+from service.routes.table import endpoint
 
 router = APIRouter(tags=["demo"], include_in_schema=False)
 
@@ -51,11 +52,11 @@ def _static_file(name: str) -> FileResponse:
     return FileResponse(path, media_type=CONTENT_TYPES[path.suffix], headers=HEADERS)
 
 
-@router.get("/")
+@endpoint(router, "demo_page")
 async def page() -> FileResponse:
     return _static_file("index.html")
 
 
-@router.get("/static/{name}")
+@endpoint(router, "demo_file")
 async def static_file(name: str) -> FileResponse:
     return _static_file(name)

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse
 
 from service.errors import NotFound
 from service.routes.demo import CONTENT_TYPES, HEADERS, STATIC
+from service.routes.table import endpoint
 
 router = APIRouter(tags=["docs"], include_in_schema=False)
 
@@ -39,12 +40,12 @@ def _file(path: Path) -> FileResponse:
     return FileResponse(path, media_type=CONTENT_TYPES[path.suffix], headers=HEADERS)
 
 
-@router.get("/docs")
+@endpoint(router, "docs_page")
 async def swagger_ui() -> FileResponse:
     return _file(PAGES / "swagger.html")
 
 
-@router.get("/static/docs/{name}")
+@endpoint(router, "docs_file")
 async def asset(name: str) -> FileResponse:
     path = ASSETS.get(name)
     if path is None:

@@ -6,20 +6,21 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.deps import State
+from service.routes.table import endpoint
 from service.schemas import Health
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, operation_id="healthz", summary="The process is alive")
+@endpoint(router, "healthz", response_model=Health, summary="The process is alive")
 async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get(
-    "/readyz",
+@endpoint(
+    router,
+    "readyz",
     response_model=Health,
-    operation_id="readyz",
     summary="The server can answer inference now",
     responses={
         503: {

@@ -1,4 +1,5 @@
-"""Classification and attention maps. Each route exists twice: for a named model and for the default one."""
+"""Classification and attention maps. Each handler serves two routes (service.routes.table.model_pair): a named
+model's and the default model's."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from service.batching import Result
 from service.deps import RequestId, State, served_model
 from service.errors import InvalidParameter, ServiceError
 from service.pipeline import Prepared, attention_grid, describe, overlay_png, top_k
+from service.routes.table import model_pair
 from service.runtime import LoadedModel
 from service.schemas import (
     AttentionBatchItem,
@@ -35,7 +37,7 @@ from service.tracing import TRACE_KEY
 from service.uploads import BATCH_BODY, IMAGE_BODY, Upload, read_image, read_images
 from vit_artifact.metadata import ArtifactMetadata
 
-router = APIRouter(prefix="/v1", tags=["inference"])
+router = APIRouter(tags=["inference"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what}
@@ -76,6 +78,7 @@ async def classify_response(
     started = time.perf_counter()
     model = served_model(request, state, name)
     data = (await read_image(request)).data
+    state.check_room(model, 1)  # a request that would miss its latency budget: 503 before it is decoded
     prepared = await state.prepare(data, model.meta)
     result = await state.infer(model, prepared.pixels, with_attention=False)
     if (trace := request.scope.get(TRACE_KEY)) is not None:  # the one cost of tracing when it is off
@@ -89,32 +92,19 @@ async def classify_response(
     )
 
 
-@router.post(
-    "/models/{name}/classify",
+@model_pair(
+    router,
+    "classify",
+    "classify_default",
+    summaries=("Classify one image", "Classify one image with the default model"),
     response_model=ClassifyResponse,
-    operation_id="classify",
-    summary="Classify one image",
     responses=ERRORS,
     openapi_extra=IMAGE_BODY,
 )
 async def classify(
-    name: str, request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
+    name: str | None, request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
 ) -> ClassifyResponse:
     return await classify_response(name, request, state, request_id, top_k)
-
-
-@router.post(
-    "/classify",
-    response_model=ClassifyResponse,
-    operation_id="classify_default",
-    summary="Classify one image with the default model",
-    responses=ERRORS,
-    openapi_extra=IMAGE_BODY,
-)
-async def classify_default(
-    request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
-) -> ClassifyResponse:
-    return await classify_response(None, request, state, request_id, top_k)
 
 
 async def _prepare_or_error(state: State, upload: Upload, meta: ArtifactMetadata) -> Prepared | ErrorInfo:
@@ -157,32 +147,19 @@ async def _batch(name: str | None, request: Request, state: State, request_id: s
     )
 
 
-@router.post(
-    "/models/{name}/classify/batch",
+@model_pair(
+    router,
+    "classify_batch",
+    "classify_batch_default",
+    summaries=("Classify several images in one request", "Classify several images with the default model"),
     response_model=BatchResponse,
-    operation_id="classify_batch",
-    summary="Classify several images in one request",
     responses=ERRORS,
     openapi_extra=BATCH_BODY,
 )
 async def classify_batch(
-    name: str, request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
+    name: str | None, request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
 ) -> BatchResponse:
     return await _batch(name, request, state, request_id, top_k)
-
-
-@router.post(
-    "/classify/batch",
-    response_model=BatchResponse,
-    operation_id="classify_batch_default",
-    summary="Classify several images with the default model",
-    responses=ERRORS,
-    openapi_extra=BATCH_BODY,
-)
-async def classify_batch_default(
-    request: Request, state: State, request_id: RequestId, top_k: TopK = DEFAULT_TOP_K
-) -> BatchResponse:
-    return await _batch(None, request, state, request_id, top_k)
 
 
 class MapQuery:
@@ -241,6 +218,7 @@ async def _attention(
     model = _attention_model(request, state, name)
     meta, m = model.meta, q.map
     data = (await read_image(request)).data
+    state.check_room(model, 1)  # as classify: refused before it is decoded
     prepared = await state.prepare(data, meta, for_overlay=q.format == "png")
     result = await state.infer(model, prepared.pixels, with_attention=True)
     if (trace := request.scope.get(TRACE_KEY)) is not None:
@@ -275,32 +253,23 @@ ATTENTION_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post(
-    "/models/{name}/attention",
+@model_pair(
+    router,
+    "attention",
+    "attention_default",
+    summaries=("Attention map of one image", "Attention map of one image, default model"),
     response_model=AttentionResponse,
-    operation_id="attention",
-    summary="Attention map of one image",
     responses=ATTENTION_RESPONSES,
     openapi_extra=IMAGE_BODY,
 )
 async def attention(
-    name: str, request: Request, state: State, request_id: RequestId, q: Annotated[AttentionQuery, Depends()]
+    name: str | None,
+    request: Request,
+    state: State,
+    request_id: RequestId,
+    q: Annotated[AttentionQuery, Depends()],
 ) -> Response | AttentionResponse:
     return await _attention(name, request, state, request_id, q)
-
-
-@router.post(
-    "/attention",
-    response_model=AttentionResponse,
-    operation_id="attention_default",
-    summary="Attention map of one image, default model",
-    responses=ATTENTION_RESPONSES,
-    openapi_extra=IMAGE_BODY,
-)
-async def attention_default(
-    request: Request, state: State, request_id: RequestId, q: Annotated[AttentionQuery, Depends()]
-) -> Response | AttentionResponse:
-    return await _attention(None, request, state, request_id, q)
 
 
 def _maps(results: Sequence[Result], meta: ArtifactMetadata, q: MapQuery) -> list[np.ndarray]:
@@ -336,29 +305,16 @@ async def _attention_batch(
     )
 
 
-@router.post(
-    "/models/{name}/attention/batch",
+@model_pair(
+    router,
+    "attention_batch",
+    "attention_batch_default",
+    summaries=("Attention maps of several images in one request", "Attention maps of several images, default model"),
     response_model=AttentionBatchResponse,
-    operation_id="attention_batch",
-    summary="Attention maps of several images in one request",
     responses=ERRORS,
     openapi_extra=BATCH_BODY,
 )
 async def attention_batch(
-    name: str, request: Request, state: State, request_id: RequestId, q: Annotated[MapQuery, Depends()]
+    name: str | None, request: Request, state: State, request_id: RequestId, q: Annotated[MapQuery, Depends()]
 ) -> AttentionBatchResponse:
     return await _attention_batch(name, request, state, request_id, q)
-
-
-@router.post(
-    "/attention/batch",
-    response_model=AttentionBatchResponse,
-    operation_id="attention_batch_default",
-    summary="Attention maps of several images, default model",
-    responses=ERRORS,
-    openapi_extra=BATCH_BODY,
-)
-async def attention_batch_default(
-    request: Request, state: State, request_id: RequestId, q: Annotated[MapQuery, Depends()]
-) -> AttentionBatchResponse:
-    return await _attention_batch(None, request, state, request_id, q)

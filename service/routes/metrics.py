@@ -7,13 +7,14 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.metrics import METRICS
+from service.routes.table import endpoint
 
 router = APIRouter(tags=["health"])
 
 
-@router.get(
-    "/metrics",
-    operation_id="metrics",
+@endpoint(
+    router,
+    "metrics",
     summary="Prometheus metrics",
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}},

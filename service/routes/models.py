@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.deps import State
+from service.routes.table import endpoint
 from service.runtime import LoadedModel
 from service.schemas import ErrorResponse, Grid, ModelInfo, ModelList, UnavailableModel
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(tags=["models"])
 
 
 def model_info(model: LoadedModel, default: str) -> ModelInfo:
@@ -34,7 +35,7 @@ def model_info(model: LoadedModel, default: str) -> ModelInfo:
     )
 
 
-@router.get("/models", response_model=ModelList, operation_id="list_models", summary="Loaded models")
+@endpoint(router, "list_models", response_model=ModelList, summary="Loaded models")
 async def list_models(state: State) -> ModelList:
     repo = state.models()
     return ModelList(
@@ -44,10 +45,10 @@ async def list_models(state: State) -> ModelList:
     )
 
 
-@router.get(
-    "/models/{name}",
+@endpoint(
+    router,
+    "get_model",
     response_model=ModelInfo,
-    operation_id="get_model",
     summary="One model's facts",
     responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse, "description": "it failed to load"}},
 )

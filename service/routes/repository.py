@@ -20,10 +20,11 @@ from fastapi.responses import JSONResponse, Response
 
 from service.deps import State
 from service.errors import BadRequest, Unavailable
+from service.routes.table import endpoint
 from service.runtime import discover
 from service.state import RepositoryAdmin
 
-router = APIRouter(prefix="/v2/repository", tags=["open inference protocol (v2): model repository"])
+router = APIRouter(tags=["open inference protocol (v2): model repository"])
 
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
 _ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -46,7 +47,7 @@ async def _admin_body(request: Request, state: State) -> dict[str, Any]:
     return value
 
 
-@router.post("/index", operation_id="v2_repository_index", summary="Models in the repository", responses=_ADMIN_ERRORS)
+@endpoint(router, "v2_repository_index", summary="Models in the repository", responses=_ADMIN_ERRORS)
 async def index(request: Request, state: State) -> JSONResponse:
     body = await _admin_body(request, state)
     ready_only = bool(body.get("ready", False))
@@ -65,12 +66,7 @@ async def index(request: Request, state: State) -> JSONResponse:
     return JSONResponse(entries)
 
 
-@router.post(
-    "/models/{name}/load",
-    operation_id="v2_repository_load",
-    summary="Load (or reload) a model",
-    responses=_ADMIN_ERRORS,
-)
+@endpoint(router, "v2_repository_load", summary="Load (or reload) a model", responses=_ADMIN_ERRORS)
 async def load(name: str, request: Request, state: State) -> Response:
     body = await _admin_body(request, state)
     if body.get("parameters"):
@@ -82,9 +78,7 @@ async def load(name: str, request: Request, state: State) -> Response:
     return Response(status_code=200)
 
 
-@router.post(
-    "/models/{name}/unload", operation_id="v2_repository_unload", summary="Unload a model", responses=_ADMIN_ERRORS
-)
+@endpoint(router, "v2_repository_unload", summary="Unload a model", responses=_ADMIN_ERRORS)
 async def unload(name: str, request: Request, state: State) -> Response:
     await _admin_body(request, state)  # `unload_dependents`: a vitserve model has no dependents
     await _admin(state).unload_model(name)

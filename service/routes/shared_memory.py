@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from service import shared_memory as shm
 from service.deps import State
 from service.errors import BadRequest
+from service.routes.table import endpoint
 from service.routes.v2 import error_responses
 
-router = APIRouter(prefix="/v2/systemsharedmemory", tags=["open inference protocol (v2)"])
+router = APIRouter(tags=["open inference protocol (v2)"])
 
 _CAUSES = {
     400: "a bad key, offset or size; an object that is not POSIX shared memory; the region limit reached",
@@ -56,24 +57,21 @@ REGISTER_BODY = {
 }
 
 
-@router.get("/status", operation_id="v2_shm_status", summary="System shared memory status", responses=_errors(403))
+@endpoint(router, "v2_shm_status", summary="System shared memory status", responses=_errors(403))
 async def status(state: State) -> list[RegionStatus]:
     return [RegionStatus(**r.status()) for r in shm.registry(state).status(None)]
 
 
-@router.get(
-    "/region/{name}/status",
-    operation_id="v2_shm_region_status",
-    summary="System shared memory status (one region)",
-    responses=_errors(403, 404),
+@endpoint(
+    router, "v2_shm_region_status", summary="System shared memory status (one region)", responses=_errors(403, 404)
 )
 async def region_status(name: str, state: State) -> list[RegionStatus]:
     return [RegionStatus(**r.status()) for r in shm.registry(state).status(name)]
 
 
-@router.post(
-    "/region/{name}/register",
-    operation_id="v2_shm_register",
+@endpoint(
+    router,
+    "v2_shm_register",
     summary="Register a system shared memory region",
     openapi_extra=REGISTER_BODY,
     responses=_errors(400, 403, 409),
@@ -96,23 +94,15 @@ async def register(name: str, request: Request, state: State) -> dict[str, Any]:
     return {}
 
 
-@router.post(
-    "/unregister",
-    operation_id="v2_shm_unregister_all",
-    summary="Unregister every system shared memory region",
-    responses=_errors(403),
+@endpoint(
+    router, "v2_shm_unregister_all", summary="Unregister every system shared memory region", responses=_errors(403)
 )
 async def unregister_all(state: State) -> dict[str, Any]:
     shm.registry(state).unregister(None)
     return {}
 
 
-@router.post(
-    "/region/{name}/unregister",
-    operation_id="v2_shm_unregister",
-    summary="Unregister a system shared memory region",
-    responses=_errors(403),
-)
+@endpoint(router, "v2_shm_unregister", summary="Unregister a system shared memory region", responses=_errors(403))
 async def unregister(name: str, state: State) -> dict[str, Any]:
     shm.registry(state).unregister(name)
     return {}

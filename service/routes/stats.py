@@ -29,9 +29,10 @@ from fastapi import APIRouter
 from service.deps import State
 from service.errors import NotFound
 from service.metrics import METRICS
+from service.routes.table import endpoint
 from service.routes.v2 import error_responses
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+router = APIRouter(tags=["open inference protocol (v2)"])
 
 _COUNTS = {  # Triton's name -> the metric it is read from
     "inference_count": METRICS.inference_count,
@@ -117,27 +118,22 @@ class Reading:
         }
 
 
-@router.get("/models/stats", operation_id="v2_stats", summary="Statistics of every model")
+@endpoint(router, "v2_stats", summary="Statistics of every model")
 async def all_stats(state: State) -> dict[str, Any]:
     reading = Reading()
     models = state.models().models
     return {"model_stats": [reading.stats(name, models[name].meta.version) for name in sorted(models)]}
 
 
-@router.get(
-    "/models/{name}/stats",
-    operation_id="v2_model_stats",
-    summary="Statistics of a model",
-    responses=error_responses(404, 503),
-)
+@endpoint(router, "v2_model_stats", summary="Statistics of a model", responses=error_responses(404, 503))
 async def model_stats(name: str, state: State) -> dict[str, Any]:
     model = state.model(name)
     return {"model_stats": [Reading().stats(model.name, model.meta.version)]}
 
 
-@router.get(
-    "/models/{name}/versions/{version}/stats",
-    operation_id="v2_model_version_stats",
+@endpoint(
+    router,
+    "v2_model_version_stats",
     summary="Statistics of a model version (the served one, or one served earlier)",
     responses=error_responses(404, 503),
 )

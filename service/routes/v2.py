@@ -26,6 +26,7 @@ from service.batching import Result
 from service.deps import State
 from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.pipeline import softmax
+from service.routes.table import endpoint
 from service.runtime import LoadedModel
 from service.settings import Settings
 from service.state import ServiceState
@@ -33,7 +34,7 @@ from service.tracing import TRACE_KEY, RequestTrace
 from vit_artifact.attention import Method, attention_map
 from vit_artifact.metadata import INPUT_NAME, ArtifactMetadata
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+router = APIRouter(tags=["open inference protocol (v2)"])
 
 IMAGE_INPUT = "image"
 # Server metadata's extensions; the gRPC service (service.grpc_v2) answers with the same list.
@@ -117,73 +118,52 @@ def model_metadata_body(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-@router.get("", operation_id="v2_server_metadata", summary="Server metadata")
+@endpoint(router, "v2_server_metadata", summary="Server metadata")
 async def server_metadata(state: State) -> dict[str, Any]:
     return {"name": "vitserve", "version": __version__, "extensions": extensions(state.settings)}
 
 
-@router.get("/health/live", operation_id="v2_live", summary="Server live")
+@endpoint(router, "v2_live", summary="Server live")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", operation_id="v2_ready", summary="Server ready", responses=NOT_READY)
+@endpoint(router, "v2_ready", summary="Server ready", responses=NOT_READY)
 async def ready(state: State) -> JSONResponse:
     ready = await state.readiness() is None
     return JSONResponse({"ready": ready}, 200 if ready else 503)
 
 
-@router.get(
-    "/models/{name}", operation_id="v2_model_metadata", summary="Model metadata", responses=error_responses(404)
-)
+@endpoint(router, "v2_model_metadata", summary="Model metadata", responses=error_responses(404))
 async def model_metadata(name: str, state: State) -> Response:
     return JSONResponse(model_metadata_body(find_model(state, name, None)))
 
 
-@router.get(
-    "/models/{name}/versions/{version}",
-    operation_id="v2_model_version_metadata",
-    summary="Model metadata (version)",
-    responses=error_responses(404),
-)
+@endpoint(router, "v2_model_version_metadata", summary="Model metadata (version)", responses=error_responses(404))
 async def model_version_metadata(name: str, version: str, state: State) -> Response:
     return JSONResponse(model_metadata_body(find_model(state, name, version)))
 
 
-@router.get(
-    "/models/{name}/ready",
-    operation_id="v2_model_ready",
-    summary="Model ready",
-    responses=error_responses(404) | NOT_READY,
-)
+@endpoint(router, "v2_model_ready", summary="Model ready", responses=error_responses(404) | NOT_READY)
 async def model_ready(name: str, state: State) -> Response:
     return _ready(find_model(state, name, None))
 
 
-@router.get(
-    "/models/{name}/versions/{version}/ready",
-    operation_id="v2_model_version_ready",
-    summary="Model ready (version)",
-    responses=error_responses(404) | NOT_READY,
-)
+@endpoint(router, "v2_model_version_ready", summary="Model ready (version)", responses=error_responses(404) | NOT_READY)
 async def model_version_ready(name: str, version: str, state: State) -> Response:
     return _ready(find_model(state, name, version))
 
 
-@router.post(
-    "/models/{name}/infer",
-    operation_id="v2_infer",
-    summary="Inference",
-    openapi_extra=INFER_BODY,
-    responses=error_responses(400, 404, 413, 503),
+@endpoint(
+    router, "v2_infer", summary="Inference", openapi_extra=INFER_BODY, responses=error_responses(400, 404, 413, 503)
 )
 async def infer(name: str, request: Request, state: State) -> Response:
     return await infer_response(state, request, name, None)
 
 
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    operation_id="v2_infer_version",
+@endpoint(
+    router,
+    "v2_infer_version",
     summary="Inference (version)",
     openapi_extra=INFER_BODY,
     responses=error_responses(400, 404, 413, 503),

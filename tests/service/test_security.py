@@ -23,8 +23,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.routes import demo
+from service.routes.table import is_admin
 from service.runtime import ModelRepository
-from service.security import ADMIN_PREFIX, is_open
+from service.security import is_open
 from service.settings import DEFAULT_OPEN_ROUTES, Settings
 from tests.conftest import MODELS, Server, free_port, metric, run_cli, wait_until
 from tests.service import inprocess
@@ -422,7 +423,7 @@ def test_no_route_serves_a_file_named_in_its_path(keyed):
             for parameter in re.findall(r"\{\w+\}", template):
                 path = path.replace(parameter, value)
             # The path the server sees (the client removes dot segments) says which key and body its route takes.
-            admin = httpx.URL(f"http://x{path}").path.startswith(ADMIN_PREFIX)
+            admin = is_admin(httpx.URL(f"http://x{path}").path)
             headers = {**auth, "Authorization": f"Bearer {ADMIN_KEY if admin else KEYS[0]}"}
             response = keyed.request(method, path, content=b"{}" if admin else PNG, headers=headers)
             # No such model or file; or, where the path still matches, system shared memory refused (off by
