@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks import artifacts, h2load, servers
 from benchmarks.loadgen import percentile
-from service.routes.v2 import IMAGE_INPUT
+from service.v2.core import IMAGE_INPUT
 from vit_artifact.metadata import INPUT_NAME, read_metadata
 from vit_artifact.preprocessing import preprocess_batch
 

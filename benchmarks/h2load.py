@@ -40,8 +40,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.loadgen import multipart_body, percentile
-from service.routes.v2 import DEFAULT_OUTPUTS, IMAGE_INPUT
-from service.v2_codec import HEADER_LENGTH, NUMPY_TYPES, encode_bytes_elements
+from service.v2.codec import HEADER_LENGTH, NUMPY_TYPES, encode_bytes_elements
+from service.v2.core import DEFAULT_OUTPUTS, IMAGE_INPUT
 from vit_artifact.metadata import INPUT_NAME
 
 H2LOAD = "h2load"

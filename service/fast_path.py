@@ -4,7 +4,7 @@
 requests for the default model) put about 45% of the event loop's time in FastAPI's and Starlette's routing,
 dependency solving and request/response wrapping. `infer` has no query parameters and parses its body itself,
 so `FastPath` matches its two paths with one regular expression and calls the handler
-(`service.routes.v2.infer_response`) directly, inside every vitserve middleware.
+(`service.v2.core.infer_response`) directly, inside every vitserve middleware.
 
 **Past ASGI altogether** (`DirectInfer`, from the connection layer): what remained was ASGI itself (a scope, a
 task, a chain of eight middlewares and their send wrappers, two writes per response), about half of the event
@@ -40,9 +40,10 @@ from service.gate import Gate, Ticket, content_length, cut_off_by_shutdown, inte
 from service.headers import with_context_headers
 from service.http_protocol import GuardedProtocol, RequestHead
 from service.logs import REQUEST_ID
-from service.routes import inference, table, v2
+from service.routes import inference, table
 from service.routes.inference import DEFAULT_TOP_K, MAX_TOP_K
 from service.state import ServiceState
+from service.v2 import core as v2
 
 log = logging.getLogger("vitserve")
 T = TypeVar("T")
@@ -321,6 +322,7 @@ class Exchange:
             return
         self.response_started = self.response_complete = True
         self._stop_pace()
+        self.ticket.answered(response.status_code)  # counted before the answer leaves: a client reads it at once
         try:
             self._write(response)
         except Exception:  # nothing more can be said on this connection; what the request held is still freed

@@ -141,6 +141,7 @@ class Ticket:
         "admitted",
         "arrived",
         "closed",
+        "counted",
         "declared",
         "gate",
         "headers",
@@ -170,7 +171,7 @@ class Ticket:
         self.declared: int | None = None
         self.held = 0  # bytes reserved from the body budget
         self.admitted = False
-        self.closed = False
+        self.closed = self.counted = False
         if http:
             METRICS.in_flight.inc()
 
@@ -255,9 +256,15 @@ class Ticket:
             if self.http:
                 METRICS.in_flight.dec()
             if status is not None:
-                self._count(status)
+                self.answered(status)
 
-    def _count(self, status: int | str) -> None:
+    def answered(self, status: int | str) -> None:
+        """Count the request as answered with `status`, once: just before its answer's last bytes are written
+        (so that a client reading the metrics or statistics right after the answer finds it counted), or at the
+        latest when the ticket closes."""
+        if self.counted:
+            return
+        self.counted = True
         elapsed = time.perf_counter() - self.started
         if self.http:
             assert isinstance(status, int)

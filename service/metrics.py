@@ -7,9 +7,11 @@ metrics that Triton has no equivalent for are `vitserve_*`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from prometheus_client import (
@@ -265,15 +267,26 @@ class Metrics(Collector):
         """Every metric family, as `/metrics` exposes it: this process's, or in multi-process mode
         (`PROMETHEUS_MULTIPROC_DIR`, set by the supervisor) every process's, summed as each metric's type says.
         The one source of the numbers `/metrics` and the V2 statistics extension report."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return registry.collect()
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:
+            return multiprocess.MultiProcessCollector.merge(_written_files(Path(directory)), accumulate=True)
         return self.registry.collect()
 
     def exposition(self) -> bytes:
         """The text `/metrics` answers (see `collect`)."""
         return generate_latest(self)
+
+
+def _written_files(directory: Path) -> list[str]:
+    """The processes' metric files that are written: a process creates its file empty, then sizes and fills it, and
+    one read in between (another process's first request, say) would fail the whole scrape (prometheus_client
+    reads the first 4 bytes unconditionally)."""
+    written = []
+    for path in directory.glob("*.db"):
+        with contextlib.suppress(FileNotFoundError):  # a dead process's live gauges are removed meanwhile
+            if path.stat().st_size >= 8:
+                written.append(str(path))
+    return written
 
 
 METRICS = Metrics()

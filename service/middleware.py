@@ -93,6 +93,9 @@ class GateMiddleware:
             nonlocal status, answered
             if message["type"] == "http.response.start":
                 status, answered = message["status"], True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                _note_route(ticket, scope)
+                ticket.answered(status if status is not None else 500)
             await send(message)
 
         try:
@@ -121,8 +124,7 @@ class GateMiddleware:
                     raise
                 await send_error(scope, recording_send, e)
         finally:
-            ticket.label = getattr(scope.get("route"), "path", "unmatched")
-            ticket.model = scope["state"].get("model")
+            _note_route(ticket, scope)
             ticket.close(status)
 
     async def _read(self, receive: Receive, ticket: Ticket) -> bytes:
@@ -163,6 +165,12 @@ class GateMiddleware:
             return message
 
         return limited_receive
+
+
+def _note_route(ticket: Ticket, scope: Scope) -> None:
+    """What routing found, for the request's metrics: its route template and the model it served."""
+    ticket.label = getattr(scope.get("route"), "path", "unmatched")
+    ticket.model = scope["state"].get("model")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -31,7 +31,7 @@ from service.errors import Forbidden, Unauthorized
 from service.headers import REQUEST_ID_HEADER, header_in
 from service.metrics import METRICS
 from service.routes.table import is_admin
-from service.v2_codec import HEADER_LENGTH
+from service.v2.codec import HEADER_LENGTH
 
 AUTH_HEADERS = ["Authorization", "X-API-Key"]
 # OpenAPI security schemes: the two headers `presented_key` reads. Either one is enough (two requirement objects).

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from service.settings import Settings
-from service.shared_memory import REGISTRY_ENV
+from service.v2.shared_memory import REGISTRY_ENV
 
 log = logging.getLogger("vitserve.supervisor")
 

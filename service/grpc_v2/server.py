@@ -2,7 +2,7 @@
 
 grpc.aio runs on the app's own event loop (uvloop or asyncio: grpcio's completion queue is polled from a thread
 of its own and hands results to whichever loop runs the server), so an RPC calls the REST routes' inference
-core (`service.routes.v2.infer_tensors`) directly and its images meet HTTP requests' in the same batches.
+core (`service.v2.core.infer_tensors`) directly and its images meet HTTP requests' in the same batches.
 
 What is shared with HTTP, and how: every RPC passes the same gate (service.gate) as an HTTP request, as a
 ticket opened from its metadata and closed however it ends.
@@ -37,11 +37,11 @@ import grpc
 from service import __version__
 from service.errors import BadRequest, ServiceError, escape
 from service.gate import Gate, Ticket
-from service.grpc_v2 import codec
 from service.grpc_v2.stubs import Stubs, load
-from service.routes import v2
 from service.routes.table import rest_path
 from service.state import ServiceState
+from service.v2 import core as v2
+from service.v2 import grpc_codec as codec
 
 log = logging.getLogger("vitserve.grpc")
 

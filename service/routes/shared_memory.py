@@ -1,4 +1,4 @@
-"""Triton's system shared memory extension over REST: register, status, unregister (service.shared_memory).
+"""Triton's system shared memory extension over REST: register, status, unregister (service.v2.shared_memory).
 
 Every route answers 403 while `VITSERVE_SYSTEM_SHARED_MEMORY` is off; errors have the protocol's shape,
 `{"error": "message"}`.
@@ -12,11 +12,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from service import shared_memory as shm
 from service.deps import State
 from service.errors import BadRequest
 from service.routes.table import endpoint
 from service.routes.v2 import error_responses
+from service.v2 import shared_memory as shm
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 

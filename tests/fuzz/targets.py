@@ -6,7 +6,7 @@ hypothesis property tests (tests/service/test_fuzz_decode.py):
 - `check_image`: untrusted bytes -> `service.imaging.decode_image` -> `vit_artifact.preprocessing.preprocess` with the
   default model's real `Preprocessing` record: the serving path of every image route.
 - `check_v2`: an Open Inference Protocol request body (and `Inference-Header-Content-Length`) ->
-  `service.v2_codec.parse_request` -> `decode_input` for every input.
+  `service.v2.codec.parse_request` -> `decode_input` for every input.
 
 A `ServiceError` (400, 413, 415: a client error with a message) is the expected answer to bad bytes; any other
 exception is a crash, and so is a result that breaks the contract (a model input of the wrong shape, dtype or
@@ -26,7 +26,7 @@ from PIL import ExifTags, Image
 
 from service.errors import ServiceError
 from service.imaging import decode_image
-from service.v2_codec import decode_input, parse_request
+from service.v2.codec import decode_input, parse_request
 from tests.conftest import DEFAULT_MODEL
 from vit_artifact.metadata import Preprocessing, read_metadata
 from vit_artifact.preprocessing import preprocess

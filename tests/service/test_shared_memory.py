@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from model_export.digits import held_out_set
-from service.shared_memory import SHM_DIR
+from service.v2.shared_memory import SHM_DIR
 from tests.conftest import DEFAULT_MODEL, MODELS, Server, wait_until
 from vit_artifact.metadata import read_metadata
 from vit_artifact.preprocessing import preprocess_batch

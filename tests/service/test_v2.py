@@ -188,8 +188,8 @@ def test_kserve_client(server, digits):
 
 
 def test_server_metadata_lists_exactly_the_extensions_served(server):
-    from service.routes.v2 import extensions
     from service.settings import Settings
+    from service.v2.core import extensions
 
     assert httpx.get(f"{server.url}/v2").json()["extensions"] == ["classification", "binary_tensor_data", "statistics"]
     everything = Settings(admin_keys=["admin"], system_shared_memory=True)

@@ -1,4 +1,4 @@
-"""The V2 codec's request parsing (service.v2_codec.parse_request), without a server: pydantic-core parses the JSON
+"""The V2 codec's request parsing (service.v2.codec.parse_request), without a server: pydantic-core parses the JSON
 header, a header it refuses gets the answer json.loads + model_validate always gave, and a small header's parsed
 request is kept and shared, so it must be immutable."""
 
@@ -10,7 +10,7 @@ import pydantic
 import pytest
 
 from service.errors import BadRequest
-from service.v2_codec import InferRequest, parse_request
+from service.v2.codec import InferRequest, parse_request
 
 TENSOR = {"name": "pixel_values", "shape": [1, 3, 32, 32], "datatype": "FP32", "parameters": {"binary_data_size": 8}}
 

@@ -246,7 +246,7 @@ class OutputTensor:
     request: OutputRequest
     value: np.ndarray | list[bytes]
     shape: list[int]
-    # An output written elsewhere (a shared memory region, service.shared_memory): its entry carries these
+    # An output written elsewhere (a shared memory region, service.v2.shared_memory): its entry carries these
     # parameters and no data.
     placed: dict[str, Any] | None = None
 

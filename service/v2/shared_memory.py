@@ -53,7 +53,7 @@ from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
 
 if TYPE_CHECKING:
     from service.state import ServiceState
-    from service.v2_codec import OutputTensor, TensorIn
+    from service.v2.codec import OutputTensor, TensorIn
 
 EXTENSION = "system_shared_memory"  # its name in `GET /v2` extensions
 REGION, BYTE_SIZE, OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"

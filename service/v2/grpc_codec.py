@@ -1,4 +1,4 @@
-"""gRPC messages <-> the REST codec's forms (service.v2_codec), so both transports share one inference core.
+"""gRPC messages <-> the REST codec's forms (service.v2.codec), so both transports share one inference core.
 
 Every input becomes a tensor of the binary tensor data extension: `raw_input_contents[i]` as it is, typed
 `contents` packed into the same bytes (BYTES elements each with their 4-byte little-endian length, as in raw
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from service import v2_codec as codec
 from service.errors import BadRequest
+from service.v2 import codec
 
 # The typed field of `InferTensorContents` for each datatype; FP16 and BF16 have none (raw only).
 CONTENTS_FIELD = {
