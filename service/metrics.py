@@ -147,8 +147,8 @@ class Metrics(Collector):
         )
         self.rejected = Counter(
             "vitserve_rejected",
-            "Requests a model's batcher refused (503): `queue` (the queue was full) or `adaptive` (predicted to wait "
-            "longer than the adaptive admission's target)",
+            "Requests a model's batcher refused (503): `queue` (the queue was full) or `budget` (predicted to be "
+            "answered later than its latency budget)",
             ["model", "reason"],
             registry=r,
         )

@@ -1,7 +1,8 @@
 """`serving.json`: an artifact's optional batching policy, beside `artifact.json` (like Triton's model config).
 
 Every key is optional and overrides the server's setting of the same name for this model only, e.g.
-`{"max_batch_size": 4}` for a model whose throughput is flat beyond batch 4.
+`{"max_batch_size": 4}` for a model whose throughput is flat beyond batch 4, or `{"latency_budget_ms": 5000}` for a
+model whose clients wait longer than the server's `VITSERVE_LATENCY_BUDGET_MS`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class ServingConfig(BaseModel):
     max_queue_size: int | None = Field(None, gt=0)
     timeout_s: float | None = Field(None, gt=0)
     enabled: bool | None = None
+    latency_budget_ms: float | None = Field(None, gt=0)  # this model's VITSERVE_LATENCY_BUDGET_MS
 
     def overrides(self) -> dict[str, Any]:
         """Only the keys the file sets."""

@@ -4,7 +4,8 @@ synthetic service times: what it predicts, and whom it refuses).
 
 Where the numbers matter the model is the committed default artifact through onnxruntime; where the point is
 when and with whom `infer` is called, it is `Scripted`, a stand-in with the same batch-shaped `infer` that
-records every call and can be held until the test lets it go (so nothing here depends on timing).
+records every call and can be held until the test lets it go (so nothing here depends on timing). The adaptive
+admission is judged against batches that take a synthetic minute, so the real clock moves nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import BatchPolicy, DynamicBatcher, Result, ServiceTimes, predicted_wait
+from service.admission import AdaptiveAdmission
+from service.batching import BatchPolicy, DynamicBatcher, Result, ServiceTimes, own_time, predicted_answer
 from service.errors import Overloaded, ServiceError, Unavailable
 from service.runtime import CPU, CUDA, LoadedModel, load_model, session_layout
 from tests.conftest import DEFAULT_MODEL, metric
@@ -250,23 +252,44 @@ def test_service_times_average_what_ran_and_bound_what_did_not():
     assert times.estimate(8) == pytest.approx(0.040)  # now bounded by the nearest larger size instead
 
 
-def test_the_predicted_wait_is_the_running_batch_then_one_full_batch_per_batch_size_queued():
-    times = ServiceTimes()
-    assert predicted_wait(times, 4, queued=100, running_rest=1.0) is None
+def test_service_times_keep_how_far_batches_stray_and_the_cautious_time_adds_twice_that():
+    times = ServiceTimes(weight=0.5)
+    assert times.cautious(4) is None
     times.observe(4, 0.010)
-    assert predicted_wait(times, 4, queued=0, running_rest=0.003) == pytest.approx(0.003)
-    assert predicted_wait(times, 4, queued=3, running_rest=0.003) == pytest.approx(0.003)  # joins the next batch
-    assert predicted_wait(times, 4, queued=4, running_rest=0.003) == pytest.approx(0.013)  # the next one is full
-    assert predicted_wait(times, 4, queued=9, running_rest=0.0) == pytest.approx(0.020)
-    assert predicted_wait(times, 4, queued=0, running_rest=-0.5) == 0.0  # a batch running late is about to end
+    assert times.cautious(4) == pytest.approx(0.010)  # one batch: no spread seen yet
+    times.observe(4, 0.020)  # 10 ms from the average of 10: the deviation moves halfway there
+    assert times.estimate(4) == pytest.approx(0.015) and times.cautious(4) == pytest.approx(0.015 + 2 * 0.005)
+    times.observe(4, 0.015)  # on the average: the deviation halves
+    assert times.cautious(4) == pytest.approx(0.015 + 2 * 0.0025)
+    assert times.cautious(8) == pytest.approx(2 * (0.015 + 2 * 0.0025))  # a size not run: scaled, as the average
 
 
-def test_with_instances_a_queued_batch_waits_for_the_first_instance_to_free_and_the_queue_drains_n_ways():
+def measured() -> ServiceTimes:
     times = ServiceTimes()
+    times.observe(1, 0.004)
     times.observe(4, 0.010)
+    return times
+
+
+def test_the_predicted_answer_is_the_running_batch_then_a_full_batch_per_round_ahead_then_its_own_batch():
+    times = measured()
+    assert predicted_answer(ServiceTimes(), 4, queued=100, count=1, running_rest=1.0) is None
+    assert predicted_answer(times, 4, queued=0, count=1, running_rest=0.003) == pytest.approx(0.003 + 0.004)
+    # joins the next batch as its fourth image: that batch, of 4
+    assert predicted_answer(times, 4, queued=3, count=1, running_rest=0.003) == pytest.approx(0.003 + 0.010)
+    # the next batch is full: that one, then its own, alone
+    assert predicted_answer(times, 4, queued=4, count=1, running_rest=0.003) == pytest.approx(0.003 + 0.010 + 0.004)
+    # nine images on an idle model: two full batches of its own, then its last image
+    assert predicted_answer(times, 4, queued=0, count=9, running_rest=0.0) == pytest.approx(0.010 * 2 + 0.004)
+    assert predicted_answer(times, 4, queued=0, count=1, running_rest=-0.5) == pytest.approx(0.004)  # running late
+    assert own_time(times, 4, 9) == pytest.approx(0.024) and own_time(times, 4, 4) == pytest.approx(0.010)
+
+
+def test_with_instances_a_round_of_batches_runs_side_by_side():
+    times = measured()
     # two instances: 8 queued images are one full batch ahead on each, not two on one
-    assert predicted_wait(times, 4, queued=8, running_rest=0.003, instances=2) == pytest.approx(0.013)
-    assert predicted_wait(times, 4, queued=7, running_rest=0.0, instances=2) == pytest.approx(0.0)
+    assert predicted_answer(times, 4, queued=8, count=1, running_rest=0.003, instances=2) == pytest.approx(0.017)
+    assert predicted_answer(times, 4, queued=7, count=1, running_rest=0.0, instances=2) == pytest.approx(0.010)
 
 
 def test_each_instance_runs_its_own_batch_at_the_same_time():
@@ -352,35 +375,59 @@ def test_session_layout(instances, threads, providers, weights, cpus, layout):
 SLOW = 60.0  # synthetic seconds per batch: while a batch is held, its predicted end is always far ahead
 
 
-def test_adaptive_admission_refuses_at_once_what_would_wait_longer_than_a_full_batch(executor):
+def budget(seconds: float, **policy: Any) -> BatchPolicy:
+    return inprocess.policy(latency_budget_ms=seconds * 1e3, **policy)
+
+
+def test_adaptive_admission_refuses_at_once_what_would_be_answered_past_its_latency_budget(executor):
     model = Scripted()
     model.release.clear()
 
     async def scenario(batcher: DynamicBatcher) -> None:
-        batcher.times.observe(2, SLOW)  # as if batches of 2 had taken a minute: the target is one minute
-        assert batcher.admission_target() == SLOW
-        assert batcher.admission_target(5) == 3 * SLOW  # more images than a batch hold: its own time
+        batcher.times.observe(2, SLOW)  # as if batches of 2 had taken a minute
         running = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
         await until_running(model)  # predicted to run for about a minute more
-        # The next batch (2 places) is admitted: each waits only for the running batch, under the target.
+        # The next batch (2 places) is admitted: each is answered after the running batch and its own, in about
+        # two minutes, within the budget of two and a half.
         queued = [asyncio.ensure_future(batcher.submit(image(v), with_attention=False)) for v in (2, 3)]
         await until_queued(batcher, 2)
-        before = rejected("adaptive")
-        with pytest.raises(Overloaded) as caught:  # a full batch ahead of it as well: about two minutes
+        before = rejected("budget")
+        with pytest.raises(Overloaded) as caught:  # a full batch ahead of it as well: about three minutes
             await batcher.submit(image(4), with_attention=False)
         refusal = caught.value
         assert refusal.status == 503 and refusal.headers == {"Retry-After": "1"}
-        assert refusal.detail["queued"] == 2 and refusal.detail["target_ms"] == SLOW * 1e3
-        assert refusal.detail["predicted_wait_ms"] > SLOW * 1e3
-        assert "would wait about" in refusal.message and "retry" in refusal.message
-        assert rejected("adaptive") == before + 1
+        assert refusal.detail["queued"] == 2 and refusal.detail["budget_ms"] == 2.5 * SLOW * 1e3
+        assert refusal.detail["predicted_ms"] == pytest.approx(3 * SLOW * 1e3, rel=0.01)
+        assert "latency budget of 150000 ms" in refusal.message and "VITSERVE_LATENCY_BUDGET_MS" in refusal.message
+        assert rejected("budget") == before + 1
         assert batcher.queue.qsize() == 2  # refused before anything was queued, with places free
         model.release.set()
         results: list[Result] = await asyncio.gather(running, *queued)
         assert [float(r.logits[0]) for r in results] == [1, 2, 3]
         assert model.batches == [[1], [2, 3]]
 
-    run(model, inprocess.policy(max_batch_size=2, max_queue_delay_ms=0, max_queue_size=8), executor, scenario)
+    policy = budget(2.5 * SLOW, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=8)
+    run(model, policy, executor, scenario)
+
+
+def test_a_budget_shorter_than_a_batch_still_admits_what_would_start_within_one_batch(executor):
+    model = Scripted()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        batcher.times.observe(2, SLOW)
+        assert batcher.within_a_batch() == 2 * SLOW  # one batch's wait, then its own
+        assert batcher.within_a_batch(5) == 4 * SLOW  # more images than a batch holds: its own three batches
+        running = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
+        await until_running(model)
+        queued = [asyncio.ensure_future(batcher.submit(image(v), with_attention=False)) for v in (2, 3)]
+        await until_queued(batcher, 2)
+        with pytest.raises(Overloaded):  # a whole batch queued ahead of it as well
+            batcher.check_room(1)
+        model.release.set()
+        assert len(await asyncio.gather(running, *queued)) == 3
+
+    run(model, budget(0.001, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=8), executor, scenario)
 
 
 def test_adaptive_admission_takes_a_request_of_many_images_whole_when_the_queue_is_short(executor):
@@ -395,14 +442,40 @@ def test_adaptive_admission_takes_a_request_of_many_images_whole_when_the_queue_
         # size is its own latency, which it would have unloaded too. All five are queued, none refused.
         many = asyncio.ensure_future(batcher.submit_many([image(v) for v in range(2, 7)], with_attention=False))
         await until_queued(batcher, 5)
-        with pytest.raises(Overloaded):  # behind it, a newcomer would wait for two more full batches
+        with pytest.raises(Overloaded):  # behind it, a newcomer would wait for three more full batches
             batcher.check_room(1)
-        batcher.check_room(6)  # unless it is as large: it may wait as long as its own three batches take
+        batcher.policy = budget(10 * SLOW, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=16)
+        batcher.check_room(6)  # within a longer budget, even a request as large
         model.release.set()
         await running
         assert [float(r.logits[0]) for r in await many] == [2, 3, 4, 5, 6]
 
-    run(model, inprocess.policy(max_batch_size=2, max_queue_delay_ms=0, max_queue_size=16), executor, scenario)
+    run(model, budget(0.001, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=16), executor, scenario)
+
+
+def test_the_time_a_request_already_spent_in_the_server_counts_against_its_budget(executor):
+    model = Scripted()
+    model.release.clear()
+    clock = SimpleNamespace(now=0.0)
+    front_door = AdaptiveAdmission(16, budget=1.0, tolerance=1.5, clock=lambda: clock.now)
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        batcher.times.observe(2, SLOW)
+        running = asyncio.ensure_future(batcher.submit(image(1), with_attention=False))
+        await until_running(model)
+        queued = [asyncio.ensure_future(batcher.submit(image(v), with_attention=False)) for v in (2, 3)]
+        await until_queued(batcher, 2)
+        assert front_door.enter("/v1/classify") is None  # this task's request, admitted at the front door
+        batcher.check_room(1)  # answered in about three minutes, within the budget of four
+        clock.now += 2 * SLOW  # two minutes spent decoding, say
+        with pytest.raises(Overloaded) as caught:
+            batcher.check_room(1)
+        assert caught.value.detail["predicted_ms"] == pytest.approx(5 * SLOW * 1e3, rel=0.01)
+        front_door.leave()
+        model.release.set()
+        assert len(await asyncio.gather(running, *queued)) == 3
+
+    run(model, budget(4 * SLOW, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=8), executor, scenario)
 
 
 def test_queue_admission_admits_until_the_queue_is_full(executor):
@@ -418,17 +491,17 @@ def test_queue_admission_admits_until_the_queue_is_full(executor):
         model.release.set()
         assert len(await asyncio.gather(running, *queued)) == 5
 
-    policy = inprocess.policy(max_batch_size=2, max_queue_delay_ms=0, max_queue_size=8, admission="queue")
+    policy = budget(0.001, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=8, admission="queue")
     run(model, policy, executor, scenario)
 
 
-def test_the_queue_delay_is_part_of_the_target_and_batches_feed_the_service_times(executor):
+def test_the_queue_delay_is_part_of_the_floor_and_batches_feed_the_service_times(executor):
     model = Scripted()
 
     async def scenario(batcher: DynamicBatcher) -> None:
-        assert batcher.admission_target() is None  # nothing ran yet
+        assert batcher.within_a_batch() is None and batcher.predict(0) is None  # nothing ran yet
         await asyncio.gather(*(batcher.submit(image(v), with_attention=False) for v in (1, 2)))
         assert set(batcher.times.seconds) == {2}  # one batch of two ran, and was timed
-        assert batcher.admission_target() == pytest.approx(batcher.times.seconds[2] + 0.050)
+        assert batcher.within_a_batch() == pytest.approx(2 * batcher.times.seconds[2] + 0.050)
 
     run(model, inprocess.policy(max_batch_size=2, max_queue_delay_ms=50), executor, scenario)

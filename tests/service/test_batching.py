@@ -114,9 +114,7 @@ def test_full_queue_answers_503_with_retry_after(tmp_path, held_out):
 
 
 def test_batching_off_runs_one_image_per_call(tmp_path, held_out):
-    # Queue admission: with one image per call, the adaptive one would refuse most of a burst of 8 at once (any
-    # request that would wait for more than one other), and this test is about the calls, not admission.
-    srv = Server(MODELS, tmp_path / "server.log", VITSERVE_BATCHING="false", VITSERVE_ADMISSION="queue").wait_ready()
+    srv = Server(MODELS, tmp_path / "server.log", VITSERVE_BATCHING="false").wait_ready()
     try:
         requests = [("/v1/classify", encode(Image.fromarray(c).convert("RGB"))) for c in held_out.images[:8]]
         assert {r.json()["timings"]["batch_size"] for r in asyncio.run(_send_all(srv.url, requests))} == {1}

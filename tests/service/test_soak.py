@@ -24,9 +24,6 @@ def test_short_soak_has_no_unexpected_error_and_no_memory_growth(tmp_path):
         VITSERVE_DEFAULT_MODEL=MODEL,
         VITSERVE_MAX_QUEUE_SIZE=str(QUEUE),
         VITSERVE_MAX_BATCH_FILES="8",  # the largest batch in the mix; must not exceed the queue
-        # The full queue is the overload this test provokes; adaptive admission would refuse earlier and, with
-        # 32 clients that resend at once, most of the run (tests/service/test_admission.py covers it).
-        VITSERVE_ADMISSION="queue",
     ).wait_ready()
     try:
         result = run_soak(

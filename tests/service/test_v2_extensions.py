@@ -233,15 +233,7 @@ def test_hot_reload_across_workers_under_traffic(tmp_path):
     repository = tmp_path / "models"
     shutil.copytree(MODELS, repository)
     live = repository / MODEL
-    # Queueing admission: the traffic is closed-loop clients that resend at once, which the adaptive default may
-    # shed with 503s (tests/service/test_admission.py); this test is about the swap answering every request.
-    srv = Server(
-        repository,
-        tmp_path / "server.log",
-        VITSERVE_WORKERS="2",
-        VITSERVE_RELOAD_INTERVAL_S="0.3",
-        VITSERVE_ADMISSION="queue",
-    )
+    srv = Server(repository, tmp_path / "server.log", VITSERVE_WORKERS="2", VITSERVE_RELOAD_INTERVAL_S="0.3")
     srv.wait_ready()
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c, Traffic(srv.url) as traffic:
