@@ -51,7 +51,6 @@ def sweep(
             LOGS / f"{model}-b{b}-d{d:g}.log",
             max_batch_size=b,
             max_queue_delay_ms=d,
-            **servers.CLOSED_LOOP,
         )
         for b, d in grid
     }

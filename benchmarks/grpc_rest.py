@@ -121,7 +121,7 @@ def measure(repo_dir: Path, model: str, upload: bytes, args, log: Path) -> dict:
     pixels = preprocess_batch([Image.open(io.BytesIO(upload)).convert("RGB")], meta.preprocessing)  # (1, 3, H, W)
     grpc_port = servers.free_port()
     results: dict = {}
-    with servers.vitserve(repo_dir, model, log, grpc_port=grpc_port, **servers.CLOSED_LOOP) as server:
+    with servers.vitserve(repo_dir, model, log, grpc_port=grpc_port, **servers.past_budget(model)) as server:
         grpc_url = f"127.0.0.1:{grpc_port}"
         requests = {
             "image": {

@@ -130,14 +130,15 @@ def server_set(family: Family, logs: Path, quick: bool) -> dict[str, servers.Ser
     repo = family.repo
     fp32, int8 = repo.directory / repo.fp32, repo.directory / repo.int8
     torch_source = "hf" if family.key == "vit-b16" else "digits"
+    admission = servers.past_budget(family.key)
     return {
-        "vitserve fp32": servers.vitserve(repo.directory, repo.fp32, logs / "vitserve-fp32.log", **servers.CLOSED_LOOP),
+        "vitserve fp32": servers.vitserve(repo.directory, repo.fp32, logs / "vitserve-fp32.log", **admission),
         "vitserve fp32, batching off": servers.vitserve(
-            repo.directory, repo.fp32, logs / "vitserve-fp32-off.log", batching=False, **servers.CLOSED_LOOP
+            repo.directory, repo.fp32, logs / "vitserve-fp32-off.log", batching=False, **admission
         ),
-        "vitserve int8": servers.vitserve(repo.directory, repo.int8, logs / "vitserve-int8.log", **servers.CLOSED_LOOP),
+        "vitserve int8": servers.vitserve(repo.directory, repo.int8, logs / "vitserve-int8.log", **admission),
         "vitserve int8, batching off": servers.vitserve(
-            repo.directory, repo.int8, logs / "vitserve-int8-off.log", batching=False, **servers.CLOSED_LOOP
+            repo.directory, repo.int8, logs / "vitserve-int8-off.log", batching=False, **admission
         ),
         "torch eager fp32": servers.torch_eager(
             torch_source, logs / "torch-eager.log", hf_checkpoint=repo.hf_checkpoint, artifact=fp32
