@@ -166,6 +166,8 @@ class Engine:
                 job.add_done_callback(running.discard)
         except (asyncio.IncompleteReadError, ConnectionError):
             log.info("a worker disconnected")
+        except asyncio.CancelledError:  # the engine is stopping (`run`); ending here keeps the stream server quiet
+            log.info("closing the link of worker %d", worker)
         finally:
             self.links.pop(worker, None)
             self.geometries.pop(worker, None)
@@ -195,7 +197,7 @@ class Engine:
         try:
             model = self.versions.get(model_index)
             if model is None:
-                raise Unavailable("that model version is no longer served; retry", headers={"Retry-After": "1"})
+                raise Unavailable("that model version is no longer served; retry")
             shape = (3, *model.meta.input_size)
             images = [pool.pixels(slot, shape) for slot in slots]
             with_attention = bool(flags & wire.ATTENTION)
@@ -258,8 +260,7 @@ async def run(settings: Settings, socket_path: str, ready_fd: int) -> None:
         watcher.start()
     server = await asyncio.start_unix_server(engine.serve_worker, path=socket_path)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # SIGINT is ignored (`main`)
     names = sorted(state.models().models)
     os.write(ready_fd, json.dumps({"models": names}).encode())
     os.close(ready_fd)
@@ -284,6 +285,9 @@ def main() -> int:
     from service.runtime import ProviderError
     from vit_artifact.metadata import ArtifactError
 
+    # Only the supervisor stops the engine: SIGTERM, once every worker has drained (they need the engine until
+    # then). A Ctrl+C in a terminal sends SIGINT to every process of the group; the supervisor's drain answers it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = Settings()
     setup_logging(settings, "engine")
     exit_with_parent()

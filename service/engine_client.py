@@ -27,7 +27,7 @@ import numpy as np
 
 from service import engine_protocol as wire
 from service.batching import BatchPolicy, Result
-from service.errors import Overloaded, ServiceError, Unavailable
+from service.errors import RETRY_AFTER_S, Overloaded, ServiceError, Unavailable
 from service.runtime import LoadedModel, LoadFailure, ModelRepository, discover
 from vit_artifact.metadata import ArtifactMetadata, read_metadata
 
@@ -55,6 +55,7 @@ class EngineLink:
         self.pending: dict[int, tuple[asyncio.Future, list[int], LoadedModel]] = {}
         self.next_id = 0
         self.alive = True
+        self.closing = False  # this worker is shutting down: the engine's end of the link closing is expected
         self.welcome: dict[str, Any] = {}
         self.on_catalog: Callable[[dict[str, Any]], None] | None = None  # `apply_catalog`, once attached
         self.admin_pending: dict[int, asyncio.Future[None]] = {}
@@ -85,7 +86,7 @@ class EngineLink:
 
     async def _admin(self, command: dict[str, Any]) -> None:
         if not self.alive:
-            raise Unavailable("the inference engine is not running; retry shortly", headers={"Retry-After": "1"})
+            raise Unavailable("the inference engine is not running; retry shortly")
         request_id = self._request_id()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.admin_pending[request_id] = future
@@ -97,7 +98,6 @@ class EngineLink:
         if count > len(self.free):
             raise Overloaded(
                 f"this worker has {len(self.free)} free input slots and the request has {count} images; retry shortly",
-                headers={"Retry-After": "1"},
             )
 
     @classmethod
@@ -115,7 +115,7 @@ class EngineLink:
         self, model: LoadedModel, index: int, images: Sequence[np.ndarray], with_attention: bool
     ) -> list[Result]:
         if not self.alive:
-            raise Unavailable("the inference engine is not running; retry shortly", headers={"Retry-After": "1"})
+            raise Unavailable("the inference engine is not running; retry shortly")
         self.check_slots(len(images))
         slots = [self.free.pop() for _ in images]
         shape = (3, *model.meta.input_size)
@@ -184,8 +184,8 @@ class EngineLink:
             self.free.extend(slots)
             if not future.done():
                 cls = Overloaded if status == wire.OVERLOADED else Unavailable
-                headers = {"Retry-After": "1"} if status in (wire.OVERLOADED, wire.UNAVAILABLE) else None
-                future.set_exception(cls(error["message"], detail=error["detail"], headers=headers))
+                retry = RETRY_AFTER_S if status in (wire.OVERLOADED, wire.UNAVAILABLE) else None  # not a fault
+                future.set_exception(cls(error["message"], detail=error["detail"], retry_after=retry))
             return
         meta = model.meta
         maps = None
@@ -208,15 +208,13 @@ class EngineLink:
             future.set_result(results)
 
     def _engine_gone(self) -> None:
-        if self.alive:
+        if self.alive and not self.closing:
             log.error("the inference engine closed the connection; answering 503 until the server restarts")
         self.alive = False
         for future, slots, _ in self.pending.values():
             self.free.extend(slots)  # nobody reads them any more
             if not future.done():
-                future.set_exception(
-                    Unavailable("the inference engine stopped; retry shortly", headers={"Retry-After": "1"})
-                )
+                future.set_exception(Unavailable("the inference engine stopped; retry shortly"))
         self.pending.clear()
         for admin in self.admin_pending.values():
             if not admin.done():
@@ -224,6 +222,7 @@ class EngineLink:
         self.admin_pending.clear()
 
     async def close(self) -> None:
+        self.closing = True  # the reader, cancelled here, ends as if the engine had gone: that is no error now
         if self._reader_task is not None:
             self._reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -278,9 +277,7 @@ class RemoteBatcher:
                 self.link.infer(self.model, self.index, images, with_attention), self.policy.timeout_s + 5
             )
         except TimeoutError:  # the engine's own timeout answers first; this one only guards a stuck engine
-            raise Unavailable(
-                "the inference engine did not answer in time; retry shortly", headers={"Retry-After": "1"}
-            ) from None
+            raise Unavailable("the inference engine did not answer in time; retry shortly") from None
 
     def __repr__(self) -> str:
         return f"RemoteBatcher({self.model.name}, {self.policy})"

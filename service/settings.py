@@ -13,7 +13,8 @@ from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
-# Probes, scrapes and the demo page's own files answer without a key; the page's API calls still need one.
+# Probes, scrapes and the demo page's own files always answer without a key (an orchestrator's probe carries
+# none); the page's API calls still need one. VITSERVE_OPEN_ROUTES adds to these, never replaces them.
 DEFAULT_OPEN_ROUTES = ["/healthz", "/readyz", "/v2/health/*", "/metrics", "/", "/static/*"]
 
 # A comma-separated environment value ("a,b"); a JSON list is accepted too.
@@ -42,7 +43,11 @@ class Settings(BaseSettings):
         description="model repository: one sub-directory per artifact (Triton-style)",
         json_schema_extra=_shown("`models/`"),
     )
-    default_model: str = Field("digits-vit", description="model for the routes without a name")
+    default_model: str | None = Field(
+        None,
+        description="model for the routes without a name; when unset and the repository holds one model, that model",
+        json_schema_extra=_shown("`digits-vit`"),  # service.runtime.EMBEDDED_MODEL
+    )
     models: list[str] | None = Field(
         None, description="JSON list of model names to load", json_schema_extra=_shown("all")
     )
@@ -131,19 +136,26 @@ class Settings(BaseSettings):
     )
     admission: Literal["adaptive", "queue"] = Field(
         "adaptive",
-        description="`adaptive`: under overload, refuse at once (503 + `Retry-After`) what would wait, by two limits "
-        "learned from what the server measures: each model's batcher refuses a request predicted to wait longer "
-        "than a full batch takes, and each HTTP process limits inference requests in progress to what keeps them "
-        "within `VITSERVE_ADMISSION_TOLERANCE` times their unloaded time (README: Dynamic batching); `queue`: "
-        "admit until the queue or `VITSERVE_MAX_CONCURRENT_REQUESTS` is full, which stay hard caps either way",
+        description="`adaptive`: refuse at once (503 + `Retry-After`) a request the server predicts it cannot answer "
+        "within `VITSERVE_LATENCY_BUDGET_MS`, from the queue ahead of it and each batch size's measured time, and "
+        "limit inference requests in progress in each HTTP process when their answers take longer than that "
+        "(README: Dynamic batching); `queue`: admit until the queue or `VITSERVE_MAX_CONCURRENT_REQUESTS` is full, "
+        "which stay hard caps either way",
+    )
+    latency_budget_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="the longest a request should take from its complete body to its answer: past it, adaptive "
+        "admission refuses what would wait longer (a request that would start within one full batch is never "
+        "refused for it). A model's `serving.json` may override it. Lower it for a strict latency target (README: "
+        "Dynamic batching)",
     )
     admission_tolerance: float = Field(
         1.5,
         gt=1.0,
-        description="adaptive admission's target at the front door: the smoothed time in the server of admitted "
-        "requests over their unloaded time, above which the limit on requests in progress shrinks. Under 2 so "
-        "that the tail, not only the average, stays within twice the unloaded time (Netflix's Gradient2 limit "
-        "defaults to 1.5 too; README: Dynamic batching)",
+        description="adaptive admission's target for a route whose unloaded time is near the latency budget (an "
+        "attention map of many images on a slow model): this multiple of its unloaded time, where that is longer "
+        "than the budget",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits to be served (503 after)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
@@ -182,9 +194,13 @@ class Settings(BaseSettings):
         "load, unload), sent like API keys; API keys do not open it; unset: those routes answer 403",
         json_schema_extra=_shown("none (repository extension off)"),
     )
+    # Read as the extra routes; held as every open route (the defaults first), which is what the checks use.
     open_routes: CommaList = Field(
-        default_factory=lambda: list(DEFAULT_OPEN_ROUTES),
-        description="routes answered without a key; `/prefix/*` matches below the prefix; empty: every route needs a key",
+        default_factory=list,
+        validate_default=True,
+        description="routes answered without a key besides those always open ("
+        + ", ".join(f"`{route}`" for route in DEFAULT_OPEN_ROUTES)
+        + "): `/docs,/openapi.json` publishes the API's documentation; `/prefix/*` matches below the prefix",
     )
     cors_origins: CommaList = Field(
         default_factory=list,
@@ -248,7 +264,7 @@ class Settings(BaseSettings):
         json_schema_extra=_shown("32 MiB"),
     )
 
-    # Triton's system shared memory extension (service/shared_memory.py).
+    # Triton's system shared memory extension (service/v2/shared_memory.py).
     system_shared_memory: bool = Field(
         False,
         description="Triton's system shared memory extension (`/v2/systemsharedmemory`; V2 inputs and outputs by "
@@ -311,11 +327,11 @@ class Settings(BaseSettings):
 
     @field_validator("open_routes")
     @classmethod
-    def _routes_are_paths(cls, value: list[str]) -> list[str]:
+    def _open_routes_add_to_the_defaults(cls, value: list[str]) -> list[str]:
         for route in value:
             if not route.startswith("/") or "*" in route[:-1]:
                 raise ValueError(f"open route {route!r} must be a path (`/metrics`) or a prefix (`/v2/health/*`)")
-        return value
+        return [*DEFAULT_OPEN_ROUTES, *(route for route in dict.fromkeys(value) if route not in DEFAULT_OPEN_ROUTES)]
 
     @model_validator(mode="after")
     def _batch_fits_the_queue(self) -> Settings:

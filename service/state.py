@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from service.admission import AdaptiveAdmission
+from service.admission import AdaptiveAdmission, note_budget
 from service.batching import Batcher, BatchPolicy, DynamicBatcher, Result
 from service.engine_client import EngineLink, RemoteBatcher
 from service.errors import NotFound, Overloaded, PayloadTooLarge, Unavailable
@@ -63,6 +63,7 @@ def settings_policy(settings: Settings) -> BatchPolicy:
         timeout_s=s.request_timeout_s,
         enabled=s.batching,
         admission=s.admission,
+        latency_budget_ms=s.latency_budget_ms,
     )
 
 
@@ -70,6 +71,8 @@ def batch_policy(settings: Settings, model: LoadedModel) -> BatchPolicy:
     """The settings' batching policy, with the model's `serving.json` overrides; a bad file is an ArtifactError."""
     overrides = read_serving_config(model.directory).overrides()  # read even when batching is off: a bad file fails
     policy = settings_policy(settings)
+    if "latency_budget_ms" in overrides:  # a model's own budget, batching or not
+        policy = dataclasses.replace(policy, latency_budget_ms=overrides.pop("latency_budget_ms"))
     if settings.batching:
         defaults = provider_batching(model.provider, settings.model_fields_set)  # a GPU's larger batches
         policy = dataclasses.replace(policy, **{**defaults, **overrides})
@@ -102,7 +105,11 @@ class ServiceState:
         self.decode_budget = ByteBudget("decode", settings.decode_budget_bytes) if serves_http else None
         # Inference requests in progress (VITSERVE_MAX_CONCURRENT_REQUESTS), for the middleware and the direct path.
         self.admission = (
-            AdaptiveAdmission(settings.max_concurrent_requests, tolerance=settings.admission_tolerance)
+            AdaptiveAdmission(
+                settings.max_concurrent_requests,
+                budget=settings.latency_budget_ms / 1e3,
+                tolerance=settings.admission_tolerance,
+            )
             if settings.admission == "adaptive"
             else Admission(settings.max_concurrent_requests)
         )
@@ -136,7 +143,7 @@ class ServiceState:
 
     def models(self) -> ModelRepository:
         if self.repository is None:
-            raise Unavailable("models are still loading; retry shortly", headers={"Retry-After": "1"})
+            raise Unavailable("models are still loading; retry shortly")
         return self.repository
 
     def model(self, name: str | None) -> LoadedModel:
@@ -154,6 +161,7 @@ class ServiceState:
                 raise Unavailable(
                     f"model {name!r} is unavailable: it failed to load: {failure.error}",
                     detail={"available": sorted(repository.models)},
+                    retry_after=None,  # until its files are fixed: a retry soon would fail the same way
                 )
             raise NotFound(
                 f"model {name!r} is not loaded; GET /v1/models lists the models this server has",
@@ -232,6 +240,7 @@ class ServiceState:
         if batcher is None:
             alone = (self._infer_alone(model, pixels, with_attention=with_attention) for pixels in images)
             return list(await asyncio.gather(*alone))
+        note_budget(batcher.policy.latency_budget_ms / 1e3)  # what the front door judges this request's time by
         self._waiting[batcher] += 1
         try:
             return await batcher.submit_many(images, with_attention=with_attention, source=source)
@@ -247,6 +256,7 @@ class ServiceState:
         """
         batcher = self._batcher(model)
         if batcher is not None:
+            note_budget(batcher.policy.latency_budget_ms / 1e3)
             batcher.check_room(count)
 
     def _batcher(self, model: LoadedModel) -> Batcher | None:

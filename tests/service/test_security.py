@@ -161,10 +161,29 @@ def test_refusals_are_counted_by_reason(keyed):
     assert refused() == before + 1
 
 
-def test_no_open_routes_means_every_route_needs_the_key(repo):
-    with TestClient(inprocess.app(repo, api_keys=KEYS, open_routes="")) as c:
-        assert_unauthorized(c.get("/healthz"))
-        assert c.get("/healthz", headers={"X-API-Key": KEYS[1]}).status_code == 200
+def test_open_routes_add_to_the_defaults(repo):
+    # Publishing the docs leaves every probe, the scrape and the demo page open: they are open whatever the setting.
+    with TestClient(inprocess.app(repo, api_keys=KEYS, open_routes="/docs,/openapi.json")) as c:
+        for path in ["/docs", "/openapi.json", "/healthz", "/readyz", "/v2/health/ready", "/metrics", "/"]:
+            assert c.get(path).status_code == 200, path
+        assert_unauthorized(c.get("/v1/models"))
+        assert_unauthorized(classify(c))
+    with TestClient(inprocess.app(repo, api_keys=KEYS, open_routes="")) as c:  # empty: the defaults alone
+        assert c.get("/readyz").status_code == 200
+        assert_unauthorized(c.get("/docs"))
+
+
+def test_published_docs_load_whole_without_a_key(repo):
+    # Swagger UI's files are below /static/, open like the demo page's: publishing the page and the document is
+    # enough (service.routes.docs).
+    with TestClient(inprocess.app(repo, api_keys=KEYS, open_routes="/docs,/openapi.json")) as c:
+        page = c.get("/docs")
+        assert page.status_code == 200
+        files = re.findall(r'(?:src|href)="(/[^"]*)"', page.text)
+        assert files and all(c.get(url).status_code == 200 for url in files), files
+    with TestClient(inprocess.app(repo, api_keys=KEYS)) as c:  # unpublished: the page needs the key
+        assert_unauthorized(c.get("/docs"))
+        assert c.get("/docs", headers={"Authorization": f"Bearer {KEYS[0]}"}).status_code == 200
 
 
 def test_without_keys_nothing_needs_one(repo):
@@ -210,7 +229,7 @@ def test_the_openapi_document_follows_the_configured_open_routes(repo):
         ops = operations(c.get("/openapi.json").json())
     assert "security" not in ops["GET /v1/models/{name}"] and "security" not in ops["POST /v1/models/{name}/classify"]
     assert ops["GET /v1/models"]["security"] == EITHER_KEY  # `/v1/models/*` is below it, not it
-    assert ops["GET /readyz"]["security"] == EITHER_KEY  # no longer open
+    assert "security" not in ops["GET /readyz"]  # open by default, and the setting only adds to those
 
 
 def test_without_keys_the_openapi_document_declares_no_scheme(repo):

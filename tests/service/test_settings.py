@@ -90,11 +90,13 @@ def test_an_open_route_must_be_a_path_or_a_prefix(route):
     assert f"open route {route!r} must be a path" in message
 
 
-def test_open_routes_may_be_emptied_and_prefixes_end_in_a_star(monkeypatch):
-    assert from_environment(monkeypatch, open_routes="").open_routes == []
-    assert from_environment(monkeypatch, open_routes="/healthz,/v2/health/*").open_routes == [
-        "/healthz",
-        "/v2/health/*",
+def test_open_routes_add_to_the_defaults_which_always_stay_open(monkeypatch):
+    assert from_environment(monkeypatch, open_routes="").open_routes == DEFAULT_OPEN_ROUTES
+    # The defaults first, then the new ones once each; a default named again is not repeated.
+    assert from_environment(monkeypatch, open_routes="/docs,/healthz,/v1/models/*,/docs").open_routes == [
+        *DEFAULT_OPEN_ROUTES,
+        "/docs",
+        "/v1/models/*",
     ]
 
 

@@ -122,15 +122,36 @@ def test_every_worker_checks_keys_and_limits(tmp_path, held_out_pngs):
         assert srv.stop() == 0
 
 
-def test_sigterm_drains_every_process_and_exits_0(tmp_path, held_out_pngs):
+def serve_traffic(srv: Server, images: list[bytes]) -> None:
+    """Classify on both workers (one connection each, so the kernel spreads them), an attention map and a batch:
+    every kind of request the engine answers from the workers' slots."""
+    assert [r.status_code for r in asyncio.run(_classify_all(srv.url, images))] == [200] * len(images)
+    png = {"content-type": "image/png"}
+    assert httpx.post(f"{srv.url}/v1/attention", content=images[0], headers=png).status_code == 200
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images[:4])]
+    assert httpx.post(f"{srv.url}/v1/classify/batch", files=files).status_code == 200
+
+
+def assert_clean_log(srv: Server) -> None:
+    """A clean shutdown says nothing alarming: no ERROR line and no traceback from any process."""
+    text = srv.log.read_text()
+    assert "ERROR" not in text and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_signal_drains_every_process_and_exits_0_with_a_clean_log(tmp_path, held_out_pngs, sig):
+    # SIGTERM goes to the supervisor, as an orchestrator sends it; Ctrl+C in a terminal sends SIGINT to every
+    # process of the group at once, the engine included, which must still outlive the workers' drain.
     srv = Server(MODELS, tmp_path / "server.log", **WORKERS).wait_ready()
     processes = [*children(srv, "service.worker"), *children(srv, "service.engine")]
     assert len(processes) == 3
-    assert httpx.post(f"{srv.url}/v1/classify", content=held_out_pngs[0], headers={"content-type": "image/png"})
-    srv.process.send_signal(signal.SIGTERM)
+    serve_traffic(srv, held_out_pngs[:16])
+    for process in [psutil.Process(srv.process.pid), *processes] if sig == signal.SIGINT else [srv.process]:
+        process.send_signal(sig)
     assert srv.process.wait(timeout=60) == 0  # the supervisor exits 0 only when every child exited 0
     _, alive = psutil.wait_procs(processes, timeout=10)
     assert not alive
+    assert_clean_log(srv)
 
 
 def test_a_killed_worker_is_replaced(tmp_path, held_out_pngs):
@@ -149,6 +170,42 @@ def test_a_killed_worker_is_replaced(tmp_path, held_out_pngs):
         assert [r.status_code for r in responses] == [200] * 16
     finally:
         assert srv.stop() == 0
+
+
+def test_workers_killed_while_their_request_is_queued_leave_the_engine_serving(tmp_path, held_out_pngs):
+    # A batch window of a minute holds a lone request in the engine's queue, its pixels a view of a worker's slots;
+    # that worker dies. The engine lets the worker's slots go (unmapped once the queued view is dropped), serves
+    # the replacements, and stops cleanly.
+    srv = Server(MODELS, tmp_path / "server.log", VITSERVE_MAX_QUEUE_DELAY_MS="60000", **WORKERS).wait_ready()
+    try:
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+                held = asyncio.ensure_future(
+                    client.post("/v1/classify", content=held_out_pngs[0], headers={"content-type": "image/png"})
+                )
+
+                async def queued() -> bool:
+                    text = (await client.get("/metrics")).text
+                    return metric(text, "vitserve_queue_depth", model="digits-vit") >= 1
+
+                while not await queued():
+                    await asyncio.sleep(0.05)
+                workers = children(srv, "service.worker")
+                for worker in workers:  # the one that holds the request among them
+                    worker.kill()
+                psutil.wait_procs(workers, timeout=10)
+                with pytest.raises(httpx.TransportError):
+                    await held
+
+        asyncio.run(scenario())
+        wait_until(lambda: httpx.get(f"{srv.url}/readyz").status_code == 200, "two new workers and readiness again")
+        # Fifteen more fill a batch of 16 with the dead worker's queued request, so it runs at once.
+        assert [r.status_code for r in asyncio.run(_classify_all(srv.url, held_out_pngs[:15]))] == [200] * 15
+    finally:
+        assert srv.stop() == 0
+    text = srv.log.read_text()
+    assert "Traceback" not in text and "BufferError" not in text, text
 
 
 def test_a_killed_engine_answers_503_and_ends_the_server_non_zero(tmp_path, held_out_pngs):
