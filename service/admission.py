@@ -31,7 +31,6 @@ from collections.abc import Callable
 
 from service.errors import Overloaded
 from service.metrics import METRICS
-from service.middleware import Admission
 
 SMOOTHING = 0.1  # weight of each answer in the moving averages (the recent ratio, each route's unloaded time)
 MAX_ROUTES = 256  # unloaded times kept; requests to further paths share one (any path a client sends is a key)
@@ -68,6 +67,32 @@ def note_budget(seconds: float) -> None:
     admitted = _ADMITTED.get()
     if admitted is not None:
         admitted.budget = seconds
+
+
+class Admission:
+    """At most `limit` inference requests in progress (from a complete body to the answer); one more is refused
+    at once with 503 + Retry-After instead of queueing without bound. One per server process, taken through the
+    gate (service.gate) by every transport; one event loop, so no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_progress = 0
+
+    def enter(self, route: str = "") -> Overloaded | None:
+        """Admit the request (then `leave()` when it is answered), or the error to answer with. `route`: its path,
+        for `service.admission.AdaptiveAdmission`, which keeps each route's latency."""
+        if self.in_progress >= self.limit:
+            METRICS.refused.labels(reason="concurrency").inc()
+            return Overloaded(
+                f"the server has {self.limit} inference requests in progress "
+                "(VITSERVE_MAX_CONCURRENT_REQUESTS); retry shortly",
+                detail={"limit": self.limit},
+            )
+        self.in_progress += 1
+        return None
+
+    def leave(self) -> None:
+        self.in_progress -= 1
 
 
 class AdaptiveAdmission(Admission):

@@ -32,8 +32,8 @@ from service.routes.table import is_control, is_inference
 from service.security import Access
 
 if TYPE_CHECKING:
+    from service.admission import Admission
     from service.memory import ByteBudget
-    from service.middleware import Admission
     from service.settings import Settings
 
 log = logging.getLogger("vitserve")

@@ -19,7 +19,6 @@ from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceE
 from service.gate import Gate, Ticket, cut_off_by_shutdown, is_inference, reads_body_whole
 from service.headers import request_id_for, with_context_headers
 from service.logs import REQUEST_ID
-from service.metrics import METRICS
 
 log = logging.getLogger("vitserve")
 
@@ -185,29 +184,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-class Admission:
-    """At most `limit` inference requests in progress (from a complete body to the answer); one more is refused
-    at once with 503 + Retry-After instead of queueing without bound. One per server process, shared by the
-    middleware and the direct path (service.fast_path); one event loop, so no lock."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_progress = 0
-
-    def enter(self, route: str = "") -> Overloaded | None:
-        """Admit the request (then `leave()` when it is answered), or the error to answer with. `route`: its path,
-        for `service.admission.AdaptiveAdmission`, which keeps each route's latency."""
-        if self.in_progress >= self.limit:
-            METRICS.refused.labels(reason="concurrency").inc()
-            return Overloaded(
-                f"the server has {self.limit} inference requests in progress "
-                "(VITSERVE_MAX_CONCURRENT_REQUESTS); retry shortly",
-                detail={"limit": self.limit},
-            )
-        self.in_progress += 1
-        return None
-
-    def leave(self) -> None:
-        self.in_progress -= 1

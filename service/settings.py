@@ -12,10 +12,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.routes.table import OPEN
+
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
 # Probes, scrapes and the demo page's own files always answer without a key (an orchestrator's probe carries
 # none); the page's API calls still need one. VITSERVE_OPEN_ROUTES adds to these, never replaces them.
-DEFAULT_OPEN_ROUTES = ["/healthz", "/readyz", "/v2/health/*", "/metrics", "/", "/static/*"]
+DEFAULT_OPEN_ROUTES = OPEN  # the routes declared open in service.routes.table
 
 # A comma-separated environment value ("a,b"); a JSON list is accepted too.
 CommaList = Annotated[list[str], NoDecode]

@@ -16,12 +16,11 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from service.admission import AdaptiveAdmission, note_budget
+from service.admission import AdaptiveAdmission, Admission, note_budget
 from service.batching import Batcher, BatchPolicy, DynamicBatcher, Result
 from service.engine_client import EngineLink, RemoteBatcher
 from service.errors import NotFound, Overloaded, PayloadTooLarge, Unavailable
 from service.memory import ByteBudget
-from service.middleware import Admission
 from service.pipeline import Prepared, prepare
 from service.runtime import LoadedModel, ModelRepository, provider_batching
 from service.settings import Settings

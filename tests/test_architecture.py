@@ -11,7 +11,6 @@ from tests.conftest import ROOT
 
 PACKAGES = ("service", "vit_artifact", "model_export", "client/vitserve_client")
 KNOWN_CYCLES: list[set[str]] = [
-    {"service.gate", "service.middleware"},  # admission's base class is still in service.middleware
     {"service.engine_client", "service.state"},  # the state still builds the engine's batchers itself
 ]
 
