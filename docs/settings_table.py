@@ -1,4 +1,5 @@
-"""Rewrite README's configuration table from `service.settings.Settings`, its one home (`make docs` runs this).
+"""Rewrite the configuration table of docs/operations.md from `service.settings.Settings`, its one home (`make docs`
+runs this).
 
 PYTHONPATH=. python docs/settings_table.py
 """
@@ -9,11 +10,11 @@ from pathlib import Path
 
 from service.settings import settings_table
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+OPERATIONS = Path(__file__).resolve().parent / "operations.md"
 START, END = "<!-- settings-table", "<!-- /settings-table -->"
 
 
-def readme_with_settings_table(text: str) -> str:
+def page_with_settings_table(text: str) -> str:
     """`text` with the block between the markers replaced by the table `Settings` makes."""
     head, rest = text.split(START, 1)
     marker, _ = rest.split("\n", 1)
@@ -22,5 +23,5 @@ def readme_with_settings_table(text: str) -> str:
 
 
 if __name__ == "__main__":
-    README.write_text(readme_with_settings_table(README.read_text()))
-    print(f"wrote the configuration table in {README}")
+    OPERATIONS.write_text(page_with_settings_table(OPERATIONS.read_text()))
+    print(f"wrote the configuration table in {OPERATIONS}")

@@ -55,3 +55,37 @@ def test_make_docs_runs_offline(tmp_path):
     written = (tmp_path / "vit.md").read_text()
     assert re.search(r"\| ViT-B/16 \| 16 \| 768 \| 12 \| 12 \| 3072 \| 86,567,656", written)
     assert "Measured: t(N) =" in written
+
+
+NAVIGABLE = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's ids for the headings of a Markdown page (fenced code left out)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(slug)
+    return found
+
+
+@pytest.mark.parametrize("page", NAVIGABLE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_and_images_resolve(page):
+    """Every relative link and image of the front page, docs/ and benchmarks/README.md names a file that exists,
+    and a `#fragment` names one of that page's headings."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s) and mailto: not checked offline
+        path, _, fragment = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        assert file.exists(), f"{page.relative_to(ROOT)}: {target} does not exist"
+        if fragment and file.suffix == ".md":
+            assert fragment in anchors(file.read_text()), f"{page.relative_to(ROOT)}: no heading for {target}"
+
+
+def test_the_table_of_contents_lists_every_page():
+    toc = (ROOT / "docs" / "README.md").read_text()
+    for page in (ROOT / "docs").glob("*.md"):
+        assert page.name == "README.md" or f"]({page.name})" in toc, f"docs/README.md does not link {page.name}"

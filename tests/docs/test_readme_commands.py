@@ -1,6 +1,7 @@
-"""README's commands run as written from a fresh clone: the `curl` and `vitserve-client` lines of its Quickstart,
-and every other one that names a sample image, against a real server on a free port (the URL's port is the only
-change made to a command), from a folder laid out as the clone is (`samples/` at its root).
+"""The docs' commands run as written from a fresh clone: the `curl` and `vitserve-client` lines of README's
+Quickstart, and every other one in README.md and docs/*.md that names a sample image, against a real server on a
+free port (the URL's port is the only change made to a command), from a folder laid out as the clone is (`samples/`
+at its root).
 
 `vitserve-client` is the console script `pip install ./client` puts on PATH (client/pyproject.toml), here run from
 the checkout's client.
@@ -21,6 +22,7 @@ import pytest
 from tests.conftest import ROOT, Server
 
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the front page and the reference pages
 LOCAL = "http://127.0.0.1:8000"  # where `make serve` listens, as the commands say
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -42,7 +44,7 @@ def commands(text: str) -> list[str]:
 
 
 QUICKSTART = commands(section(README.read_text(), "Quickstart"))
-ELSEWHERE = [c for c in commands(README.read_text()) if "samples/" in c and c not in QUICKSTART]
+ELSEWHERE = [c for page in PAGES for c in commands(page.read_text()) if "samples/" in c and c not in QUICKSTART]
 
 
 def test_the_quickstart_classifies_a_sample_draws_its_map_and_uses_the_cli() -> None:
@@ -72,8 +74,9 @@ def test_the_sample_digits_are_held_out_canvases_of_their_label() -> None:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
-def test_the_export_section_names_the_target_that_builds_the_export_environment(tmp_path: Path) -> None:
-    text = " ".join(section(README.read_text(), "Export your model").split())
+def test_the_export_page_names_the_target_that_builds_the_export_environment(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "export.md").read_text()
+    text = " ".join(page.split("\n## ", 1)[0].split())  # its opening section, before INT8
     assert "`make dev-env`" in text and "CUDA build" in text and "GB" in text
     # That target builds the environment of requirements/dev.txt, which make requirements compiles with the
     # export extra (torch, transformers, timm).
