@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="port of the Open Inference Protocol over gRPC (`GRPCInferenceService`), on `VITSERVE_HOST`; "
-        "0: off (README: gRPC says why; Triton's convention is 8001)",
+        "0: off (docs/v2.md, gRPC, says why; Triton's convention is 8001)",
         json_schema_extra=_shown("0 (off)"),
     )
     grpc_stubs_dir: Path | None = Field(
@@ -129,7 +129,7 @@ class Settings(BaseSettings):
         0.0,
         ge=0,
         description="longest the first request of a batch waits for others (0: none; a batch is what queued while "
-        "the previous one ran; README's benchmark section measures why)",
+        "the previous one ran; benchmarks/README.md measures why)",
     )
     max_queue_size: int = Field(
         256,
@@ -141,7 +141,7 @@ class Settings(BaseSettings):
         description="`adaptive`: refuse at once (503 + `Retry-After`) a request the server predicts it cannot answer "
         "within `VITSERVE_LATENCY_BUDGET_MS`, from the queue ahead of it and each batch size's measured time, and "
         "limit inference requests in progress in each HTTP process when their answers take longer than that "
-        "(README: Dynamic batching); `queue`: admit until the queue or `VITSERVE_MAX_CONCURRENT_REQUESTS` is full, "
+        "(docs/operations.md: Dynamic batching); `queue`: admit until the queue or `VITSERVE_MAX_CONCURRENT_REQUESTS` is full, "
         "which stay hard caps either way",
     )
     latency_budget_ms: float = Field(
@@ -149,7 +149,7 @@ class Settings(BaseSettings):
         gt=0,
         description="the longest a request should take from its complete body to its answer: past it, adaptive "
         "admission refuses what would wait longer (a request that would start within one full batch is never "
-        "refused for it). A model's `serving.json` may override it. Lower it for a strict latency target (README: "
+        "refused for it). A model's `serving.json` may override it. Lower it for a strict latency target (docs/operations.md: "
         "Dynamic batching)",
     )
     admission_tolerance: float = Field(
@@ -221,7 +221,7 @@ class Settings(BaseSettings):
         "`Retry-After` at once",
     )
 
-    # Slow clients and memory (README: Reliability).
+    # Slow clients and memory (docs/operations.md: Reliability).
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request's headers must be complete this long after its first byte: 408 after"
     )
@@ -272,7 +272,7 @@ class Settings(BaseSettings):
         description="Triton's system shared memory extension (`/v2/systemsharedmemory`; V2 inputs and outputs by "
         "region): any client that may call the API can then read and write the POSIX shared memory objects under "
         "/dev/shm that the server's user may open, so turn it on only for trusted clients on the same host "
-        "(README: System shared memory); off: 403",
+        "(docs/v2.md: System shared memory); off: 403",
     )
     system_shared_memory_max_regions: int = Field(
         64, gt=0, description="registered shared memory regions, server-wide; registering more is a 400"
@@ -370,7 +370,7 @@ def _check_key(key: str) -> None:
 
 
 def settings_table() -> str:
-    """README's configuration table, made from the fields above (tests/service/test_settings_doc.py checks it)."""
+    """The configuration table of docs/operations.md, made from the fields above (tests/service/test_settings_doc.py checks it)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}

@@ -18,9 +18,11 @@ LITERAL_TAG = re.compile(r"\bvitserve(?:-cuda)?:(\d[\w.+-]*)|^\s*newTag:\s*[\"']
 
 
 def literal_tags() -> dict[str, list[str]]:
-    """Literal tags in every text file under docker/, and in README's container section."""
+    """Literal tags in every text file under docker/, and in the deployment docs and README."""
     found = {}
-    for path in sorted([ROOT / "README.md", *(p for p in DOCKER.rglob("*") if p.is_file())]):
+    for path in sorted(
+        [ROOT / "README.md", ROOT / "docs" / "deployment.md", *(p for p in DOCKER.rglob("*") if p.is_file())]
+    ):
         if path.suffix not in {".yaml", ".yml", ".sh", ".py", ".cuda", ".md", ""}:
             continue
         tags = [a or b for a, b in LITERAL_TAG.findall(path.read_text())]
