@@ -46,7 +46,6 @@ import numpy as np
 
 from service.admission import time_in_server
 from service.errors import Overloaded, Unavailable
-from service.memory import MMAP_THRESHOLD
 from service.metrics import METRICS
 from service.runtime import LoadedModel
 
@@ -322,13 +321,9 @@ class DynamicBatcher:
             if not batch:
                 continue
             with_attention = any(item.with_attention for item in batch)
-            # A small batch is stacked here, in one numpy call from the heap: handing its rows to the runtime thread
-            # to copy measured 8-12% fewer images/s through HTTP for the default model (frontend.py --quick). A
-            # large one (tens of MiB for ViT-B/16) is copied in the runtime thread, into the bound buffer it reuses,
-            # sparing a fresh mapping's page faults; an item that times out before then may have its pixels
-            # rewritten (the engine's worker reuses the slot): only its own row, whose answer is dropped.
-            rows = [item.pixels for item in batch]
-            images = np.stack(rows) if len(rows) * rows[0].nbytes < MMAP_THRESHOLD else rows
+            # Copied into the batch in the runtime thread, off this loop. An item that times out before then may have
+            # its pixels rewritten (the engine's worker reuses the slot): only its own row, whose answer is dropped.
+            images = [item.pixels for item in batch]
             started = time.perf_counter()
             self._running_until[runner] = started + (self.times.cautious(len(batch)) or 0.0)
             try:

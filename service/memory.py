@@ -136,10 +136,7 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)  # type: ignore[union-attr]
 
 
-MMAP_THRESHOLD = 1 << 20  # allocations this large and larger come from mmap (tune_allocator)
-
-
-def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD) -> None:
+def tune_allocator(mmap_threshold: int = 1 << 20) -> None:
     """Serve allocations of `mmap_threshold` bytes and more from mmap, so freeing them returns the memory."""
     try:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)  # type: ignore[union-attr]  # fixing it stops glibc raising it
