@@ -28,7 +28,7 @@ import numpy as np
 from service import engine_protocol as wire
 from service.batching import BatchPolicy, Result
 from service.errors import RETRY_AFTER_S, Overloaded, ServiceError, Unavailable
-from service.runtime import LoadedModel, LoadFailure, ModelRepository, discover
+from service.runtime import LoadedModel, LoadFailure, discover
 from vit_artifact.metadata import ArtifactMetadata, read_metadata
 
 if TYPE_CHECKING:
@@ -298,9 +298,7 @@ async def attach_engine(state: ServiceState, socket_path: str, slots: int) -> No
     settings = state.settings
     directories = discover(settings.model_dir, settings.models)
     link = await EngineLink.connect(socket_path, slots, slot_geometry(directories))
-    state.engine = link
-    state.admin = link
-    state.repository = ModelRepository({}, link.welcome["default"])
+    state.attach(link, link, functools.partial(RemoteBatcher, link), link.welcome["default"])
     apply_catalog(state, link.welcome, start=False)
     link.on_catalog = functools.partial(apply_catalog, state)
 
@@ -309,13 +307,13 @@ def apply_catalog(state: ServiceState, catalog: dict[str, Any], *, start: bool =
     """Serve what the engine's catalog lists: versions new to this worker swapped in (metadata only: the engine
     has verified the graphs), models gone unloaded, unavailable ones noted. `start` False: at the welcome, before
     the app starts its batchers."""
-    repository = state.models()
-    listed = set()
+    served = state.models().models
+    models: list[tuple[LoadedModel, BatchPolicy | None]] = []
     for entry in catalog["models"]:
         meta = ArtifactMetadata.model_validate(entry["meta"])
-        listed.add(meta.name)
-        served = repository.models.get(meta.name)
-        if served is not None and version_id(served) == entry["id"]:
+        current = served.get(meta.name)
+        if current is not None and version_id(current) == entry["id"]:
+            models.append((current, None))
             continue
         model = LoadedModel(
             meta=meta,
@@ -328,11 +326,10 @@ def apply_catalog(state: ServiceState, catalog: dict[str, Any], *, start: bool =
             extra={VERSION_ID: entry["id"]},
             fingerprint=entry["fingerprint"],
         )
-        if start:
-            state.swap(model, BatchPolicy(**entry["policy"]))
-        else:
-            repository.models[meta.name] = model
-    for name in set(repository.models) - listed:
-        state.unload(name)
-    repository.unavailable = {name: LoadFailure(error, "") for name, error in catalog["unavailable"].items()}
-    state.unloaded = set(catalog["unloaded"])
+        models.append((model, BatchPolicy(**entry["policy"])))
+    state.serve_catalog(
+        models,
+        unavailable={name: LoadFailure(error, "") for name, error in catalog["unavailable"].items()},
+        unloaded=set(catalog["unloaded"]),
+        start=start,
+    )

@@ -18,11 +18,10 @@ import numpy as np
 
 from service.admission import AdaptiveAdmission, Admission, note_budget
 from service.batching import Batcher, BatchPolicy, DynamicBatcher, Result
-from service.engine_client import EngineLink, RemoteBatcher
 from service.errors import NotFound, Overloaded, PayloadTooLarge, Unavailable
 from service.memory import ByteBudget
 from service.pipeline import Prepared, prepare
-from service.runtime import LoadedModel, ModelRepository, provider_batching
+from service.runtime import LoadedModel, LoadFailure, ModelRepository, provider_batching
 from service.settings import Settings
 from vit_artifact.metadata import ArtifactMetadata
 from vit_artifact.serving import read_serving_config
@@ -41,6 +40,20 @@ INLINE_BYTES = 64 * 1024
 # Images decoded on the event loop (ServiceState.prepare): at most this many encoded bytes and header pixels.
 INLINE_IMAGE_BYTES = 16 * 1024
 INLINE_IMAGE_PIXELS = 64 * 64
+
+
+class Engine(Protocol):
+    """The process that runs the models, as an HTTP worker of multi-process mode sees it
+    (`service.engine_client.EngineLink`)."""
+
+    alive: bool
+
+    async def ping(self, timeout: float) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+BatcherFactory = Callable[[LoadedModel, BatchPolicy], Batcher]
 
 
 class RepositoryAdmin(Protocol):
@@ -94,7 +107,9 @@ class ServiceState:
         self.batchers: dict[str, Batcher] = {}
         # Multi-process mode (service.worker): the link to the engine that runs every model, and the file the
         # supervisor keeps while every worker and the engine are up (readiness is the whole server's).
-        self.engine: EngineLink | None = None
+        self.engine: Engine | None = None
+        # How a served model gets its batcher: in process, or through the engine (`attach`).
+        self.batcher_factory: BatcherFactory = DynamicBatcher
         # Models an admin unloaded (repository extension): 404 with a way back, and left alone by the reload poll.
         self.unloaded: set[str] = set()
         self.admin: RepositoryAdmin | None = None
@@ -211,11 +226,7 @@ class ServiceState:
         return batch_policy(self.settings, model)
 
     def _start_batcher(self, model: LoadedModel, policy: BatchPolicy) -> Batcher:
-        batcher: Batcher
-        if self.engine is not None:
-            batcher = RemoteBatcher(self.engine, model, policy)
-        else:
-            batcher = DynamicBatcher(model, policy)
+        batcher = self.batcher_factory(model, policy)
         batcher.start()
         log.info("batching %s (version %s): %s", model.name, model.meta.version, policy)
         return batcher
@@ -297,6 +308,38 @@ class ServiceState:
         if old_batcher is not None:
             self._retire_later(old_batcher)
         return old_model
+
+    def attach(self, engine: Engine, admin: RepositoryAdmin, batchers: BatcherFactory, default: str) -> None:
+        """Serve through `engine` (an HTTP worker of multi-process mode): its models, each behind a batcher from
+        `batchers`, answered there."""
+        self.engine = engine
+        self.admin = admin
+        self.batcher_factory = batchers
+        self.repository = ModelRepository({}, default)
+
+    def serve_catalog(
+        self,
+        models: Sequence[tuple[LoadedModel, BatchPolicy | None]],
+        *,
+        unavailable: dict[str, LoadFailure],
+        unloaded: set[str],
+        start: bool = True,
+    ) -> None:
+        """Serve exactly `models` (an engine's catalogue): versions new here swapped in (a policy of None: the
+        version served now, kept), models gone unloaded. `start` False: before the app starts its batchers (the
+        welcome), so the models are only listed."""
+        repository = self.models()
+        for model, policy in models:
+            if policy is None:
+                continue
+            if start:
+                self.swap(model, policy)
+            else:
+                repository.models[model.name] = model
+        for name in set(repository.models) - {model.name for model, _ in models}:
+            self.unload(name)
+        repository.unavailable = dict(unavailable)
+        self.unloaded = set(unloaded)
 
     def unload(self, name: str) -> LoadedModel | None:
         """Stop serving `name` (repository extension); returns the version it served. Like `swap`, with no await:

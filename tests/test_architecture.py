@@ -10,9 +10,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PACKAGES = ("service", "vit_artifact", "model_export", "client/vitserve_client")
-KNOWN_CYCLES: list[set[str]] = [
-    {"service.engine_client", "service.state"},  # the state still builds the engine's batchers itself
-]
+KNOWN_CYCLES: list[set[str]] = []
 
 
 def modules() -> dict[str, Path]:
