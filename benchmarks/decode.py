@@ -38,7 +38,7 @@ import PIL
 import skimage.data
 from PIL import Image, ImageOps
 
-from service.imaging import decode_image
+from service.core.imaging import decode_image
 from vit_artifact.metadata import Preprocessing, read_metadata
 from vit_artifact.preprocessing import preprocess, resize_and_crop, to_tensor
 

@@ -20,9 +20,9 @@ request once and the logits are compared. Triton is the `tritonserver` of the nv
 pixel tensors go straight to onnxruntime; the images are decoded and preprocessed by vitserve's own functions.
 Its dynamic batcher gets vitserve's batch policy (VITSERVE_MAX_BATCH_SIZE, VITSERVE_MAX_QUEUE_DELAY_MS and the
 artifact's serving.json) and its instance layout (VITSERVE_INSTANCES and VITSERVE_THREADS as
-service.runtime.session_layout resolves them here: the same count of sessions as Triton instances, each with the
+service.core.runtime.session_layout resolves them here: the same count of sessions as Triton instances, each with the
 same threads). It serves the artifact's graph as exported: vitserve's load-time rewrite for the CPU provider
-(service/graph_rewrite.py) is vitserve's own, as a user deploying the artifact to both would find.
+(service/core/graph_rewrite.py) is vitserve's own, as a user deploying the artifact to both would find.
 
 Every server runs for the whole run; each point (model, request kind, server) runs after the server has gone
 idle again, and the order of points is reversed every other pass; figures are medians over passes, and ratios
@@ -34,7 +34,7 @@ For each ViT-B/16 model the run also measures, once a pass, as a point of its ow
 
 - the in-process reference (benchmarks/inprocess.py): onnxruntime called in this process at its best batch size
   (found once, before the first pass, among 1, 4, 8, 16, 32), through sessions loaded by vitserve's own start-up
-  (service.app.load_repository) with the first variant's settings: the CPU graph rewrite, the session layout and
+  (service.core.loading.load_repository) with the first variant's settings: the CPU graph rewrite, the session layout and
   the intra-op threads that vitserve picks, each of its instances called at once. No HTTP, decoding,
   preprocessing or queueing: the most images/s any server of these sessions can reach on this machine now;
 - the GEMM rates (benchmarks/roofline.py); the roofline is the fastest rate of the run (SGEMM for FP32, the INT8
@@ -76,8 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks import artifacts, h2load, roofline, servers
 from benchmarks.inprocess import InProcess
-from service.pipeline import prepare
-from service.runtime import CPU, session_layout
+from service.core.pipeline import prepare
+from service.core.runtime import CPU, session_layout
 from service.settings import Settings, usable_cpus
 from vit_artifact.metadata import read_metadata
 from vit_artifact.serving import read_serving_config
@@ -250,9 +250,9 @@ def check_agreement(model: Model) -> dict:
 
 def reference(chosen: list[Model], settings: dict[str, str], rounds: int) -> InProcess:
     """The in-process reference (benchmarks/inprocess.py) of the models with a roofline shape. Each is loaded by
-    service.app.load_repository, vitserve's own start-up, with `settings`: the CPU graph rewrite, session layout
+    service.core.loading.load_repository, vitserve's own start-up, with `settings`: the CPU graph rewrite, session layout
     and threads that server picks (by this checkout's service, whatever a variant's root)."""
-    from service.app import load_repository
+    from service.core.loading import load_repository
 
     loaded = {
         m.key: load_repository(server_settings(m.artifact, settings)).models[m.artifact.name] for m in chosen if m.shape

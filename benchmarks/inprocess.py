@@ -1,6 +1,6 @@
 """In-process onnxruntime at its best batch size: the served graphs called directly, the ceiling for any server.
 
-The caller loads each model (a service.runtime.LoadedModel) as the server it compares with would: the same
+The caller loads each model (a service.core.runtime.LoadedModel) as the server it compares with would: the same
 graph rewrite, session layout and threads. Random pixel tensors go straight into `LoadedModel.infer`: no HTTP, no
 decoding, no preprocessing, no queueing. A model of N instances (sessions) is called by N threads at once, as the
 server's batcher runs up to N batches at once.
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service.runtime import LoadedModel
+from service.core.runtime import LoadedModel
 
 BATCH_SIZES = (1, 4, 8, 16, 32)
 

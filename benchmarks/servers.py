@@ -273,7 +273,7 @@ def bentoml(artifact: Path, log: Path, *, max_batch_size: int = 16, max_latency_
 # The tritonserver binary comes from the nvidia-pytriton wheel; its Python API (gRPC, zmq, tritonclient) is not
 # used, so the wheel goes in without its dependencies. numpy 1: the wheel's Python-backend stub was built against
 # numpy 1, and under numpy 2 its BYTES inputs arrive garbled and its FP32 outputs empty. The rest are the
-# versions vitserve's own environment runs (onnxruntime, Pillow), and what `service.imaging` and
+# versions vitserve's own environment runs (onnxruntime, Pillow), and what `service.core.imaging` and
 # `vit_artifact.metadata` import (pydantic, starlette).
 TRITON_WHEEL = "nvidia-pytriton==0.7.0"
 TRITON_REQUIREMENTS = [

@@ -111,10 +111,10 @@ def vit_b16_family() -> Family:
 
 
 def in_process(family: Family) -> InProcess:
-    """(a): both precisions through the sessions the server builds (service.runtime), with onnxruntime's own thread
+    """(a): both precisions through the sessions the server builds (service.core.runtime), with onnxruntime's own thread
     count. `sweep()` finds the best batch size; `now(precision)` is measured right before and after each vitserve
     point so that the ratio of the two compares the same minute of a shared machine."""
-    from service.runtime import CPU, load_model
+    from service.core.runtime import CPU, load_model
 
     models = {
         precision: load_model(family.repo.directory / name, providers=[CPU], threads=0, cpu_rewrites=True)
@@ -243,8 +243,8 @@ def agreement_images() -> list[bytes]:
 
 def measure_agreement(family: Family) -> dict:
     """Top-1 agreement of INT8 with FP32 through the service's own decode, preprocessing and sessions."""
-    from service.pipeline import prepare
-    from service.runtime import CPU, load_model
+    from service.core.pipeline import prepare
+    from service.core.runtime import CPU, load_model
 
     fp32 = load_model(family.repo.directory / family.repo.fp32, providers=[CPU], threads=0, cpu_rewrites=True)
     int8 = load_model(family.repo.directory / family.repo.int8, providers=[CPU], threads=0, cpu_rewrites=True)

@@ -4,7 +4,7 @@ In one process, on the unpacked bundle (`check.json` names the provider and the 
 FP16; `models/` holds them and the default model; `uploads/` the JPEG photos; `openloop` the load generator):
 
 1. Parity: each model's probabilities on the photos from the service's own sessions on the provider (loaded by
-   service.runtime, IO binding and all) against a plain CPU session of the FP32 graph: at most PARITY_MAX apart.
+   service.core.runtime, IO binding and all) against a plain CPU session of the FP32 graph: at most PARITY_MAX apart.
 2. Bare onnxruntime on the provider, as a user would call it (default session options, `session.run` on a host
    array): images/s at each batch size of the sweep, and the best. At that batch, the split of the service's own
    path in this process: the copy of the rows into its bound buffer, and the bound run (on CUDA also a run on an
@@ -128,7 +128,7 @@ def cpu_session(path: Path) -> Any:
 
 def photo_pixels(directory: Path, uploads: Path) -> np.ndarray:
     """The JPEG photos as the model's input (N, 3, H, W), preprocessed as the service does."""
-    from service.pipeline import prepare
+    from service.core.pipeline import prepare
     from vit_artifact.metadata import read_metadata
 
     meta = read_metadata(directory, verify_hashes=False)
@@ -201,7 +201,7 @@ def device_resident_ms(session: Any, size: int, seconds: float) -> float | str:
 def service_path_split(model: Any, size: int, seconds: float) -> dict[str, float]:
     """The service's own classify path at `size`, in this process: copying the rows into the bound buffer
     (BoundBatch.stage) and the bound run (with its copies to and from the device, on CUDA)."""
-    from service.runtime import BoundBatch
+    from service.core.runtime import BoundBatch
 
     shape = (3, *model.meta.input_size)
     rng = np.random.default_rng(2)
@@ -401,7 +401,7 @@ def main(work: Path, report_path: Path) -> int:
 
 
 def measure(report: Report, work: Path, check: dict[str, Any], schedule: Schedule) -> None:
-    from service.runtime import CPU, CUDA, load_model, resolve_providers
+    from service.core.runtime import CPU, CUDA, load_model, resolve_providers
     from service.settings import usable_cpus
 
     provider = check["provider"]
@@ -426,7 +426,7 @@ def measure(report: Report, work: Path, check: dict[str, Any], schedule: Schedul
         pixels[name] = photo_pixels(models / name, uploads)
         reference = models / reference_of[name]
         expected[name] = softmax(cpu_session(graph(reference)).run(["logits"], {"pixel_values": pixels[name]})[0])
-        # As the service's engine loads it (service.app.load_repository, the default settings).
+        # As the service's engine loads it (service.core.loading.load_repository, the default settings).
         model = load_model(models / name, providers=providers, threads=0, cpu_rewrites=True, instances=0, cpus=cpus)
         report.check(f"{name}: the service's sessions run on {want}", model.provider == want)
         got = softmax(model.infer(list(pixels[name]), with_attention=False)[0])

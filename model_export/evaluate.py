@@ -1,6 +1,6 @@
 """Score a digits artifact on the held-out canvases the way the service runs it (no torch).
 
-Each canvas is encoded as a PNG and handed to the service's own per-request step (`service.pipeline.prepare`:
+Each canvas is encoded as a PNG and handed to the service's own per-request step (`service.core.pipeline.prepare`:
 `decode_image`, then the artifact's preprocessing record), run through onnxruntime, and the attention graph's
 rollout is checked against the box each digit was placed in (the pointing game).
 """
@@ -33,7 +33,7 @@ class DigitsScore:
 
 def held_out_inputs(meta: ArtifactMetadata) -> tuple[np.ndarray, digits.Canvases]:
     """The held-out canvases as PNG uploads, decoded and preprocessed by the service's code for this artifact."""
-    from service.pipeline import prepare
+    from service.core.pipeline import prepare
     from service.settings import Settings
 
     max_pixels = Settings.model_fields["max_pixels"].default

@@ -34,8 +34,8 @@ def png(canvas: np.ndarray) -> bytes:
 def sample_digits() -> dict[str, bytes]:
     """Label -> PNG of the first held-out canvas of that label the default model gets right."""
     from model_export.digits import held_out_set
-    from service.pipeline import prepare
-    from service.runtime import CPU, load_model
+    from service.core.pipeline import prepare
+    from service.core.runtime import CPU, load_model
 
     model = load_model(MODEL, providers=[CPU], threads=1, cpu_rewrites=True)
     canvases = held_out_set()

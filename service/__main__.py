@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import importlib.util
 import logging
 import os
 import resource
@@ -29,16 +27,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from service.procs.bootstrap import EXIT_CONFIG, STARTUP_FAILURE, event_loop, exit_with_parent
+
 if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
-    from service.http_protocol import ConnectionPolicy
+    from service.core.state import ServiceState
+    from service.http.protocol import ConnectionPolicy
     from service.settings import Settings
-    from service.state import ServiceState
-
-EXIT_CONFIG = 2
-STARTUP_FAILURE = 3  # as uvicorn: the port could not be opened
 
 
 def program_name() -> str:
@@ -69,7 +66,7 @@ def draining_server(
     then on, and keeps serving `drain_delay_s`."""
     import uvicorn
 
-    from service.http_protocol import start_draining
+    from service.http.protocol import start_draining
 
     class DrainingServer(uvicorn.Server):
         drain_until: float | None = None
@@ -120,21 +117,6 @@ def connection_limit(wanted: int) -> int:
     return max(1, min(wanted, soft - 64)) if soft != resource.RLIM_INFINITY else wanted
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def exit_with_parent() -> None:
-    """Ask Linux for a SIGTERM (a graceful drain) when the parent exits: `make serve` runs the server as a child
-    of make, and a supervisor's SIGTERM to make is not passed on."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux
-        logging.getLogger("vitserve").warning("VITSERVE_EXIT_WITH_PARENT works on Linux only; ignored")
-        return
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name, value in vars(args).items():
@@ -152,20 +134,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"error: invalid configuration: {problems}", file=sys.stderr)
         return EXIT_CONFIG
-    from service.logs import setup_logging
+    from service.obs.logs import setup_logging
 
     setup_logging(settings, "supervisor" if settings.worker_count > 1 else None)
     if settings.exit_with_parent:
         exit_with_parent()
 
     if settings.worker_count > 1:  # before the app's imports: the supervisor stays a small process
-        from service import supervisor
+        from service.procs import supervisor
 
         return supervisor.run(settings)
 
-    from service.app import create_app, load_repository
-    from service.memory import tune_allocator
-    from service.runtime import ProviderError
+    from service.app import create_app
+    from service.core.budgets import tune_allocator
+    from service.core.loading import load_repository
+    from service.core.runtime import ProviderError
     from vit_artifact.metadata import ArtifactError
 
     tune_allocator()  # before the models load: large buffers from mmap, given back when freed
@@ -197,8 +180,8 @@ def serve(
     worker of multi-process mode shares the supervisor's listening socket) or on the settings' host and port."""
     import uvicorn
 
-    from service.http_protocol import ConnectionPolicy, protocol_for
-    from service.logs import UVICORN_LOG_CONFIG
+    from service.http.protocol import ConnectionPolicy, protocol_for
+    from service.obs.logs import UVICORN_LOG_CONFIG
 
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; this handler turns that into
     # exit code 0, so an orchestrator sees a clean shutdown.
@@ -213,9 +196,9 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=UVICORN_LOG_CONFIG,  # uvicorn's lines through service.logs' handler: its format, request ids
+        log_config=UVICORN_LOG_CONFIG,  # uvicorn's lines through service.obs.logs' handler: its format, request ids
         http=protocol_for(policy),
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        loop=event_loop(),
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works (call_later)
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works (wait_for)
     )

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,70 +14,34 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from service import __version__, tracing
-from service.batching import BatchPolicy
-from service.engine_client import attach_engine
+from service import __version__
+from service.api import demo, docs, health, inference, metrics, models, shared_memory, stats, v2
+from service.api import repository as repository_routes
+from service.core.loading import load_repository, version_loader
+from service.core.reload import RepositoryWatcher
+from service.core.runtime import ModelRepository
+from service.core.state import ServiceState
 from service.errors import InvalidParameter, ServiceError, error_response
-from service.fast_path import DirectInfer, FastPath
-from service.gate import Gate, internal_error
-from service.http_protocol import AcceptErrorFilter
-from service.metrics import METRICS
-from service.middleware import GateMiddleware, RequestContextMiddleware
-from service.reload import Loader, RepositoryWatcher
-from service.routes import demo, docs, health, inference, metrics, models, shared_memory, stats, v2
-from service.routes import repository as repository_routes
-from service.runtime import LoadedModel, ModelRepository, load_model, resolve_providers
-from service.security import Access, cors_options, document_api_keys
-from service.settings import Settings, usable_cpus
-from service.state import ServiceState, batch_policy
+from service.http.fast_path import DirectInfer, FastPath
+from service.http.gate import Gate, internal_error
+from service.http.middleware import GateMiddleware, RequestContextMiddleware
+from service.http.protocol import AcceptErrorFilter
+from service.http.security import Access, cors_options, document_api_keys
+from service.obs import tracing
+from service.obs.metrics import METRICS
+from service.procs.bootstrap import ChildEnv
+from service.procs.engine_client import attach_engine
+from service.settings import Settings
 
 log = logging.getLogger("vitserve")
 
 
 @dataclass(frozen=True)
 class WorkerLink:
-    """What an HTTP worker needs to reach the engine (service.supervisor sets it up)."""
+    """What an HTTP worker needs to reach the engine: the supervisor's contract, and its count of input slots."""
 
-    engine_socket: str
+    env: ChildEnv
     slots: int
-    all_ready_file: Path
-
-
-def load_repository(settings: Settings) -> ModelRepository:
-    """Every model, loaded and warmed up, with its batching policy checked: all a start can fail on."""
-    providers = resolve_providers(settings.provider)
-    log.info("execution providers: %s", providers)
-    repository = ModelRepository.load(
-        settings.model_dir,
-        default=settings.default_model,
-        providers=providers,
-        threads=settings.threads,
-        cpu_rewrites=settings.cpu_graph_rewrites,
-        instances=settings.instances,
-        cpus=usable_cpus(),
-        only=settings.models,
-        on_error=settings.on_model_error,
-    )
-    for model in repository.models.values():
-        batch_policy(settings, model)
-    return repository
-
-
-def _load_version(settings: Settings, providers: list[str], directory: Path) -> tuple[LoadedModel, BatchPolicy]:
-    model = load_model(
-        directory,
-        providers=providers,
-        threads=settings.threads,
-        cpu_rewrites=settings.cpu_graph_rewrites,
-        instances=settings.instances,
-        cpus=usable_cpus(),
-    )
-    return model, batch_policy(settings, model)
-
-
-def version_loader(settings: Settings) -> Loader:
-    """How a reload or the repository extension loads a version: as at start (hashes, sessions, warm-up)."""
-    return functools.partial(_load_version, settings, resolve_providers(settings.provider))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -115,24 +77,24 @@ def _install_error_handlers(app: FastAPI) -> None:
         return internal_error(getattr(request.state, "request_id", "?"), request.url.path)
 
 
-def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, gate: Gate) -> None:
+def _install_middleware(app: FastAPI, settings: Settings, state: ServiceState, gate: Gate, worker: int | None) -> None:
     # Added innermost first; the last added runs first on a request.
     app.add_middleware(FastPath, state=state)  # innermost: V2 infer past FastAPI's router
-    app.add_middleware(GateMiddleware, gate=gate)  # keys, limits, body, budget, admission, metrics: service.gate
+    app.add_middleware(GateMiddleware, gate=gate)  # keys, limits, body, budget, admission, metrics: service.http.gate
     if settings.cors_origins:  # outside the key check: a preflight carries no key, and a 401 must be readable
         app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
     endpoint = tracing.traces_endpoint(settings)
     if endpoint is not None:  # inside the request id, outside every refusal: each request is one span
-        from service.otel import TracingMiddleware  # the only import of OpenTelemetry: tracing is on
+        from service.obs.otel import TracingMiddleware  # the only import of OpenTelemetry: tracing is on
 
-        app.add_middleware(TracingMiddleware, endpoint=endpoint)
+        app.add_middleware(TracingMiddleware, endpoint=endpoint, worker=worker)
     app.add_middleware(RequestContextMiddleware)  # outermost: every response gets an id and the safe headers
 
 
 def create_app(
     settings: Settings | None = None, repository: ModelRepository | None = None, *, worker: WorkerLink | None = None
 ) -> FastAPI:
-    """The app. In an HTTP worker of multi-process mode, `worker` says how to reach the engine (service.worker)."""
+    """The app. In an HTTP worker of multi-process mode, `worker` says how to reach the engine (service.procs.worker)."""
     settings = settings or Settings()
     state = ServiceState(settings)
     state.repository = repository
@@ -141,15 +103,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.get_running_loop().set_exception_handler(AcceptErrorFilter())
         if worker is not None:
-            await attach_engine(state, worker.engine_socket, worker.slots)
-            state.all_ready_file = worker.all_ready_file
+            await attach_engine(state, str(worker.env.engine_socket), worker.slots)
+            state.all_ready_file = worker.env.all_ready_file
+            state.shm_registry_dir = worker.env.shm_registry_dir
         elif state.repository is None:
             state.repository = await asyncio.get_running_loop().run_in_executor(None, load_repository, settings)
         for model in state.models().models.values():
             METRICS.load_seconds.labels(model.name, model.meta.version).set(model.load_seconds)
         state.start_batchers()
         watcher = None
-        if worker is None:  # in multi-process mode the engine polls and loads (service/engine.py)
+        if worker is None:  # in multi-process mode the engine polls and loads (service/procs/engine.py)
             watcher = RepositoryWatcher(state, version_loader(settings), settings.reload_interval_s)
             state.admin = watcher
             if settings.reload_interval_s > 0:
@@ -176,7 +139,7 @@ def create_app(
         summary="Vision Transformers over HTTP: classification and attention maps from verified ONNX artifacts.",
         version=__version__,
         lifespan=lifespan,
-        docs_url=None,  # /docs is service.routes.docs: Swagger UI from this server, not a CDN
+        docs_url=None,  # /docs is service.api.docs: Swagger UI from this server, not a CDN
         redoc_url=None,  # ReDoc needs inline styles, which the docs' Content-Security-Policy refuses
         responses={500: {"description": "a server fault (never caused by client input)"}},
     )
@@ -185,8 +148,8 @@ def create_app(
     access = Access(settings.api_keys, settings.admin_keys, settings.open_routes)
     assert state.body_budget is not None, "an app's state serves HTTP"
     gate = app.state.gate = Gate(settings, access, state.body_budget, state.admission)
-    _install_middleware(app, settings, state, gate)
-    # The connection layer answers V2 infer itself (service.fast_path); CORS headers and spans come from the
+    _install_middleware(app, settings, state, gate, worker.env.worker_index if worker else None)
+    # The connection layer answers V2 infer itself (service.http.fast_path); CORS headers and spans come from the
     # middleware only.
     direct = settings.direct_infer and not settings.cors_origins and tracing.traces_endpoint(settings) is None
     app.state.direct = DirectInfer(app, state, gate) if direct else None

@@ -12,12 +12,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.routes.table import OPEN
+from service.route_table import OPEN
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
 # Probes, scrapes and the demo page's own files always answer without a key (an orchestrator's probe carries
 # none); the page's API calls still need one. VITSERVE_OPEN_ROUTES adds to these, never replaces them.
-DEFAULT_OPEN_ROUTES = OPEN  # the routes declared open in service.routes.table
+DEFAULT_OPEN_ROUTES = OPEN  # the routes declared open in service.route_table
 
 # A comma-separated environment value ("a,b"); a JSON list is accepted too.
 CommaList = Annotated[list[str], NoDecode]
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         None,
         description="model for the routes without a name; when unset and the repository holds one model, that model",
-        json_schema_extra=_shown("`digits-vit`"),  # service.runtime.EMBEDDED_MODEL
+        json_schema_extra=_shown("`digits-vit`"),  # service.core.runtime.EMBEDDED_MODEL
     )
     models: list[str] | None = Field(
         None, description="JSON list of model names to load", json_schema_extra=_shown("all")
@@ -92,12 +92,12 @@ class Settings(BaseSettings):
         ge=0,
         description="onnxruntime sessions per model, each running its own batch at once (Triton's instance_group "
         "count); 0: one single-threaded session per CPU for a classify graph under 32 MB on the CPU provider, two "
-        "on CUDA (one batch computes while the next is copied in), else one (`service.runtime.session_layout`)",
+        "on CUDA (one batch computes while the next is copied in), else one (`service.core.runtime.session_layout`)",
     )
     cpu_graph_rewrites: bool = Field(
         True,
         description="on the CPU provider, load graphs with layer normalization written as primitive ops "
-        "(`service/graph_rewrite.py`: 13-18% less CPU per image for the default model, neutral for ViT-B/16)",
+        "(`service/core/graph_rewrite.py`: 13-18% less CPU per image for the default model, neutral for ViT-B/16)",
     )
     max_body_bytes: int = Field(
         20 * 2**20, gt=0, description="request body limit: 413 while reading", json_schema_extra=_shown("20 MiB")
@@ -123,7 +123,7 @@ class Settings(BaseSettings):
         16,
         gt=0,
         description="images per runtime call (a model's `serving.json` may override); unset, a model on CUDA takes "
-        "up to 64 (`service.runtime.provider_batching`)",
+        "up to 64 (`service.core.runtime.provider_batching`)",
     )
     max_queue_delay_ms: float = Field(
         0.0,

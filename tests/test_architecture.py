@@ -1,6 +1,6 @@
-"""The project's import graph: every import counts (top level, `TYPE_CHECKING` and function level), and no cycle
-may join the project's modules but those listed in `KNOWN_CYCLES`, which may only shrink: each is a piece of the
-redesign still to do, and a cycle that is gone must leave the list."""
+"""The project's import graph: every import counts (top level, `TYPE_CHECKING` and function level). No cycle joins
+the project's modules, and the service's folders are layers: a module imports its own layer or those below it,
+never one above (`LAYERS`, lowest first; docs/architecture.md draws the same picture)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,20 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PACKAGES = ("service", "vit_artifact", "model_export", "client/vitserve_client")
-KNOWN_CYCLES: list[set[str]] = []
+
+# The service's layers, lowest first: (name, the modules in it, by dotted prefix).
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("foundation", ("service.errors", "service.settings", "service.route_table")),
+    ("observability", ("service.obs",)),
+    ("core", ("service.core",)),
+    ("open inference protocol", ("service.v2",)),
+    ("endpoints", ("service.api",)),
+    ("transports", ("service.http", "service.grpc_v2")),
+    ("processes", ("service.app", "service.procs", "service.__main__")),
+]
+# What the engine process may import of the service: it owns the models and serves no HTTP.
+ENGINE = "service.procs.engine"
+NOT_IN_THE_ENGINE = ("service.api", "service.http", "service.grpc_v2", "service.app", "service.__main__")
 
 
 def modules() -> dict[str, Path]:
@@ -90,9 +103,42 @@ def test_the_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_cycle_but_the_known_ones() -> None:
-    found = cycles(import_graph())
-    new = [sorted(c) for c in found if c not in KNOWN_CYCLES]
-    assert not new, f"import cycles among the project's modules: {new}"
-    gone = [sorted(c) for c in KNOWN_CYCLES if c not in found]
-    assert not gone, f"these cycles are gone: take them out of KNOWN_CYCLES: {gone}"
+def test_no_import_cycle() -> None:
+    found = [sorted(c) for c in cycles(import_graph())]
+    assert not found, f"import cycles among the project's modules: {found}"
+
+
+def layer(module: str) -> int | None:
+    """`module`'s place in `LAYERS`; None for `service` itself (the version) and for other packages."""
+    for index, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return index
+    return None
+
+
+def test_every_service_module_has_a_layer() -> None:
+    homeless = [name for name in modules() if name.startswith("service.") and layer(name) is None]
+    assert not homeless, f"modules in no layer of LAYERS (a folder of their own, or a place in one): {homeless}"
+
+
+def test_no_module_imports_a_layer_above_its_own() -> None:
+    upward = [
+        f"{name} ({LAYERS[mine][0]}) imports {target} ({LAYERS[theirs][0]})"
+        for name, targets in import_graph().items()
+        if (mine := layer(name)) is not None
+        for target in sorted(targets)
+        if (theirs := layer(target)) is not None and theirs > mine
+    ]
+    assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
+
+
+def test_the_engine_imports_nothing_of_http() -> None:
+    graph = import_graph()
+    reached, todo = set(), [ENGINE]
+    while todo:  # everything the engine's module imports, directly or not
+        for target in graph[todo.pop()]:
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    http = sorted(m for m in reached if m.startswith(NOT_IN_THE_ENGINE))
+    assert not http, f"the engine process imports HTTP modules: {http}"

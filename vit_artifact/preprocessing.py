@@ -130,7 +130,7 @@ def crop_box(
     """(left, top, right, bottom) of the region of an image of `image_size` (width, height) the model sees.
 
     In that image's pixel coordinates, or in `original_size` ones when the image is a reduced decode of a
-    larger original (see `service.imaging.original_size`). Where the crop is padded, the box reaches outside
+    larger original (see `service.core.imaging.original_size`). Where the crop is padded, the box reaches outside
     the image.
     """
     resized = resized_size(image_size, spec)

@@ -6,7 +6,7 @@ whose parameters say what to serve:
 - `artifact`: the artifact directory (its `artifact.json` and classify graph);
 - `input`: `pixel_values` (FP32 [N, 3, H, W], the tensors go straight to onnxruntime) or `image` (BYTES, one
   encoded image per batch row, decoded and preprocessed here exactly as vitserve does it, with
-  `service.imaging.decode_image` and `vit_artifact.preprocessing.preprocess`);
+  `service.core.imaging.decode_image` and `vit_artifact.preprocessing.preprocess`);
 - `max_pixels`: the decode limit, as VITSERVE_MAX_PIXELS.
 
 The nvidia-pytriton wheel ships no onnxruntime backend (only the Python backend), so the graph runs in an
@@ -25,8 +25,8 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
+from service.core.imaging import decode_image
 from service.errors import ServiceError
-from service.imaging import decode_image
 from vit_artifact.metadata import INPUT_NAME, read_metadata
 from vit_artifact.preprocessing import preprocess
 
@@ -45,7 +45,7 @@ class TritonPythonModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = int(parameters.get("threads", "0"))
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as service.runtime does
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as service.core.runtime does
         graph = artifact / self.meta.graphs["classify"].file
         self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
@@ -69,7 +69,7 @@ class TritonPythonModel:
                 continue
             rows = logits[offset : offset + len(batch)].astype(np.float32)
             offset += len(batch)
-            shifted = np.exp((rows - rows.max(axis=1, keepdims=True)).astype(np.float64))  # as service.pipeline
+            shifted = np.exp((rows - rows.max(axis=1, keepdims=True)).astype(np.float64))  # as service.core.pipeline
             probabilities = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
             responses.append(
                 pb_utils.InferenceResponse(

@@ -4,7 +4,7 @@ grpc.aio runs on the app's own event loop (uvloop or asyncio: grpcio's completio
 of its own and hands results to whichever loop runs the server), so an RPC calls the REST routes' inference
 core (`service.v2.core.infer_tensors`) directly and its images meet HTTP requests' in the same batches.
 
-What is shared with HTTP, and how: every RPC passes the same gate (service.gate) as an HTTP request, as a
+What is shared with HTTP, and how: every RPC passes the same gate (service.http.gate) as an HTTP request, as a
 ticket opened from its metadata and closed however it ends.
 - API keys: metadata `authorization: Bearer <key>` or `x-api-key: <key>`, checked by the same `Access`; an RPC
   is open without a key when its REST twin's path is in `VITSERVE_OPEN_ROUTES` (ServerLive and ServerReady are
@@ -35,11 +35,11 @@ from typing import Any
 import grpc
 
 from service import __version__
+from service.core.state import ServiceState
 from service.errors import BadRequest, ServiceError, escape
-from service.gate import Gate, Ticket
 from service.grpc_v2.stubs import Stubs, load
-from service.routes.table import rest_path
-from service.state import ServiceState
+from service.http.gate import Gate, Ticket
+from service.route_table import rest_path
 from service.v2 import core as v2
 from service.v2 import grpc_codec as codec
 
@@ -69,7 +69,7 @@ def _model_path(name: str, version: str, operation: str, version_operation: str)
 
 
 def rpc(twin: Callable[[Any], str]) -> Callable[[Handler], Servicer]:
-    """An RPC through the gate (service.gate): a ticket opened from its metadata (the key check, metrics) and
+    """An RPC through the gate (service.http.gate): a ticket opened from its metadata (the key check, metrics) and
     closed however it ends; each `ServiceError` becomes the gRPC status of its HTTP status. `twin` names its
     REST twin, whose openness it shares."""
 

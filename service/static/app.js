@@ -20,7 +20,7 @@
   const PAD_INK = "#fff";
   const DRAW_SETTLE_MS = 350; // classify a drawing this long after the pen lifts, unless it goes down again
   const KEY_STORAGE = "vitserve.apiKey"; // sessionStorage, not localStorage: the key leaves with the tab
-  // Inferno: the same anchors as service/overlay.py, so the page and the PNG overlay read alike.
+  // Inferno: the same anchors as service/core/overlay.py, so the page and the PNG overlay read alike.
   const INFERNO = [
     [0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99],
     [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164],

@@ -18,13 +18,13 @@ import numpy as np
 from fastapi.responses import Response
 from starlette.datastructures import Headers
 
-from service.batching import Result
+from service.core.batching import Result
+from service.core.pipeline import softmax
+from service.core.runtime import LoadedModel
+from service.core.state import ServiceState
 from service.errors import BadRequest, NotFound, PayloadTooLarge
-from service.pipeline import softmax
-from service.runtime import LoadedModel
+from service.obs.tracing import TRACE_KEY, RequestTrace
 from service.settings import Settings
-from service.state import ServiceState
-from service.tracing import TRACE_KEY, RequestTrace
 from service.v2 import codec
 from service.v2 import shared_memory as shm
 from vit_artifact.attention import Method, attention_map
@@ -156,7 +156,7 @@ def _classification(values: np.ndarray, labels: list[str], k: int) -> list[bytes
 
 
 class InferRequest(Protocol):
-    """What `infer_response` reads of a request: a Starlette request, or service.fast_path's direct one."""
+    """What `infer_response` reads of a request: a Starlette request, or service.http.fast_path's direct one."""
 
     @property
     def headers(self) -> Headers: ...
@@ -168,9 +168,9 @@ class InferRequest(Protocol):
 
 
 async def infer_response(state: ServiceState, request: InferRequest, name: str, version: str | None) -> Response:
-    """The whole of V2 `infer` (also called directly by service.fast_path)."""
+    """The whole of V2 `infer` (also called directly by service.http.fast_path)."""
     model = find_model(state, name, version)
-    request.state.model = model  # for the per-model request counters, as `service.deps.served_model` does
+    request.state.model = model  # for the per-model request counters, as `service.api.deps.served_model` does
     body = await request.body()
     header_length = request.headers.get(codec.HEADER_LENGTH)
     # JSON tensors of several MB take long enough to parse that the event loop must not do it; a binary
@@ -211,7 +211,7 @@ async def infer_tensors(
     )
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
     results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
-    if trace is not None:  # queue, inference and encode spans (service.otel)
+    if trace is not None:  # queue, inference and encode spans (service.obs.otel)
         trace.inferred((), results)
     tensors = await state.run_sized(size, _output_tensors, outputs, results, model.meta)
     if placed:

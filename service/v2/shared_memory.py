@@ -27,8 +27,8 @@ spreads a client's connections over them); in one process, a private temporary d
 access reads the region's file and opens the object (tens of microseconds), so an unregister through any worker
 takes effect in all of them at once.
 
-Protocol front ends call `registry(state)` and `TensorRef.parse` (REST: service.routes.shared_memory and
-service.routes.v2; a gRPC `ModelInfer` can do the same with its tensors' parameters).
+Protocol front ends call `registry(state)` and `TensorRef.parse` (REST: service.api.shared_memory and
+service.api.v2; a gRPC `ModelInfer` can do the same with its tensors' parameters).
 """
 
 from __future__ import annotations
@@ -52,12 +52,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
 
 if TYPE_CHECKING:
-    from service.state import ServiceState
+    from service.core.state import ServiceState
     from service.v2.codec import OutputTensor, TensorIn
 
 EXTENSION = "system_shared_memory"  # its name in `GET /v2` extensions
 REGION, BYTE_SIZE, OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
-REGISTRY_ENV = "VITSERVE_SHM_REGISTRY_DIR"  # set by service.supervisor for its workers
 SHM_DIR = Path("/dev/shm")  # where glibc's shm_open, and Python's multiprocessing.shared_memory, keep objects
 MAX_NAME_CHARS = 256
 # One shm_open name: a leading "/", then up to NAME_MAX bytes without "/" or NUL.
@@ -311,9 +310,8 @@ def registry(state: ServiceState) -> Registry:
         raise SharedMemoryOff(OFF_MESSAGE)
     found = _REGISTRIES.get(state)
     if found is None:
-        shared = os.environ.get(REGISTRY_ENV)
-        if shared:
-            directory = Path(shared)
+        if state.shm_registry_dir is not None:  # one for every worker (multi-process mode)
+            directory = state.shm_registry_dir
         else:  # one process: a directory of its own, removed with the service
             directory = Path(tempfile.mkdtemp(prefix="vitserve-shm-"))
             weakref.finalize(state, shutil.rmtree, directory, ignore_errors=True)

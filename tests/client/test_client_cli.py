@@ -192,13 +192,19 @@ def test_a_url_without_a_scheme_is_a_usage_error(
         argv = ["health"]
     else:
         monkeypatch.delenv("VITSERVE_URL", raising=False)
-        argv = ["--url", "127.0.0.1:8000", "health"] if where == "before the command" else ["health", "--url", "127.0.0.1:8000"]
+        argv = (
+            ["--url", "127.0.0.1:8000", "health"]
+            if where == "before the command"
+            else ["health", "--url", "127.0.0.1:8000"]
+        )
     with pytest.raises(SystemExit) as caught:
         main(argv)
     assert caught.value.code == 2
     err = capsys.readouterr().err
     name = "$VITSERVE_URL" if where == "$VITSERVE_URL" else "--url"
-    assert f"error: {name} '127.0.0.1:8000' is not an http:// or https:// URL; did you mean http://127.0.0.1:8000?" in err
+    assert (
+        f"error: {name} '127.0.0.1:8000' is not an http:// or https:// URL; did you mean http://127.0.0.1:8000?" in err
+    )
     assert "base_url" not in err
 
 

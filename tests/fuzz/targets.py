@@ -3,7 +3,7 @@
 Two targets, each a function of one byte string, shared by the atheris harness (tests/fuzz/harness.py) and the
 hypothesis property tests (tests/service/test_fuzz_decode.py):
 
-- `check_image`: untrusted bytes -> `service.imaging.decode_image` -> `vit_artifact.preprocessing.preprocess` with the
+- `check_image`: untrusted bytes -> `service.core.imaging.decode_image` -> `vit_artifact.preprocessing.preprocess` with the
   default model's real `Preprocessing` record: the serving path of every image route.
 - `check_v2`: an Open Inference Protocol request body (and `Inference-Header-Content-Length`) ->
   `service.v2.codec.parse_request` -> `decode_input` for every input.
@@ -24,8 +24,8 @@ from functools import cache
 import numpy as np
 from PIL import ExifTags, Image
 
+from service.core.imaging import decode_image
 from service.errors import ServiceError
-from service.imaging import decode_image
 from service.v2.codec import decode_input, parse_request
 from tests.conftest import DEFAULT_MODEL
 from vit_artifact.metadata import Preprocessing, read_metadata

@@ -17,10 +17,10 @@ import httpx
 from fastapi import FastAPI
 
 from service.app import create_app
-from service.batching import BatchPolicy
-from service.runtime import CPU, LoadedModel, ModelRepository, load_model
+from service.core.batching import BatchPolicy
+from service.core.runtime import CPU, LoadedModel, ModelRepository, load_model
+from service.core.state import settings_policy
 from service.settings import Settings
-from service.state import settings_policy
 from tests.conftest import DEFAULT_MODEL, MODELS, metric
 
 

@@ -16,9 +16,9 @@ import contextvars
 
 from prometheus_client import generate_latest
 
-from service.admission import AdaptiveAdmission, note_budget, time_in_server
+from service.core.admission import AdaptiveAdmission, note_budget, time_in_server
 from service.errors import Overloaded
-from service.metrics import METRICS
+from service.obs.metrics import METRICS
 from service.settings import Settings
 from tests.conftest import metric
 

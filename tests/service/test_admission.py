@@ -3,8 +3,8 @@
 The budget (`VITSERVE_LATENCY_BUDGET_MS`) is a millisecond, shorter than any request's own time, so the
 admission promises what it promises a request whatever the budget: to start within one full batch. Client threads
 send batch requests of `IMAGES` images back to back, more work than the server clears within that, until it has
-refused some of them by its adaptive limits (the batcher's predicted answer, `service.batching`, and the limit
-on requests in progress, `service.admission`). Then its metrics must show that every refusal was made at once
+refused some of them by its adaptive limits (the batcher's predicted answer, `service.core.batching`, and the limit
+on requests in progress, `service.core.admission`). Then its metrics must show that every refusal was made at once
 (not one refused image entered the queue: every queued image belongs to an answered request), and that the
 accepted images' queue wait stayed bounded: at most the request's own time before it starts, then its own
 images, one runtime call each (with `VITSERVE_ADMISSION=queue` every thread's request may queue behind the

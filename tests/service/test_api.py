@@ -19,7 +19,7 @@ import pytest
 from fastapi.routing import APIRoute
 from PIL import Image
 
-import service.routes
+import service.api
 from model_export import digits
 from tests.conftest import DEFAULT_MODEL, MODELS
 from tests.service.conftest import (
@@ -363,10 +363,10 @@ OPERATIONS = {
 
 
 def declared_routes() -> set[tuple[str, str]]:
-    """(method, path) of every route the modules in service/routes declare."""
+    """(method, path) of every route the modules in service/api declare."""
     found = set()
-    for module in pkgutil.iter_modules(service.routes.__path__):
-        router = getattr(importlib.import_module(f"service.routes.{module.name}"), "router", None)
+    for module in pkgutil.iter_modules(service.api.__path__):
+        router = getattr(importlib.import_module(f"service.api.{module.name}"), "router", None)
         for route in getattr(router, "routes", []):
             if isinstance(route, APIRoute) and route.include_in_schema:
                 found |= {(method, route.path) for method in route.methods or ()}

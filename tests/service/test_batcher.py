@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.admission import AdaptiveAdmission
-from service.batching import BatchPolicy, DynamicBatcher, Result, ServiceTimes, own_time, predicted_answer
+from service.core.admission import AdaptiveAdmission
+from service.core.batching import BatchPolicy, DynamicBatcher, Result, ServiceTimes, own_time, predicted_answer
+from service.core.runtime import CPU, CUDA, LoadedModel, load_model, session_layout
 from service.errors import Overloaded, ServiceError, Unavailable
-from service.runtime import CPU, CUDA, LoadedModel, load_model, session_layout
 from tests.conftest import DEFAULT_MODEL, metric
 from tests.service import inprocess
 
@@ -230,7 +230,7 @@ def test_a_full_queue_is_refused_at_once_with_503(executor):
 def rejected(reason: str = "queue") -> float:
     from prometheus_client import generate_latest
 
-    from service.metrics import METRICS
+    from service.obs.metrics import METRICS
 
     return metric(
         generate_latest(METRICS.registry).decode(), "vitserve_rejected_total", model="scripted", reason=reason

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.batching import DynamicBatcher
+from service.core.batching import DynamicBatcher
 from service.errors import Overloaded
 from tests.conftest import MODELS, Server
 from tests.service import inprocess

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 
 from service.app import create_app
-from service.runtime import CPU
+from service.core.runtime import CPU
+from service.core.state import batch_policy
 from service.settings import Settings
-from service.state import batch_policy
 from tests.conftest import MODELS, metric
 from tests.service import inprocess
 

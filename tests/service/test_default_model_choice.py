@@ -1,7 +1,7 @@
 """Which model the routes without a name use: `VITSERVE_DEFAULT_MODEL` when set; unset, the repository's only
 model, or the embedded `digits-vit`; and a start that cannot tell says which setting to use and what it may name.
 
-The choice is made where the repository is loaded (`service.runtime.choose_default`), so it is checked there in
+The choice is made where the repository is loaded (`service.core.runtime.choose_default`), so it is checked there in
 this process, and once through a real `python -m service` on a repository without `digits-vit`.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import load_repository
+from service.core.loading import load_repository
 from service.settings import Settings
 from tests.conftest import DEFAULT_MODEL, MODELS, Server, free_port, run_cli
 from vit_artifact.metadata import ArtifactError

@@ -28,7 +28,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Request, Route, sync_playwright
 
 from model_export import digits
-from service.routes.demo import CONTENT_SECURITY_POLICY
+from service.api.demo import CONTENT_SECURITY_POLICY
 from tests.conftest import MODELS, ROOT, Server
 from tests.service.conftest import canvas_image, classify, encode, top_label
 

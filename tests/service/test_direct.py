@@ -1,4 +1,4 @@
-"""V2 `infer` answered by the connection layer (service.fast_path.DirectInfer) against a real server.
+"""V2 `infer` answered by the connection layer (service.http.fast_path.DirectInfer) against a real server.
 
 The direct path must be indistinguishable from the ASGI one: the same status, body and headers for good and
 bad requests, the same keys, limits, metrics and access log. A query string sends the very same request the
@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from service.api.inference import DEFAULT_TOP_K
 from service.app import create_app
-from service.fast_path import DIRECT_MAX_BODY, direct_target
-from service.routes.inference import DEFAULT_TOP_K
+from service.http.fast_path import DIRECT_MAX_BODY, direct_target
 from service.settings import Settings
 from tests.conftest import MODELS, Server
 from tests.service.rawhttp import RawResponse, Reader, connect, metric, request_bytes, wait_for

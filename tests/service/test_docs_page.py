@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, sync_playwright
 
-from service.routes.demo import CONTENT_SECURITY_POLICY
-from service.routes.docs import ASSETS
-from service.runtime import ModelRepository
+from service.api.demo import CONTENT_SECURITY_POLICY
+from service.api.docs import ASSETS
+from service.core.runtime import ModelRepository
 from tests.conftest import Server
 from tests.service import inprocess
 

@@ -23,7 +23,7 @@ import skimage.data
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import load_repository
+from service.core.loading import load_repository
 from service.settings import Settings
 from tests.conftest import DEFAULT_MODEL, MODELS, Server, free_port, metric, run_cli, wait_until
 from tests.service import inprocess

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.core.imaging import decode_image
 from service.errors import ServiceError
-from service.imaging import decode_image
 from tests.conftest import ROOT
 from tests.fuzz.harness import write_seeds
 from tests.fuzz.targets import MAX_PIXELS, check_image, check_v2, seed_images, seed_v2

@@ -1,4 +1,4 @@
-"""Layer normalization written as primitive ops for the CPU provider (service/graph_rewrite.py): the same answers
+"""Layer normalization written as primitive ops for the CPU provider (service/core/graph_rewrite.py): the same answers
 as onnxruntime's own kernels, on the real default model and on small graphs of every form the rewrite takes,
 and the forms it must leave alone are left alone."""
 
@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service import onnx_proto
-from service.graph_rewrite import LAYER_NORM_FUSIONS, decompose_layer_norms, rewrite_layer_norms
-from service.pipeline import prepare
+from service.core import onnx_proto
+from service.core.graph_rewrite import LAYER_NORM_FUSIONS, decompose_layer_norms, rewrite_layer_norms
+from service.core.pipeline import prepare
 from tests.conftest import DEFAULT_MODEL, MODELS, Server
 from vit_artifact.metadata import INPUT_NAME, LOGITS, read_metadata
 
@@ -70,14 +70,14 @@ def _graph(nodes: list, inputs: dict[str, list[int]], output: str, initializers:
 
 
 def rewrite(model: onnx.ModelProto) -> tuple[int, onnx.ModelProto]:
-    """decompose_layer_norms through service.onnx_proto's schema subset, back as onnx's own ModelProto."""
+    """decompose_layer_norms through service.core.onnx_proto's schema subset, back as onnx's own ModelProto."""
     subset = onnx_proto.load(model.SerializeToString())
     count = decompose_layer_norms(subset)
     return count, onnx.load_from_string(subset.SerializeToString())
 
 
 def test_schema_subset_round_trips_a_whole_model():
-    """What service.onnx_proto does not declare (names, shapes, metadata, doc strings) comes back unchanged."""
+    """What service.core.onnx_proto does not declare (names, shapes, metadata, doc strings) comes back unchanged."""
     original = onnx.load(str(DEFAULT_MODEL / "model.onnx"))
     again = onnx.load_from_string(onnx_proto.load(original.SerializeToString()).SerializeToString())
     assert again == original

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.gate import METHODS as _METHODS
+from service.http.gate import METHODS as _METHODS
 from service.settings import Settings
 from tests.conftest import MODELS, Server
 from tests.service.conftest import encode

@@ -1,4 +1,4 @@
-"""service.imaging.decode_image on files made in memory.
+"""service.core.imaging.decode_image on files made in memory.
 
 Every accepted format and colour mode, EXIF rotation, damaged and hostile input (truncation, garbage,
 decompression bombs), refused formats and JPEG draft decoding.
@@ -17,8 +17,8 @@ import pytest
 import skimage.data
 from PIL import ExifTags, GifImagePlugin, Image, ImageFile, ImageSequence
 
+from service.core.imaging import decode_image, original_size
 from service.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from service.imaging import decode_image, original_size
 from vit_artifact.metadata import Preprocessing
 from vit_artifact.preprocessing import preprocess
 
@@ -478,7 +478,7 @@ def test_without_draft_a_large_jpeg_decodes_at_full_resolution(large_jpeg: bytes
 
 
 def test_without_draft_the_model_input_is_the_full_decode(large_jpeg: bytes) -> None:
-    from service.pipeline import prepare
+    from service.core.pipeline import prepare
     from tests.conftest import DEFAULT_MODEL
     from vit_artifact.metadata import read_metadata
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.core.pipeline import prepare
+from service.core.state import INLINE_IMAGE_PIXELS, ServiceState
 from service.errors import Overloaded
-from service.pipeline import prepare
-from service.state import INLINE_IMAGE_PIXELS, ServiceState
 from tests.service import inprocess
 from tests.service.conftest import encode
 

@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service import runtime
-from service.runtime import (
+from service.core import runtime
+from service.core.runtime import (
     CPU,
     CUDA,
     CUDA_MAX_BATCH_SIZE,
@@ -25,8 +25,8 @@ from service.runtime import (
     load_model,
     provider_batching,
 )
+from service.core.state import batch_policy
 from service.settings import Settings
-from service.state import batch_policy
 from tests.conftest import DEFAULT_MODEL, MODELS
 
 

@@ -1,5 +1,5 @@
 """`VITSERVE_JPEG_DRAFT` reaches the decoder of a running server: with it off, a photo's answer is the model's
-answer on the full-resolution decode; with the default, on the reduced one (service.imaging._draft)."""
+answer on the full-resolution decode; with the default, on the reduced one (service.core.imaging._draft)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.imaging import decode_image
+from service.core.imaging import decode_image
 from tests.conftest import DEFAULT_MODEL, MODELS, Server
 from tests.service.conftest import classify, encode, probabilities
 from vit_artifact.metadata import read_metadata

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.logs import REQUEST_ID, JsonFormatter, QueuedStderrHandler, RequestIdFilter, TextFormatter
+from service.obs.logs import REQUEST_ID, JsonFormatter, QueuedStderrHandler, RequestIdFilter, TextFormatter
 from tests.conftest import MODELS, Server, wait_until
 
 

@@ -23,8 +23,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from service.imaging import decode_cost, decode_image
-from service.memory import trim_heap, tune_allocator
+from service.core.budgets import trim_heap, tune_allocator
+from service.core.imaging import decode_cost, decode_image
 from service.settings import Settings
 from tests.conftest import MODELS, ROOT, Server
 from tests.service.rawhttp import metric, proc_status_kib, reset_peak_rss, wait_for

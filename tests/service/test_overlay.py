@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.core.overlay import colormap, overlay_figure, overlay_panel, overlay_title, percent, render_overlay
 from service.errors import InvalidParameter
-from service.overlay import colormap, overlay_figure, overlay_panel, overlay_title, percent, render_overlay
 
 REC709 = np.array([0.2126, 0.7152, 0.0722])
 
@@ -191,8 +191,8 @@ def test_the_title_says_the_map_and_the_prediction_with_its_probability(
 
 
 def test_the_served_overlay_is_titled_by_overlay_title() -> None:
-    from service.pipeline import describe
-    from service.schemas import AttentionParams, Prediction
+    from service.core.pipeline import describe
+    from service.core.schemas import AttentionParams, Prediction
 
     top = Prediction(label="4", index=4, probability=0.912)
     assert describe("layer", AttentionParams(layer=3, head=0), top) == "layer 3 · head 0 · predicted 4 (91%)"

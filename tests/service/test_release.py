@@ -253,7 +253,9 @@ def test_a_zero_padded_content_length_is_its_value(plain: Server) -> None:
 def test_readiness_turns_503_while_the_engine_is_stopped(tmp_path_factory: pytest.TempPathFactory) -> None:
     srv = start(tmp_path_factory, "stopped-engine", **MODES["two workers"])
     try:
-        (engine,) = [p for p in psutil.Process(srv.process.pid).children() if "service.engine" in " ".join(p.cmdline())]
+        (engine,) = [
+            p for p in psutil.Process(srv.process.pid).children() if "service.procs.engine" in " ".join(p.cmdline())
+        ]
         engine.send_signal(signal.SIGSTOP)
         try:
             answer = wait_for("readiness to fail", lambda: _not_ready(srv.url))

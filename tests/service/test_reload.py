@@ -22,11 +22,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from service.app import _load_version, create_app, load_repository
-from service.reload import RepositoryWatcher
-from service.runtime import CPU
+from service.app import create_app
+from service.core.loading import _load_version, load_repository
+from service.core.reload import RepositoryWatcher
+from service.core.runtime import CPU
+from service.core.state import ServiceState
 from service.settings import Settings
-from service.state import ServiceState
 from tests.conftest import DEFAULT_MODEL, MODELS, Server, metric, wait_until
 from tests.service import inprocess
 from tests.service.conftest import encode

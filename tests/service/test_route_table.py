@@ -1,4 +1,4 @@
-"""The route table (service/routes/table.py) is the one place a route is declared: every FastAPI route is one of
+"""The route table (service/route_table.py) is the one place a route is declared: every FastAPI route is one of
 its rows and every row is served; what the gate, the key check, the direct path and gRPC know of routes comes
 from it."""
 
@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 from fastapi.routing import APIRoute
 
-from service.fast_path import direct_target
-from service.routes import demo, docs, health, inference, metrics, models, repository, shared_memory, stats, table, v2
-from service.security import is_open
+from service import route_table as table
+from service.api import demo, docs, health, inference, metrics, models, repository, shared_memory, stats, v2
+from service.http.fast_path import direct_target
+from service.http.security import is_open
 
 MODULES = (health, models, inference, stats, repository, v2, shared_memory, metrics, demo, docs)
 

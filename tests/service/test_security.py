@@ -22,10 +22,10 @@ import skimage.data
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.routes import demo
-from service.routes.table import is_admin
-from service.runtime import ModelRepository
-from service.security import is_open
+from service.api import demo
+from service.core.runtime import ModelRepository
+from service.http.security import is_open
+from service.route_table import is_admin
 from service.settings import DEFAULT_OPEN_ROUTES, Settings
 from tests.conftest import MODELS, Server, free_port, metric, run_cli, wait_until
 from tests.service import inprocess
@@ -175,7 +175,7 @@ def test_open_routes_add_to_the_defaults(repo):
 
 def test_published_docs_load_whole_without_a_key(repo):
     # Swagger UI's files are below /static/, open like the demo page's: publishing the page and the document is
-    # enough (service.routes.docs).
+    # enough (service.api.docs).
     with TestClient(inprocess.app(repo, api_keys=KEYS, open_routes="/docs,/openapi.json")) as c:
         page = c.get("/docs")
         assert page.status_code == 200
@@ -507,7 +507,7 @@ def test_keys_never_reach_the_log(keyed_server):
         assert classify(c, Authorization=f"Bearer {KEYS[0]}").status_code == 200
         assert classify(c, Authorization="Bearer wrong-key-attempt").status_code == 401
         assert classify(c, **{"X-API-Key": KEYS[1], "X-Request-ID": "keys-never-logged"}).status_code == 200
-    # Access lines are written a moment later (service.logs.FLUSH_INTERVAL_S), in order: wait for the last one.
+    # Access lines are written a moment later (service.obs.logs.FLUSH_INTERVAL_S), in order: wait for the last one.
     wait_until(lambda: "[keys-never-logged]" in keyed_server.log.read_text(), "the last request's access line")
     log = keyed_server.log.read_text()
     for secret in (*KEYS, "wrong-key-attempt"):

@@ -351,7 +351,7 @@ def _only_through(worker: psutil.Process, others: list[psutil.Process]) -> None:
 def test_one_registry_for_every_worker(two_workers, names, digits):
     """Register through one worker, infer through the other, unregister through it, and the first sees that: the
     workers are pinned by stopping the other one, since they share the listening socket."""
-    workers = [p for p in psutil.Process(two_workers.process.pid).children() if "service.worker" in p.cmdline()]
+    workers = [p for p in psutil.Process(two_workers.process.pid).children() if "service.procs.worker" in p.cmdline()]
     assert len(workers) == 2
     pixels, logits = digits["pixels"][:1], digits["logits"][:1]
     key = names()

@@ -33,7 +33,7 @@ CLIENTS = 16
 CLASSIFY = request_bytes(
     "POST", "/v1/classify", encode(Image.new("RGB", (32, 32), (20, 90, 200))), {"content-type": "image/png"}
 )
-# V2 infer is answered by the connection layer itself (service.fast_path): it must drain the same way.
+# V2 infer is answered by the connection layer itself (service.http.fast_path): it must drain the same way.
 _PIXELS = bytes(3 * 32 * 32 * 4)
 _V2_HEAD = json.dumps(
     {

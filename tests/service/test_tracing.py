@@ -19,8 +19,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 import service
+from service.obs.tracing import traces_endpoint
 from service.settings import Settings
-from service.tracing import traces_endpoint
 from tests.conftest import MODELS, Server, metric, run_cli
 
 STAGES = ["decode", "preprocess", "queue", "inference", "encode"]
@@ -194,7 +194,7 @@ def test_batch_attention_spans_one_decode_per_good_image(traced, receiver, held_
 
 @pytest.mark.server
 def test_v2_infer_spans_its_queue_inference_and_encode(traced, receiver, held_out_pngs):
-    # The fast path (service.fast_path) serves V2 infer past the router, inside the tracing middleware.
+    # The fast path (service.http.fast_path) serves V2 infer past the router, inside the tracing middleware.
     pixels = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
     body = {
         "inputs": [
@@ -206,7 +206,7 @@ def test_v2_infer_spans_its_queue_inference_and_encode(traced, receiver, held_ou
     )
     assert response.status_code == 200, response.text
     spans = receiver.wait_for("traced-v2", 4)
-    # Named by its route template where service.fast_path finds it (with FastAPI 0.165 it finds none: "POST").
+    # Named by its route template where service.http.fast_path finds it (with FastAPI 0.165 it finds none: "POST").
     (name,) = [s["name"] for s in spans if s["kind"] == 2]
     assert name in ("POST /v2/models/{name}/infer", "POST")
     root = check_tree(spans, name, images=0)
@@ -308,7 +308,7 @@ def test_off_loads_no_opentelemetry_sdk() -> None:
         "app = create_app(Settings()); "
         "names = [m.cls.__name__ for m in app.user_middleware]; assert 'TracingMiddleware' not in names, names; "
         "loaded = [m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter', "
-        "'service.otel'))]; assert not loaded, loaded; print('ok')"
+        "'service.obs.otel'))]; assert not loaded, loaded; print('ok')"
     )
     run = run_cli("-c", program)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr

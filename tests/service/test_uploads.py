@@ -1,4 +1,4 @@
-"""The one-part form shortcut (`service.uploads.simple_upload`) against Starlette's parser (python-multipart):
+"""The one-part form shortcut (`service.api.uploads.simple_upload`) against Starlette's parser (python-multipart):
 every form it takes must come out as Starlette reads it, and every other form must be left to Starlette."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from service.uploads import Upload, simple_upload
+from service.api.uploads import Upload, simple_upload
 
 DATA = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) + b"\r\n-- not a delimiter\r\n"
 BOUNDARY = "b0undary-7e3f"

@@ -1,4 +1,4 @@
-"""The connection layer (service/http_protocol.py) builds on uvicorn's httptools protocol, and is the one module
+"""The connection layer (service/http/protocol.py) builds on uvicorn's httptools protocol, and is the one module
 that names uvicorn's internals. Each name it relies on is listed there and checked here against the installed
 uvicorn, so that an upgrade that renames or drops one fails here, naming it, instead of in production."""
 
@@ -16,8 +16,8 @@ from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from service import http_protocol
-from service.fast_path import Exchange
+from service.http import protocol as http_protocol
+from service.http.fast_path import Exchange
 from tests.conftest import ROOT
 
 UVICORN = version("uvicorn")
@@ -57,7 +57,7 @@ def test_every_uvicorn_attribute_the_connection_layer_reads_exists() -> None:
     protocol = asyncio.run(_protocol_mid_request())
     missing = [name for name in http_protocol.UVICORN_ATTRIBUTES if not hasattr(protocol, name)]
     assert not missing, (
-        f"uvicorn {UVICORN}'s HttpToolsProtocol no longer has {missing}, which service/http_protocol.py reads; "
+        f"uvicorn {UVICORN}'s HttpToolsProtocol no longer has {missing}, which service/http/protocol.py reads; "
         "adapt the connection layer to this uvicorn, or keep uvicorn below it in pyproject.toml"
     )
 
@@ -65,7 +65,7 @@ def test_every_uvicorn_attribute_the_connection_layer_reads_exists() -> None:
 @pytest.mark.parametrize("name", http_protocol.UVICORN_METHODS)
 def test_every_uvicorn_method_the_connection_layer_overrides_or_calls_exists(name: str) -> None:
     assert callable(getattr(HttpToolsProtocol, name, None)), (
-        f"uvicorn {UVICORN}'s HttpToolsProtocol.{name} is gone; service/http_protocol.py overrides or calls it"
+        f"uvicorn {UVICORN}'s HttpToolsProtocol.{name} is gone; service/http/protocol.py overrides or calls it"
     )
 
 
@@ -96,7 +96,7 @@ def test_only_the_connection_layer_names_uvicorn_internals() -> None:
         for path in (ROOT / "service").rglob("*.py")
         if re.search(r"^\s*(from|import) uvicorn\.protocols", path.read_text(), re.MULTILINE)
     )
-    assert users == ["service/http_protocol.py"], users
+    assert users == ["service/http/protocol.py"], users
 
 
 def test_pyproject_bounds_uvicorn_and_httptools_to_the_tested_versions() -> None:

@@ -16,8 +16,8 @@ import numpy as np
 import psutil
 import pytest
 
-from service.pipeline import prepare, softmax
-from service.runtime import CPU, load_model
+from service.core.pipeline import prepare, softmax
+from service.core.runtime import CPU, load_model
 from service.settings import Settings
 from tests.conftest import DEFAULT_MODEL, MODELS, ROOT, Server, free_port, metric, wait_until
 
@@ -51,7 +51,7 @@ def two_workers(tmp_path_factory):
 
 def test_requests_from_both_workers_share_batches_and_match_in_process(two_workers, held_out_pngs):
     images = held_out_pngs[:48]
-    assert len(children(two_workers, "service.worker")) == 2
+    assert len(children(two_workers, "service.procs.worker")) == 2
     # The kernel hands each new connection to whichever worker accepts first; on a busy machine one worker can
     # take a whole round, so send rounds until a batch has held both workers' requests (a few at most).
     for _ in range(5):
@@ -143,7 +143,7 @@ def test_a_signal_drains_every_process_and_exits_0_with_a_clean_log(tmp_path, he
     # SIGTERM goes to the supervisor, as an orchestrator sends it; Ctrl+C in a terminal sends SIGINT to every
     # process of the group at once, the engine included, which must still outlive the workers' drain.
     srv = Server(MODELS, tmp_path / "server.log", **WORKERS).wait_ready()
-    processes = [*children(srv, "service.worker"), *children(srv, "service.engine")]
+    processes = [*children(srv, "service.procs.worker"), *children(srv, "service.procs.engine")]
     assert len(processes) == 3
     serve_traffic(srv, held_out_pngs[:16])
     for process in [psutil.Process(srv.process.pid), *processes] if sig == signal.SIGINT else [srv.process]:
@@ -157,12 +157,12 @@ def test_a_signal_drains_every_process_and_exits_0_with_a_clean_log(tmp_path, he
 def test_a_killed_worker_is_replaced(tmp_path, held_out_pngs):
     srv = Server(MODELS, tmp_path / "server.log", **WORKERS).wait_ready()
     try:
-        victim = children(srv, "service.worker")[0]
+        victim = children(srv, "service.procs.worker")[0]
         victim.kill()
         victim.wait(10)
 
         def replaced() -> bool:
-            pids = [p.pid for p in children(srv, "service.worker")]
+            pids = [p.pid for p in children(srv, "service.procs.worker")]
             return len(pids) == 2 and victim.pid not in pids and httpx.get(f"{srv.url}/readyz").status_code == 200
 
         wait_until(replaced, "a new worker and readiness again")
@@ -191,7 +191,7 @@ def test_workers_killed_while_their_request_is_queued_leave_the_engine_serving(t
 
                 while not await queued():
                     await asyncio.sleep(0.05)
-                workers = children(srv, "service.worker")
+                workers = children(srv, "service.procs.worker")
                 for worker in workers:  # the one that holds the request among them
                     worker.kill()
                 psutil.wait_procs(workers, timeout=10)
@@ -224,7 +224,7 @@ def test_a_killed_engine_answers_503_and_ends_the_server_non_zero(tmp_path, held
 
             while not await queued():
                 await asyncio.sleep(0.05)
-            children(srv, "service.engine")[0].kill()
+            children(srv, "service.procs.engine")[0].kill()
             return await held
 
     answer = asyncio.run(scenario())

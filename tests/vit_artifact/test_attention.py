@@ -301,9 +301,9 @@ def test_attention_that_does_not_match_the_grid_is_a_server_fault() -> None:
 
 
 def test_the_service_answers_bad_map_arguments_as_client_errors() -> None:
+    from service.core.pipeline import attention_grid
+    from service.core.schemas import AttentionParams
     from service.errors import InvalidParameter, NotFound
-    from service.pipeline import attention_grid
-    from service.schemas import AttentionParams
 
     class Meta:  # the two facts attention_grid reads from an artifact's metadata
         num_prefix_tokens = 1

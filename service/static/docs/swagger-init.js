@@ -1,4 +1,4 @@
-// Swagger UI's start-up for /docs (service/routes/docs.py): FastAPI's own settings, in a file rather than inline
+// Swagger UI's start-up for /docs (service/api/docs.py): FastAPI's own settings, in a file rather than inline
 // so that the page's Content-Security-Policy can refuse every inline script.
 window.ui = SwaggerUIBundle({
   url: "/openapi.json",
