@@ -198,6 +198,7 @@ def serve(
         log_level=settings.log_level,
         log_config=UVICORN_LOG_CONFIG,  # uvicorn's lines through service.obs.logs' handler: its format, request ids
         http=protocol_for(policy),
+        access_log=False,  # service.http.gate.log_access writes every answer's line, ASGI and direct alike
         loop=event_loop(),
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works (call_later)
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works (wait_for)

@@ -90,6 +90,7 @@ def _any_of(templates: list[str]) -> re.Pattern[str]:
 _INFERENCE = _any_of([r.path for r in ROUTES if r.kind == "inference"])
 _CONTROL = _any_of([r.path for r in ROUTES if r.kind == "control"])
 _ADMIN = _any_of([r.path for r in ROUTES if r.access == "admin"])
+_ADMIN_PREFIXES = tuple({r.path.partition("{")[0] for r in ROUTES if r.access == "admin"})  # a cheap first test
 # The routes every client may call without a key, in VITSERVE_OPEN_ROUTES' pattern language.
 OPEN = [re.sub(r"\{\w+\}$", "*", r.path) for r in ROUTES if r.access == "open"]
 
@@ -108,7 +109,7 @@ def is_control(method: str, path: str) -> bool:
 def is_admin(path: str) -> bool:
     """A path of the repository extension, which takes an admin key (any method: a wrong one is still refused
     for its key first)."""
-    return _ADMIN.fullmatch(path) is not None
+    return path.startswith(_ADMIN_PREFIXES) and _ADMIN.fullmatch(path) is not None
 
 
 def direct_templates(prefix: str) -> tuple[str, ...]:

@@ -40,7 +40,7 @@ from service.api import inference
 from service.api.inference import DEFAULT_TOP_K, MAX_TOP_K
 from service.core.state import ServiceState
 from service.errors import ServiceError, error_response
-from service.http.gate import Gate, Ticket, content_length, cut_off_by_shutdown, internal_error
+from service.http.gate import Gate, Ticket, content_length, cut_off_by_shutdown, internal_error, log_access
 from service.http.headers import with_context_headers
 from service.http.protocol import GuardedProtocol, RequestHead
 from service.obs.logs import REQUEST_ID
@@ -210,7 +210,7 @@ class DirectInfer:
                 return None
         if size is None or size > self.max_body:
             return None
-        ticket = self.gate.open("POST", target.path, head.headers)
+        ticket = self.gate.open("POST", target.path, head.headers, declared=size)
         ticket.label = target.template
         refused = ticket.refusal()  # keys first: a refused request reserves nothing, and its body is dropped
         if refused is None and not ticket.cover_now(size):
@@ -249,6 +249,7 @@ class Exchange:
         self.path, self.query = target.path, head.url.partition(b"?")[2]
         self.headers = head.headers
         self.http_version = head.http_version
+        self.client = head.client
         self.keep_alive = head.keep_alive
         self.request_id = ticket.request_id
         self.chunks: list[bytes] = []
@@ -324,6 +325,7 @@ class Exchange:
         self.response_started = self.response_complete = True
         self._stop_pace()
         self.ticket.answered(response.status_code)  # counted before the answer leaves: a client reads it at once
+        log_access(self.client, "POST", self.url, self.http_version, response.status_code)
         try:
             self._write(response)
         except Exception:  # nothing more can be said on this connection; what the request held is still freed
@@ -344,4 +346,3 @@ class Exchange:
             headers.append((b"connection", b"close"))
         if not self.disconnected:
             self.connection.write_response(response.status_code, headers, response.body)  # type: ignore[arg-type]
-        self.connection.log_access("POST", self.url, self.http_version, response.status_code)

@@ -28,6 +28,7 @@ from starlette.responses import Response
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable, error_response
 from service.http.headers import REQUEST_ID_HEADER, SECURITY_HEADERS, raw_header, request_id_for
 from service.http.security import Access
+from service.obs.logs import ACCESS_LOGGER
 from service.obs.metrics import METRICS
 from service.route_table import is_control, is_inference
 
@@ -117,10 +118,19 @@ class Gate:
         self.min_rate = settings.body_min_rate
 
     def open(
-        self, method: str, path: str, headers: list[tuple[bytes, bytes]], *, request_id: str | None = None
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        request_id: str | None = None,
+        declared: int | None = None,
     ) -> Ticket:
-        """An HTTP request whose headers are in (`request_id`: already given by the ASGI context middleware)."""
-        return Ticket(self, method, path, headers, request_id or request_id_for(headers), http=True)
+        """An HTTP request whose headers are in (`request_id`: already given by the ASGI context middleware;
+        `declared`: its Content-Length, if the caller has parsed it already)."""
+        ticket = Ticket(self, method, path, headers, request_id or request_id_for(headers), http=True)
+        ticket.declared = declared
+        return ticket
 
     def open_call(self, rpc: str, rest_path: str, metadata: list[tuple[bytes, bytes]]) -> Ticket:
         """A gRPC call; `rest_path`: its REST twin's path, whose openness (keys) it shares."""
@@ -132,6 +142,18 @@ class Gate:
             f"request body is {got}; the limit is {self.max_body} bytes (VITSERVE_MAX_BODY_BYTES)",
             detail={"limit_bytes": self.max_body},
         )
+
+
+# Every HTTP answer's access line, ASGI or direct, is logged here, once (uvicorn's own access log is off);
+# service.obs.logs gives the JSON format its parts as fields.
+ACCESS_LOG = logging.getLogger(ACCESS_LOGGER)
+
+
+def log_access(client: tuple[str, int] | None, method: str, target: str, http_version: str, status: int) -> None:
+    """The access line of an HTTP answer, in uvicorn's words (the formatters read the arguments by position)."""
+    if ACCESS_LOG.isEnabledFor(logging.INFO):
+        peer = f"{client[0]}:{client[1]}" if client else "-"
+        ACCESS_LOG.info('%s - "%s %s HTTP/%s" %d', peer, method, target, http_version, status)
 
 
 class Ticket:
@@ -182,8 +204,9 @@ class Ticket:
         refused = self.gate.access.check(self.path, self.headers)
         if refused is not None:
             return refused
-        value = raw_header(self.headers, b"content-length") if self.http else None
-        self.declared = None if value is None else content_length(value)
+        if self.http and self.declared is None:
+            value = raw_header(self.headers, b"content-length")
+            self.declared = None if value is None else content_length(value)
         if self.declared is not None and self.declared > self.gate.max_body:
             too_large = self.gate.too_large(self.declared)
             too_large.headers["Connection"] = "close"  # the body it declared may be on its way: not read

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, error_response
-from service.http.gate import Gate, Ticket, cut_off_by_shutdown, is_inference, reads_body_whole
+from service.http.gate import Gate, Ticket, cut_off_by_shutdown, is_inference, log_access, reads_body_whole
 from service.http.headers import request_id_for, with_context_headers
 from service.obs.logs import REQUEST_ID
 
@@ -31,6 +32,13 @@ async def send_error(scope: Scope, send: Send, error: ServiceError) -> None:
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}  # a Response never reads the request; this is only its signature
+
+
+def _target(scope: Scope) -> str:
+    """The request's path and query as the access line shows them (uvicorn's way: the path percent-quoted)."""
+    path = urllib.parse.quote(scope["path"])
+    query = scope["query_string"]
+    return f"{path}?{query.decode('ascii', 'replace')}" if query else path
 
 
 class RequestContextMiddleware:
@@ -57,6 +65,9 @@ class RequestContextMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                log_access(
+                    scope.get("client"), scope["method"], _target(scope), scope["http_version"], message["status"]
+                )
                 message = {**message, "headers": with_context_headers(message.get("headers", []), request_id)}
             await send(message)
 

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -36,8 +36,6 @@ log = logging.getLogger("vitserve.http")
 # internals (`pyproject.toml` bounds uvicorn and httptools to the versions tested with them).
 # tests/service/test_uvicorn_contract.py checks every name here against the installed uvicorn.
 UVICORN_ATTRIBUTES = (
-    "access_log",
-    "access_logger",
     "client",
     "connections",
     "cycle",
@@ -71,9 +69,8 @@ CYCLE_ATTRIBUTES = ("disconnected", "keep_alive", "message_event", "response_com
 IDLE_CLOSE_GRACE_S = 0.5
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """A request whose headers are complete, as the direct path reads it."""
+class RequestHead(NamedTuple):
+    """A request whose headers are complete, as the direct path reads it (a tuple: one is made per request)."""
 
     method: bytes
     url: bytes  # path and query, raw
@@ -81,6 +78,7 @@ class RequestHead:
     http_version: str
     keep_alive: bool  # the connection may take another request after this one's answer
     expect_continue: bool
+    client: tuple[str, int] | None  # the peer's address, for the access line
 
 
 class Exchange(Protocol):
@@ -266,6 +264,7 @@ class GuardedProtocol(HttpToolsProtocol):
             # As uvicorn decides for its own cycles: HTTP/1.0 closes after the answer, whatever it asked for.
             version != "1.0" and self.parser.should_keep_alive() and not self.policy.draining,
             self.expect_100_continue,
+            self.client,
         )
 
     def start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -283,12 +282,6 @@ class GuardedProtocol(HttpToolsProtocol):
         parts += (b"\r\n", body)
         if not self.transport.is_closing():
             self.transport.write(b"".join(parts))
-
-    def log_access(self, method: str, url: str, http_version: str, status: int) -> None:
-        if self.access_log:
-            client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
-            # uvicorn's own message and arguments: its access formatter reads them by position
-            self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, method, url, http_version, status)
 
     def exchange_done(self, exchange: Exchange) -> None:
         """A direct-path response is written: close, or take the next request as after any response."""

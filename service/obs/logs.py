@@ -3,9 +3,10 @@ stderr, text for people or JSON lines for log pipelines (`VITSERVE_LOG_FORMAT`),
 handled in every line logged while handling it.
 
 The request id is a context variable that `service.http.middleware.RequestContextMiddleware` sets; uvicorn runs each
-request in its own task, so the value belongs to that request and whatever it awaits. uvicorn's own loggers
-(`uvicorn.error`, `uvicorn.access`) go through the same handler (`UVICORN_LOG_CONFIG`), so its access lines carry
-the id too and, in JSON, their parts as fields.
+request in its own task, so the value belongs to that request and whatever it awaits. uvicorn's own logger
+(`uvicorn.error`) goes through the same handler (`UVICORN_LOG_CONFIG`). The access line of every HTTP answer is
+`vitserve.access`'s (`service.http.gate.log_access`, uvicorn's own is off): it carries the id too and, in JSON,
+its parts as fields.
 
 An access line is written for every request, so its cost is kept off the profile: the handler queues lines and a
 daemon thread writes them every `FLUSH_INTERVAL_S`, a few KB per write(2) instead of a write and a flush per line
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 REQUEST_ID: ContextVar[str | None] = ContextVar("vitserve_request_id", default=None)
 # uvicorn.Config(log_config=...): add no handlers of uvicorn's own, so its records reach the root handler here.
 UVICORN_LOG_CONFIG: dict[str, Any] | None = None
-# uvicorn's access record carries its parts as args, in this order (uvicorn.protocols.http.*_impl).
+# The access logger (service.http.gate.log_access); its record carries its parts as args, in this order.
+ACCESS_LOGGER = "vitserve.access"
 ACCESS_FIELDS = ("client", "method", "path", "http_version", "status")
 # How long a queued INFO line may wait before it is written (WARNING and above never wait).
 FLUSH_INTERVAL_S = 0.1
@@ -114,7 +116,7 @@ class JsonFormatter(logging.Formatter):
             "process": getattr(record, "role", None) or "server",
             "pid": record.process,
         }
-        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+        if record.name == ACCESS_LOGGER and isinstance(record.args, tuple) and len(record.args) == 5:
             entry.update(zip(ACCESS_FIELDS, record.args, strict=True))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

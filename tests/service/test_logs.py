@@ -17,6 +17,7 @@ import pytest
 
 from service.obs.logs import REQUEST_ID, JsonFormatter, QueuedStderrHandler, RequestIdFilter, TextFormatter
 from tests.conftest import MODELS, Server, wait_until
+from tests.service.test_direct import pixels_request
 
 
 def record(name: str, message: str, *args: Any) -> logging.LogRecord:
@@ -32,13 +33,13 @@ def test_json_lines_carry_the_request_id_and_the_access_fields() -> None:
     token = REQUEST_ID.set("abc123")
     try:
         access = record(
-            "uvicorn.access", '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "POST", "/v1/classify", "1.1", 200
+            "vitserve.access", '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "POST", "/v1/classify", "1.1", 200
         )
         entry = json.loads(formatted(JsonFormatter(), access, "worker 1"))
     finally:
         REQUEST_ID.reset(token)
     assert entry["request_id"] == "abc123" and entry["process"] == "worker 1" and entry["level"] == "INFO"
-    assert entry["logger"] == "uvicorn.access" and entry["message"].endswith('"POST /v1/classify HTTP/1.1" 200')
+    assert entry["logger"] == "vitserve.access" and entry["message"].endswith('"POST /v1/classify HTTP/1.1" 200')
     assert entry | {"client": "127.0.0.1:5000", "method": "POST", "path": "/v1/classify", "status": 200} == entry
     assert entry["time"].endswith("+00:00")
     outside = json.loads(formatted(JsonFormatter(), record("vitserve", "loaded %d models", 2)))
@@ -61,7 +62,9 @@ def json_lines(log: Path) -> list[dict[str, Any]]:
 
 
 def access_line(log: Path, request_id: str) -> dict[str, Any] | None:
-    return next((e for e in json_lines(log) if e["logger"] == "uvicorn.access" and e["request_id"] == request_id), None)
+    return next(
+        (e for e in json_lines(log) if e["logger"] == "vitserve.access" and e["request_id"] == request_id), None
+    )
 
 
 @pytest.mark.server
@@ -85,9 +88,25 @@ def test_json_logs_from_a_running_server(tmp_path: Path, held_out_pngs: list[byt
             assert entry is not None
             assert entry["method"] == "POST" and entry["path"] == "/v1/classify" and entry["status"] == 200
             assert entry["level"] == "INFO" and entry["pid"] > 0
+        # One line per answer, whichever way it went: the direct path (V2 infer), ASGI (a probe, a 404).
+        body, headers = pixels_request()
+        direct = httpx.post(
+            f"{srv.url}/v2/models/digits-vit/infer", content=body, headers={**headers, "x-request-id": "once-direct"}
+        )
+        assert direct.status_code == 200
+        assert httpx.get(f"{srv.url}/v2/health/ready", headers={"x-request-id": "once-asgi"}).status_code == 200
+        assert httpx.get(f"{srv.url}/nowhere", headers={"x-request-id": "once-404"}).status_code == 404
+        wait_until(lambda: access_line(log, "once-404") is not None, "the access line of the 404")
     finally:
         assert srv.stop() == 0
     entries = json_lines(log)
+    for request_id, path, status in [
+        ("once-direct", "/v2/models/digits-vit/infer", 200),
+        ("once-asgi", "/v2/health/ready", 200),
+        ("once-404", "/nowhere", 404),
+    ]:
+        lines = [e for e in entries if e["logger"] == "vitserve.access" and e["request_id"] == request_id]
+        assert [(e["path"], e["status"]) for e in lines] == [(path, status)], request_id
     assert all(set(e) >= {"time", "level", "logger", "message", "request_id", "process"} for e in entries)
     roles = {e["process"] for e in entries}
     if workers == "1":
@@ -96,7 +115,7 @@ def test_json_logs_from_a_running_server(tmp_path: Path, held_out_pngs: list[byt
         assert {"supervisor", "engine", "worker 0", "worker 1"} >= roles >= {"supervisor", "engine"}
         assert any(r.startswith("worker") for r in roles)
     # Outside a request there is no id; inside one, only that request's.
-    assert all(e["request_id"] is None for e in entries if e["logger"] != "uvicorn.access")
+    assert all(e["request_id"] is None for e in entries if e["logger"] != "vitserve.access")
 
 
 class Writes(io.StringIO):
