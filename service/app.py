@@ -146,8 +146,8 @@ def create_app(
     app.state.vitserve = state
     _install_error_handlers(app)
     access = Access(settings.api_keys, settings.admin_keys, settings.open_routes)
-    assert state.body_budget is not None, "an app's state serves HTTP"
-    gate = app.state.gate = Gate(settings, access, state.body_budget, state.admission)
+    assert state.limits.body is not None, "an app's state serves HTTP"
+    gate = app.state.gate = Gate(settings, access, state.limits.body, state.limits.admission)
     _install_middleware(app, settings, state, gate, worker.env.worker_index if worker else None)
     # The connection layer answers V2 infer itself (service.http.fast_path); CORS headers and spans come from the
     # middleware only.

@@ -98,11 +98,14 @@ def _session(path: Path, providers: list[str], threads: int, cpu_rewrites: bool)
 
 
 class BoundBatch:
-    """A classify session run through onnxruntime's IO binding, with buffers that outlive the batch.
+    """A classify session run on a staged input buffer that outlives the batch: through onnxruntime's IO binding
+    on a device (`bind`), or by a plain run on the CPU provider, which reads the numpy buffer where it is.
 
     `run(images)` copies the images into a host buffer of the session's input type (the one copy of a request's
-    pixels in the runtime: the rows come straight from the requests, or from the engine's shared slots) and binds
-    the first B rows as the input; the logits go to a buffer bound as the output. Both buffers grow to the
+    pixels in the runtime: the rows come straight from the requests, or from the engine's shared slots, in one
+    numpy call) and runs the first B rows; bound, the logits go to a buffer bound as the output. On the CPU the
+    binding's Python calls cost more than they save: a plain run of the default model served 1.1x the images/s
+    (benchmarks/frontend.py), so it is for devices only. Both buffers grow to the
     largest batch seen (a power of two) and are reused after it, so a batch allocates nothing but its answer: a
     fresh (B, 3, H, W) array per batch is a new mapping above glibc's mmap threshold, and its first write pays a
     page fault per 4 KiB (np.stack of 64 ViT-B/16 images: about 9 ms, against 3-4 ms into a buffer written
@@ -111,7 +114,9 @@ class BoundBatch:
     Not thread-safe: one per session, used by whoever holds that session (`LoadedModel` hands them out).
     """
 
-    def __init__(self, session: ort.InferenceSession, classes: int, input_shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, classes: int, input_shape: tuple[int, ...], *, bind: bool = True
+    ) -> None:
         self.session = session
         self.binding = session.io_binding()
         self.classes = classes
@@ -123,6 +128,7 @@ class BoundBatch:
         self.pixels = np.empty((0, *input_shape), self.input_type)
         self.logits = np.empty((0, classes), self.output_type)
         self.runs = 0  # bound runs that succeeded
+        self.bind = bind
         self.unbound: str | None = None  # why IO binding was given up, if it was
 
     def _grow(self, size: int) -> None:
@@ -138,14 +144,13 @@ class BoundBatch:
         if isinstance(images, np.ndarray):
             np.copyto(self.pixels[:size], images, casting="unsafe")
         else:
-            for row, image in zip(self.pixels, images, strict=False):
-                np.copyto(row, image, casting="unsafe")
+            np.stack(images, out=self.pixels[:size], casting="unsafe")
         return size
 
     def run_staged(self, size: int) -> np.ndarray:
         """Run the first `size` staged rows; their logits (size, C), float32, in an array of their own."""
         pixels, logits = self.pixels[:size], self.logits[:size]
-        if self.unbound is None:
+        if self.bind and self.unbound is None:
             try:
                 self.binding.bind_input(
                     self.input_name, "cpu", 0, self.input_type, list(pixels.shape), pixels.ctypes.data
@@ -198,7 +203,11 @@ class LoadedModel:
         shape = (3, *self.meta.input_size)
         self._instances = [
             _Instance(
-                classify, attention, None if classify is None else BoundBatch(classify, len(self.meta.labels), shape)
+                classify,
+                attention,
+                None
+                if classify is None
+                else BoundBatch(classify, len(self.meta.labels), shape, bind=self.provider != CPU),
             )
             for classify, attention in [(self.classify, self.attention), *self.spares]
         ]

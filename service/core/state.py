@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
-import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from service.core.admission import AdaptiveAdmission, Admission, note_budget
-from service.core.batching import Batcher, BatchPolicy, DynamicBatcher, Result
+from service.core.admission import AdaptiveAdmission, Admission
+from service.core.batching import BatchPolicy, Result
 from service.core.budgets import ByteBudget
+from service.core.compute import BatcherFactory, Batchers
 from service.core.pipeline import Prepared, prepare
 from service.core.runtime import LoadedModel, LoadFailure, ModelRepository, provider_batching
 from service.errors import NotFound, Overloaded, PayloadTooLarge, Unavailable
@@ -53,7 +52,32 @@ class Engine(Protocol):
     async def close(self) -> None: ...
 
 
-BatcherFactory = Callable[[LoadedModel, BatchPolicy], Batcher]
+@dataclass
+class Limits:
+    """What requests hold at once, server-wide: bytes of request bodies and of decoded images in flight
+    (service.core.budgets; None in the engine, which holds neither), and the inference requests admitted
+    (VITSERVE_MAX_CONCURRENT_REQUESTS and the latency budget, for the gate)."""
+
+    body: ByteBudget | None
+    decode: ByteBudget | None
+    admission: Admission
+
+    @classmethod
+    def of(cls, settings: Settings, *, serves_http: bool) -> Limits:
+        admission = (
+            AdaptiveAdmission(
+                settings.max_concurrent_requests,
+                budget=settings.latency_budget_ms / 1e3,
+                tolerance=settings.admission_tolerance,
+            )
+            if settings.admission == "adaptive"
+            else Admission(settings.max_concurrent_requests)
+        )
+        return cls(
+            ByteBudget("body", settings.body_budget_bytes) if serves_http else None,
+            ByteBudget("decode", settings.decode_budget_bytes) if serves_http else None,
+            admission,
+        )
 
 
 class RepositoryAdmin(Protocol):
@@ -94,6 +118,9 @@ def batch_policy(settings: Settings, model: LoadedModel) -> BatchPolicy:
 
 
 class ServiceState:
+    """A running server: the models it serves (the catalogue: `repository`, `unloaded`, `admin`), their compute
+    (`batchers`, and `cpu_pool` for decoding), its `limits`, and its lifecycle (ready, draining, the engine)."""
+
     def __init__(self, settings: Settings, *, serves_http: bool = True) -> None:
         """`serves_http` False: the engine process of multi-process mode, which holds no bodies or images (its
         budgets would otherwise add to the workers' in the summed metrics)."""
@@ -102,37 +129,17 @@ class ServiceState:
         self.shutting_down = False  # set on SIGTERM (readiness turns 503 at once) and at shutdown
         # Decode and preprocess run here, off the event loop and overlapping with inference.
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="prep")
-        # Unbatched runs (service.core.state.infer_one); batches run in each batcher's own runtime threads, one per instance.
-        self.runtime_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime")
-        self.batchers: dict[str, Batcher] = {}
+        self.batchers = Batchers(self.policy)
         # Multi-process mode (service.procs.worker): the link to the engine that runs every model, and the file the
         # supervisor keeps while every worker and the engine are up (readiness is the whole server's).
         self.engine: Engine | None = None
-        # How a served model gets its batcher: in process, or through the engine (`attach`).
-        self.batcher_factory: BatcherFactory = DynamicBatcher
         # Models an admin unloaded (repository extension): 404 with a way back, and left alone by the reload poll.
         self.unloaded: set[str] = set()
         self.admin: RepositoryAdmin | None = None
         self.all_ready_file: Path | None = None
         # Multi-process mode: the system shared memory registry every worker reads (service.v2.shared_memory).
         self.shm_registry_dir: Path | None = None
-        # Bytes of request bodies and of decoded images in flight, server-wide (service.core.budgets).
-        self.body_budget = ByteBudget("body", settings.body_budget_bytes) if serves_http else None
-        self.decode_budget = ByteBudget("decode", settings.decode_budget_bytes) if serves_http else None
-        # Inference requests in progress (VITSERVE_MAX_CONCURRENT_REQUESTS), for the middleware and the direct path.
-        self.admission = (
-            AdaptiveAdmission(
-                settings.max_concurrent_requests,
-                budget=settings.latency_budget_ms / 1e3,
-                tolerance=settings.admission_tolerance,
-            )
-            if settings.admission == "adaptive"
-            else Admission(settings.max_concurrent_requests)
-        )
-        # Batchers of replaced versions, kept until no request waits on them; and how many requests each has.
-        self._retiring: set[Batcher] = set()
-        self._waiting: Counter[Batcher] = Counter()
-        self._tasks: set[asyncio.Task] = set()
+        self.limits = Limits.of(settings, serves_http=serves_http)
 
     @property
     def ready(self) -> bool:
@@ -152,7 +159,7 @@ class ServiceState:
             return "loading" if not self.shutting_down else "draining"
         if self.engine is not None and not await self.engine.ping(READY_ENGINE_TIMEOUT_S):
             return f"the inference engine did not answer within {READY_ENGINE_TIMEOUT_S:g} s"
-        for budget in (self.body_budget, self.decode_budget):
+        for budget in (self.limits.body, self.limits.decode):
             if budget is not None and budget.stalled_s() > READY_STALL_S:
                 return f"the {budget.name} budget has refused every request for {budget.stalled_s():.0f} s"
         return None
@@ -198,7 +205,7 @@ class ServiceState:
                     data,
                     meta,
                     max_pixels=min(self.settings.max_pixels, INLINE_IMAGE_PIXELS),
-                    budget=self.decode_budget,
+                    budget=self.limits.decode,
                     jpeg_draft=self.settings.jpeg_draft,
                     wait_for_budget=False,
                 )
@@ -209,7 +216,7 @@ class ServiceState:
             data,
             meta,
             max_pixels=self.settings.max_pixels,
-            budget=self.decode_budget,
+            budget=self.limits.decode,
             for_overlay=for_overlay,
             jpeg_draft=self.settings.jpeg_draft,
         )
@@ -227,15 +234,9 @@ class ServiceState:
     def policy(self, model: LoadedModel) -> BatchPolicy:
         return batch_policy(self.settings, model)
 
-    def _start_batcher(self, model: LoadedModel, policy: BatchPolicy) -> Batcher:
-        batcher = self.batcher_factory(model, policy)
-        batcher.start()
-        log.info("batching %s (version %s): %s", model.name, model.meta.version, policy)
-        return batcher
-
     def start_batchers(self) -> None:
-        for name, model in self.models().models.items():
-            self.batchers[name] = self._start_batcher(model, self.policy(model))
+        for model in self.models().models.values():
+            self.batchers.serve(model, self.policy(model))
 
     async def infer(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
         """One image (3, H, W) through the dynamic batcher of the version the request looked up."""
@@ -248,51 +249,11 @@ class ServiceState:
         `source`: the HTTP worker it came from, in the engine of multi-process mode."""
         if not images:
             return []
-        batcher = self._batcher(model)
-        if batcher is None:
-            alone = (self._infer_alone(model, pixels, with_attention=with_attention) for pixels in images)
-            return list(await asyncio.gather(*alone))
-        note_budget(batcher.policy.latency_budget_ms / 1e3)  # what the front door judges this request's time by
-        self._waiting[batcher] += 1
-        try:
-            return await batcher.submit_many(images, with_attention=with_attention, source=source)
-        finally:
-            self._waiting[batcher] -= 1
-            if not self._waiting[batcher]:
-                del self._waiting[batcher]
+        return await self.batchers.infer_many(model, images, with_attention=with_attention, source=source)
 
     def check_room(self, model: LoadedModel, count: int) -> None:
-        """Refuse (503) a request of `count` images before it is decoded if the queue cannot take them now.
-
-        An early answer, not a reservation: `infer_many` checks again when it queues the decoded images.
-        """
-        batcher = self._batcher(model)
-        if batcher is not None:
-            note_budget(batcher.policy.latency_budget_ms / 1e3)
-            batcher.check_room(count)
-
-    def _batcher(self, model: LoadedModel) -> Batcher | None:
-        batcher = self.batchers.get(model.name)
-        if batcher is None or batcher.model is not model:  # replaced by a reload since the lookup
-            batcher = next((b for b in self._retiring if b.model is model), None)
-        if batcher is None and self.engine is not None:
-            # An HTTP worker cannot run a version alone (the sessions are in the engine): it forwards, and the
-            # engine finishes the request on that version while it still holds it.
-            batcher = self._start_batcher(model, self.policy(model))
-        return batcher
-
-    async def _infer_alone(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
-        """A request that began on a version whose batcher is already retired finishes on that version."""
-        started = time.perf_counter()
-        run = functools.partial(model.infer, pixels[None], with_attention=with_attention)
-        logits, attentions = await asyncio.get_running_loop().run_in_executor(self.runtime_pool, run)
-        return Result(
-            logits=logits[0],
-            attentions=None if attentions is None else attentions[0],
-            queue_ms=0.0,
-            compute_ms=(time.perf_counter() - started) * 1e3,
-            batch_size=1,
-        )
+        """Refuse (503) a request of `count` images before it is decoded if the queue cannot take them now."""
+        self.batchers.check_room(model, count)
 
     def swap(self, model: LoadedModel, policy: BatchPolicy) -> LoadedModel | None:
         """Serve `model` from now on, under its name; returns the version it replaces.
@@ -302,13 +263,10 @@ class ServiceState:
         """
         repository = self.models()
         old_model = repository.models.get(model.name)
-        old_batcher = self.batchers.get(model.name)
-        self.batchers[model.name] = self._start_batcher(model, policy)
+        self.batchers.serve(model, policy)
         repository.models[model.name] = model
         repository.unavailable.pop(model.name, None)
         self.unloaded.discard(model.name)
-        if old_batcher is not None:
-            self._retire_later(old_batcher)
         return old_model
 
     def attach(self, engine: Engine, admin: RepositoryAdmin, batchers: BatcherFactory, default: str) -> None:
@@ -316,7 +274,7 @@ class ServiceState:
         `batchers`, answered there."""
         self.engine = engine
         self.admin = admin
-        self.batcher_factory = batchers
+        self.batchers.forward_with(batchers)
         self.repository = ModelRepository({}, default)
 
     def serve_catalog(
@@ -350,33 +308,12 @@ class ServiceState:
         old_model = repository.models.pop(name, None)
         repository.unavailable.pop(name, None)
         self.unloaded.add(name)
-        old_batcher = self.batchers.pop(name, None)
-        if old_batcher is not None:
-            self._retire_later(old_batcher)
+        self.batchers.remove(name)
         return old_model
 
-    def _retire_later(self, batcher: Batcher) -> None:
-        self._retiring.add(batcher)
-        task = asyncio.get_running_loop().create_task(self._retire(batcher), name=f"retire-{batcher.model.name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _retire(self, batcher: Batcher) -> None:
-        # Every submit ends within the batcher's timeout, so the wait is bounded; a request that looks the old
-        # version up later still finishes on it (`_infer_alone`).
-        deadline = time.monotonic() + batcher.policy.timeout_s + 1.0
-        while self._waiting[batcher] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        self._retiring.discard(batcher)
-        await batcher.stop()
-        log.info("retired the batcher of %s version %s", batcher.model.name, batcher.model.meta.version)
-
     async def stop_batchers(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for batcher in [*self.batchers.values(), *self._retiring]:
-            await batcher.stop()
+        await self.batchers.stop()
 
     def close(self) -> None:
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
-        self.runtime_pool.shutdown(wait=False, cancel_futures=True)
+        self.batchers.close()

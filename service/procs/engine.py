@@ -84,7 +84,7 @@ class Engine:
                     "provider": model.provider,
                     "load_seconds": model.load_seconds,
                     "fingerprint": model.fingerprint,
-                    "policy": dataclasses.asdict(self.state.batchers[name].policy),
+                    "policy": dataclasses.asdict(self.state.batchers.running[name].policy),
                     "meta": model.meta.model_dump(mode="json"),
                 }
                 for name, model in sorted(repository.models.items())

@@ -165,7 +165,7 @@ def test_a_multi_image_request_is_admitted_whole_or_refused_before_any_image_run
         async with inprocess.serve(application) as client:
             state = application.state.vitserve
             gate = threading.Event()  # holds the model's one runtime thread: whatever the worker takes waits there
-            state.batchers["digits-vit"].executor.submit(gate.wait)
+            state.batchers.running["digits-vit"].executor.submit(gate.wait)
             try:
                 before = metric((await client.get("/metrics")).text, "nv_inference_count_total")
                 # Three images in: the worker takes one and waits at the gate, two stay queued; 2 places are left.

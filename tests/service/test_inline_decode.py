@@ -76,7 +76,7 @@ def test_a_full_decode_budget_sends_a_tiny_image_to_the_pool_not_a_blocked_loop(
         application = inprocess.app(inprocess.repository())
         async with inprocess.serve(application):
             state: ServiceState = application.state.vitserve
-            budget = state.decode_budget
+            budget = state.limits.decode
             assert budget is not None
             held = budget.reserve_now(budget.limit)
             assert held == budget.limit

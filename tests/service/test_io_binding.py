@@ -54,6 +54,20 @@ def test_a_bound_batch_gives_the_logits_of_a_plain_run_for_rows_or_an_array(mode
         np.testing.assert_array_equal(bound.run(np.stack(rows)), want)
 
 
+def test_on_the_cpu_provider_a_model_runs_its_staged_buffer_unbound_with_the_same_logits(model):
+    assert model.classify is not None
+    assert [i.bound.bind for i in model._instances] == [False] * len(model._instances)  # binding: devices only
+    staged = BoundBatch(model.classify, 10, (3, 32, 32), bind=False)
+    for size in (1, 16, 5):
+        rows = images(size, seed=size)
+        want = plain(model.classify, np.stack(rows))
+        np.testing.assert_array_equal(staged.run(rows), want)
+        np.testing.assert_array_equal(model.infer(rows, with_attention=False)[0], want)
+    pixels = staged.pixels
+    staged.run(images(16))
+    assert staged.pixels is pixels and staged.runs == 0  # the same buffer, and never bound
+
+
 def test_the_buffers_are_allocated_once_for_the_largest_batch_and_reused(model):
     assert model.classify is not None
     bound = BoundBatch(model.classify, 10, (3, 32, 32))

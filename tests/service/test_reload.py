@@ -195,7 +195,7 @@ def test_requests_under_way_finish_on_the_version_they_started_on(model_dir):
             np.testing.assert_allclose(joined.logits, logits[0], rtol=0, atol=1e-6)
 
             async def retired() -> bool:
-                return not state._retiring
+                return not state.batchers.retiring
 
             await inprocess.eventually(retired, "the old batcher stops once nothing waits on it")
             # Later still, with version 1's batcher gone, such a request still gets version 1.
