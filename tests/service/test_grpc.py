@@ -178,6 +178,11 @@ def test_errors_are_grpc_status_codes(server, digits):
     assert code == "StatusCode.UNAUTHENTICATED" and "not valid" in message
     code, message = status(lambda: triton.infer(MODEL, [_image_input(digits["pngs"][:1] * 33)], headers=AUTH))
     assert code == "StatusCode.RESOURCE_EXHAUSTED" and "VITSERVE_MAX_BATCH_FILES" in message
+    # Every refusal gave back what its call held (the gate's ticket), and the server goes on serving.
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "vitserve_memory_budget_used_bytes", budget="body") == 0
+    assert metric(text, "vitserve_memory_budget_used_bytes", budget="decode") == 0
+    assert triton.infer(MODEL, [_image_input(digits["pngs"][:1])], headers=AUTH).as_numpy("logits").shape == (1, 10)
 
 
 @in_child
