@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from service.admission import AdaptiveAdmission, Admission, note_budget
-from service.batching import Batcher, BatchPolicy, DynamicBatcher, Result
+from service.batching import Batcher, BatchPolicy, DynamicBatcher, Result, Targets, run_batch
 from service.engine_client import EngineLink, RemoteBatcher
 from service.errors import NotFound, Overloaded, PayloadTooLarge, Unavailable
 from service.memory import ByteBudget
@@ -224,25 +224,40 @@ class ServiceState:
         for name, model in self.models().models.items():
             self.batchers[name] = self._start_batcher(model, self.policy(model))
 
-    async def infer(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
-        """One image (3, H, W) through the dynamic batcher of the version the request looked up."""
-        return (await self.infer_many(model, [pixels], with_attention=with_attention))[0]
+    async def infer(
+        self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool, target: int | None = None
+    ) -> Result:
+        """One image (3, H, W) through the dynamic batcher of the version the request looked up; `target`: its
+        relevance map for that class (-1: the top prediction)."""
+        targets = None if target is None else [target]
+        return (await self.infer_many(model, [pixels], with_attention=with_attention, targets=targets))[0]
 
     async def infer_many(
-        self, model: LoadedModel, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0
+        self,
+        model: LoadedModel,
+        images: Sequence[np.ndarray],
+        *,
+        with_attention: bool,
+        targets: Targets = None,
+        source: int = 0,
     ) -> list[Result]:
         """A request's images (3, H, W) through the batcher, admitted all together or refused (503) with none run.
-        `source`: the HTTP worker it came from, in the engine of multi-process mode."""
+        `targets`: a relevance map of that class per image. `source`: the HTTP worker it came from, in the engine
+        of multi-process mode."""
         if not images:
             return []
         batcher = self._batcher(model)
         if batcher is None:
-            alone = (self._infer_alone(model, pixels, with_attention=with_attention) for pixels in images)
+            rows = [None] * len(images) if targets is None else list(targets)
+            alone = (
+                self._infer_alone(model, pixels, with_attention=with_attention, target=target)
+                for pixels, target in zip(images, rows, strict=True)
+            )
             return list(await asyncio.gather(*alone))
         note_budget(batcher.policy.latency_budget_ms / 1e3)  # what the front door judges this request's time by
         self._waiting[batcher] += 1
         try:
-            return await batcher.submit_many(images, with_attention=with_attention, source=source)
+            return await batcher.submit_many(images, with_attention=with_attention, targets=targets, source=source)
         finally:
             self._waiting[batcher] -= 1
             if not self._waiting[batcher]:
@@ -268,17 +283,20 @@ class ServiceState:
             batcher = self._start_batcher(model, self.policy(model))
         return batcher
 
-    async def _infer_alone(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
+    async def _infer_alone(
+        self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool, target: int | None
+    ) -> Result:
         """A request that began on a version whose batcher is already retired finishes on that version."""
         started = time.perf_counter()
-        run = functools.partial(model.infer, pixels[None], with_attention=with_attention)
-        logits, attentions = await asyncio.get_running_loop().run_in_executor(self.runtime_pool, run)
+        run = functools.partial(run_batch, model, [pixels], with_attention, [target])
+        logits, attentions, relevance = await asyncio.get_running_loop().run_in_executor(self.runtime_pool, run)
         return Result(
             logits=logits[0],
             attentions=None if attentions is None else attentions[0],
             queue_ms=0.0,
             compute_ms=(time.perf_counter() - started) * 1e3,
             batch_size=1,
+            relevance=None if relevance is None else relevance[0],
         )
 
     def swap(self, model: LoadedModel, policy: BatchPolicy) -> LoadedModel | None:
