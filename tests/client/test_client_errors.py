@@ -234,9 +234,7 @@ def test_html_is_recognised_without_its_content_type(connect: Any, scripted: Any
 
 
 @pytest.mark.parametrize(("status", "cls"), [(502, ServerError), (503, OverloadedError), (504, ServerError)])
-def test_a_gateways_html_page_keeps_its_status(
-    connect: Any, scripted: Any, status: int, cls: type[APIError]
-) -> None:
+def test_a_gateways_html_page_keeps_its_status(connect: Any, scripted: Any, status: int, cls: type[APIError]) -> None:
     # A proxy's 502/503/504 page speaks for the server behind it (down, restarting, too slow): a 503 is retried.
     scripted.script(Reply(status, b"<html><title>Bad Gateway</title></html>", content_type="text/html"))
     with pytest.raises(cls) as caught:
