@@ -259,6 +259,7 @@ def gate(m: Measurement, *, precision: str, reference: str, max_accuracy_drop: f
 # products whose gradients nobody has measured against autograd, so a variant answers relevance requests with a
 # 422 pointing at its FP32 artifact.
 FP32_ONLY_ROLES = frozenset({"relevance"})
+RELEVANCE_NOTE, FP32_ONLY = "relevance", "FP32 only: ask the FP32 artifact this variant was made from"
 
 
 def make_variant(
@@ -293,7 +294,7 @@ def make_variant(
                 "graphs": graphs,
                 "parity": parity,
                 "quantization": quantization,
-                "extra": {},
+                "extra": {RELEVANCE_NOTE: FP32_ONLY} if "relevance" in meta.graphs else {},
             }
         )
         variant = ArtifactMetadata.model_validate(variant.model_dump())

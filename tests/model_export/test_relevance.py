@@ -79,6 +79,8 @@ def test_graph_matches_autograd_at_any_batch_with_mixed_targets(artifact, batch)
 def test_reduced_precision_variants_carry_no_relevance_graph(artifact):
     meta = read_metadata(artifact.with_name("tiny-int8"))
     assert "relevance" not in meta.graphs and not (artifact.with_name("tiny-int8") / "relevance.onnx").exists()
+    assert meta.extra["relevance"].startswith("FP32 only")
+    assert read_metadata(MODELS / "digits-vit-int8").extra["relevance"].startswith("FP32 only")
 
 
 def test_add_relevance_keeps_the_served_graphs_and_matches_autograd(tmp_path):
