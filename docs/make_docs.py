@@ -155,7 +155,39 @@ def attention_figure(out: Path, image: np.ndarray, label: int) -> None:
     plt.close(fig)
 
 
-def overlays(out_dir: Path, held) -> None:  # type: ignore[no-untyped-def]
+def relevance_figure(out: Path, image: np.ndarray, label: int) -> list[int]:
+    """One canvas: rollout beside the relevance maps of its top two classes (the relevance graph's raw maps,
+    stretched to [0, 1] as served). Returns the two classes."""
+    from vit_artifact.attention import normalize_map
+    from vit_artifact.preprocessing import preprocess
+
+    meta = read_metadata(MODEL)
+    x = preprocess(Image.fromarray(image).convert("RGB"), meta.preprocessing)[None]
+    attention = ort.InferenceSession(str(MODEL / "attention.onnx"), providers=["CPUExecutionProvider"])
+    logits, attentions = attention.run(None, {"pixel_values": x})
+    roll = rollout(attentions[0], num_prefix_tokens=meta.num_prefix_tokens, grid=meta.grid)
+    relevance = ort.InferenceSession(str(MODEL / "relevance.onnx"), providers=["CPUExecutionProvider"])
+    probs = np.exp(logits[0] - logits[0].max())
+    probs /= probs.sum()
+    classes = [int(c) for c in np.argsort(-logits[0])[:2]]
+    panels = [("canvas", image, "gray"), ("rollout (any class)", roll, "inferno")]
+    for rank, c in zip(("top-1", "top-2"), classes, strict=True):
+        (raw,) = relevance.run(["relevance"], {"pixel_values": x, "target": np.array([c], np.int64)})
+        panels.append((f"relevance, {rank}: {c} ({probs[c]:.0%})", normalize_map(raw[0]), "inferno"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+    for ax, (title, values, cmap) in zip(axes, panels, strict=True):
+        ax.imshow(values, cmap=cmap, vmin=0 if cmap == "inferno" else None, vmax=1 if cmap == "inferno" else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"held-out canvas, label {label}: rollout and class-specific relevance (Chefer et al.)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return classes
+
+
+def overlays(out_dir: Path, held, relevance_classes: list[int]) -> None:  # type: ignore[no-untyped-def]
     """README pictures, produced by the service's own routes."""
     from fastapi.testclient import TestClient
 
@@ -166,6 +198,10 @@ def overlays(out_dir: Path, held) -> None:  # type: ignore[no-untyped-def]
             (3, "digit-rollout", ""),
             (EXAMPLE, "digit-rollout-2", ""),
             (3, "digit-layer0-head1", "&method=layer&layer=0&head=1"),
+            *[
+                (EXAMPLE, f"digit-relevance-top{rank}", f"&method=relevance&target={c}")
+                for rank, c in enumerate(relevance_classes, start=1)
+            ],
         ]:
             r = client.post(
                 f"/v1/attention?format=png{query}", content=png(held.images[i]), headers={"content-type": "image/png"}
@@ -263,7 +299,8 @@ def main() -> None:
     patch_figure(images / "patches.png", example, (DIGITS_CONFIG.grid, DIGITS_CONFIG.grid))
     position_figure(images / "position-embeddings.png")
     attention_figure(images / "attention-layers.png", example, label)
-    overlays(images, held)
+    classes = relevance_figure(images / "relevance.png", example, label)
+    overlays(images, held, classes)
     sizes = [32, 96, 160, 256] if args.quick else [32, 64, 96, 128, 160, 192, 224, 256, 288, 320]
     complexity = measure_complexity(images / "complexity.png", sizes=sizes, repeats=3 if args.quick else 15)
     (images / "complexity.json").write_text(json.dumps(complexity, indent=2) + "\n")

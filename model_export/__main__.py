@@ -4,6 +4,7 @@
     python -m model_export hf ./my-vit-checkpoint --out models/my-vit --int8
     python -m model_export timm vit_base_patch16_224 --checkpoint vit.pth --num-classes 10 --out models/vit
     python -m model_export own checkpoint.pt --out models/mine
+    python -m model_export add-relevance models/digits-vit
 
 Exit codes: 0 exported and verified; 2 bad input (missing or corrupt checkpoint, unsupported model, labels);
 3 parity failed (the ONNX graph does not compute what the source model does).
@@ -110,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--labels", help="label file overriding the checkpoint's labels")
     _common(p)
+
+    p = sub.add_parser(
+        "add-relevance",
+        help="add the relevance graph to an FP32 artifact of the project's own ViT, from the weights in its graphs",
+    )
+    p.add_argument("artifact", type=Path, help="artifact directory, e.g. models/digits-vit")
+    p.add_argument("--atol", type=float, default=Tolerance.atol, help="absolute part of the parity tolerance")
+    p.add_argument("--rtol", type=float, default=Tolerance.rtol, help="relative part of the parity tolerance")
+    p.add_argument("--rounding-factor", type=float, default=Tolerance.rounding, help="times the float32 rounding")
     return parser
 
 
@@ -212,7 +222,20 @@ def _model_args(pairs: list[str]) -> dict[str, object]:
     return parsed
 
 
+def _add_relevance(args: argparse.Namespace) -> None:
+    from .from_artifact import add_relevance
+
+    meta = add_relevance(args.artifact, tolerance=_tolerance(args))
+    print(
+        f"added the relevance graph to {args.artifact}: max |map diff| vs PyTorch autograd "
+        f"{meta.parity.max_abs_relevance_diff:.2e} of the map's maximum"
+    )
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.command == "add-relevance":
+        _add_relevance(args)
+        return
     if args.command != "train-default" and args.calibrate and args.calibration is None:
         raise ExportError("static INT8 (--calibrate) needs images like those the model will serve: --calibration DIR")
     if (args.calibrate or args.calibration) and not args.int8:

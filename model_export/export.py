@@ -1,11 +1,13 @@
-"""Trace an `ExportSource` into the artifact's two ONNX graphs, verify them, and write the metadata record.
+"""Trace an `ExportSource` into the artifact's ONNX graphs, verify them, and write the metadata record.
 
 Graph design (why two): ViT-B/16 at batch 8 has 8 x 12 x 12 x 197 x 197 attention probabilities, 179 MB,
 that the classify path does not need. The classify graph (`model.onnx`) is traced with the attention output
 dropped, so it is exactly a logits-only export (onnxruntime optimises it at load); the attention graph
 (`attention.onnx`) also returns the probabilities. Measured (benchmarks/attention_cost.py): an offline pass of
 onnxruntime's transformer optimizer made the classify graph 6% slower than the plain export, so there is none. A mixed batch of
-classify and attention requests runs on the attention graph (it returns logits too).
+classify and attention requests runs on the attention graph (it returns logits too). The relevance graph
+(`relevance.onnx`) takes a target class per image besides the pixels and runs a backward pass inside the graph
+(`model_export/relevance.py`), so it costs a classify about three times over and is its own third graph.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vit_artifact.metadata import (
     ATTENTIONS,
     INPUT_NAME,
     LOGITS,
+    RELEVANCE,
     ArtifactMetadata,
     GraphFile,
     Parity,
@@ -31,6 +34,7 @@ from vit_artifact.metadata import (
     write_metadata,
 )
 
+from .relevance import RELEVANCE_FILE, export_relevance
 from .sources import DEFAULT_TOLERANCE, ExportSource, LogitsOnly, Tolerance
 
 log = logging.getLogger(__name__)
@@ -71,7 +75,24 @@ def export_graphs(src: ExportSource, out_dir: Path, *, opset: int = DEFAULT_OPSE
         "attention": GraphFile(
             file=ATTENTION_FILE, sha256=sha256_file(out_dir / ATTENTION_FILE), outputs=[LOGITS, ATTENTIONS]
         ),
+        "relevance": export_relevance_graph(src, out_dir, opset=opset),
     }
+
+
+def export_relevance_graph(src: ExportSource, out_dir: Path, *, opset: int = DEFAULT_OPSET) -> GraphFile:
+    """The relevance graph (`model_export/relevance.py`): forward and backward pass traced into one graph."""
+    dummy = torch.randn(TRACE_BATCH, 3, *src.input_size, generator=torch.Generator().manual_seed(0))
+    src.model.eval()
+    with src.patches():
+        export_relevance(
+            src.model,
+            dummy,
+            out_dir / RELEVANCE_FILE,
+            num_prefix_tokens=src.num_prefix_tokens,
+            grid=src.grid,
+            opset=opset,
+        )
+    return GraphFile(file=RELEVANCE_FILE, sha256=sha256_file(out_dir / RELEVANCE_FILE), outputs=[LOGITS, RELEVANCE])
 
 
 def library_versions() -> dict[str, str]:

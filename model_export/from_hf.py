@@ -63,8 +63,14 @@ class HFWithAttention(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        logits, attentions = self.forward_blocks(pixel_values)
+        return logits, torch.stack(attentions, dim=1)  # L x (B, H, N, N) -> (B, L, H, N, N)
+
+    def forward_blocks(self, pixel_values: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Logits and each layer's probabilities: eager attention returns the tensor it multiplies with the
+        values (dropout is the identity in eval mode), so gradients with respect to it are well defined."""
         out = self.model(pixel_values=pixel_values, output_attentions=True, return_dict=True)
-        return out.logits, torch.stack(out.attentions, dim=1)  # L x (B, H, N, N) -> (B, L, H, N, N)
+        return out.logits, list(out.attentions)
 
 
 def load_hf(source: str, *, labels_file: str | None = None) -> ExportSource:

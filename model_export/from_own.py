@@ -23,6 +23,9 @@ class WithAttention(nn.Module):
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.forward_with_attention(pixel_values)
 
+    def forward_blocks(self, pixel_values: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.model.forward_blocks(pixel_values)
+
 
 def load_own(checkpoint: str | Path, *, labels_file: str | None = None) -> ExportSource:
     path = Path(checkpoint)

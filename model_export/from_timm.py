@@ -118,6 +118,11 @@ class TimmWithAttention(nn.Module):
         self.recorded: list[Tensor] = []  # appended to by the patched attention forwards, one per block
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        logits, attentions = self.forward_blocks(pixel_values)
+        return logits, torch.stack(attentions, dim=1)  # L x (B, H, N, N) -> (B, L, H, N, N)
+
+    def forward_blocks(self, pixel_values: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Logits and each block's probabilities, the tensors multiplied with the values."""
         self.recorded.clear()
         logits = self.model(pixel_values)
         if len(self.recorded) != len(self.attention_modules):
@@ -125,7 +130,7 @@ class TimmWithAttention(nn.Module):
                 f"recorded {len(self.recorded)} attention maps for {len(self.attention_modules)} blocks; "
                 "call the model inside `source.patches()`"
             )
-        attentions = torch.stack(self.recorded, dim=1)  # L x (B, H, N, N) -> (B, L, H, N, N)
+        attentions = list(self.recorded)
         self.recorded.clear()  # hold no activations between calls
         return logits, attentions
 

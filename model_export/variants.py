@@ -14,7 +14,8 @@ INT8 comes in two kinds (measured on this project's CPU: benchmarks/results/int8
   nothing; on onnxruntime's CPU kernels it ran slower than FP32 here, so it is the choice only where
   batching matters more than INT8 speed.
 Both quantize only the matrix products with a weight operand (`INT8_OP_TYPES`): the patch-embedding Conv ran
-5x slower quantized, and LayerNorm, Softmax, GELU and the attention products stay float.
+5x slower quantized, and LayerNorm, Softmax, GELU and the attention products stay float. Relevance maps are
+FP32-only: a variant carries the classify and attention graphs, not the relevance graph.
 """
 
 from __future__ import annotations
@@ -254,6 +255,12 @@ def gate(m: Measurement, *, precision: str, reference: str, max_accuracy_drop: f
 
 # --- the variant artifact ----------------------------------------------------------------------------------
 
+# The relevance graph is not carried: its backward pass would run through quantized (INT8) or half-precision
+# products whose gradients nobody has measured against autograd, so a variant answers relevance requests with a
+# 422 pointing at its FP32 artifact.
+FP32_ONLY_ROLES = frozenset({"relevance"})
+RELEVANCE_NOTE, FP32_ONLY = "relevance", "FP32 only: ask the FP32 artifact this variant was made from"
+
 
 def make_variant(
     fp32_dir: Path,
@@ -275,6 +282,8 @@ def make_variant(
         graphs = {}
         quantization = None
         for role, graph in meta.graphs.items():
+            if role in FP32_ONLY_ROLES:
+                continue
             quantization = _convert(precision, fp32_dir / graph.file, staging / graph.file, calibration)
             graphs[role] = GraphFile(file=graph.file, sha256=sha256_file(staging / graph.file), outputs=graph.outputs)
         parity = _parity(meta, fp32_dir, staging, precision, inputs, accuracy, max_accuracy_drop)
@@ -285,7 +294,7 @@ def make_variant(
                 "graphs": graphs,
                 "parity": parity,
                 "quantization": quantization,
-                "extra": {},
+                "extra": {RELEVANCE_NOTE: FP32_ONLY} if "relevance" in meta.graphs else {},
             }
         )
         variant = ArtifactMetadata.model_validate(variant.model_dump())

@@ -18,7 +18,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vit_artifact.metadata import ATTENTIONS, INPUT_NAME, LOGITS, GraphFile, Parity, Preprocessing
+from vit_artifact.metadata import (
+    ATTENTIONS,
+    INPUT_NAME,
+    LOGITS,
+    RELEVANCE,
+    TARGET_NAME,
+    GraphFile,
+    Parity,
+    Preprocessing,
+)
 
 from .sources import DEFAULT_TOLERANCE, ExportSource, ParityError, Tolerance
 
@@ -95,6 +104,18 @@ def _check_shape(role: str, name: str, got: tuple, want: tuple) -> None:
         raise ParityError(f"{role} graph output {name!r} has shape {tuple(got)}, the source model gives {want}")
 
 
+def verification_inputs(src: ExportSource, samples: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    """Random tensors at a batch size other than the trace's, then real images; and what they are, in words."""
+    rng = np.random.default_rng(0)
+    feeds = [rng.standard_normal((VERIFY_BATCH, 3, *src.input_size), dtype=np.float32)]
+    described = [f"{VERIFY_BATCH} random tensors (trace batch differs)"]
+    real = samples if samples is not None else sample_photos(src.preprocessing)
+    if real is not None:
+        feeds.append(real.astype(np.float32))
+        described.append(f"{len(real)} real images through the artifact's preprocessing")
+    return np.concatenate(feeds), described
+
+
 def check_parity(
     src: ExportSource,
     directory: Path,
@@ -103,15 +124,7 @@ def check_parity(
     samples: np.ndarray | None = None,
     tolerance: Tolerance = DEFAULT_TOLERANCE,
 ) -> Parity:
-    rng = np.random.default_rng(0)
-    feeds = [rng.standard_normal((VERIFY_BATCH, 3, *src.input_size), dtype=np.float32)]
-    described = [f"{VERIFY_BATCH} random tensors (trace batch differs)"]
-    real = samples if samples is not None else sample_photos(src.preprocessing)
-    if real is not None:
-        feeds.append(real.astype(np.float32))
-        described.append(f"{len(real)} real images through the artifact's preprocessing")
-    x = np.concatenate(feeds)
-
+    x, described = verification_inputs(src, samples)
     ref_logits, ref_att = _reference(src, x)
     classify = session(directory / graphs["classify"].file)
     attention = session(directory / graphs["attention"].file)
@@ -157,10 +170,16 @@ def check_parity(
             f"{att_bound:.3g} ({tolerance.describe(1.0, att_noise)}); the export does not compute the same "
             "function. Raise --atol only if you know the difference is rounding"
         )
+    relevance: dict[str, float] = {}
+    if "relevance" in graphs:
+        relevance = check_relevance_parity(
+            src, directory / graphs["relevance"].file, x, ref_logits, tolerance=tolerance, logit_bound=logit_bound
+        )
     return Parity(
         reference=f"{src.source.framework} eager (PyTorch {torch.__version__})",
         max_abs_logit_diff=logit_diff,
         max_abs_attention_diff=att_diff,
+        max_abs_relevance_diff=relevance.pop("max_abs_relevance_diff", None),
         max_abs_reference_logit=scale,
         top1_agreement=agree,
         tolerance=logit_bound,
@@ -173,5 +192,109 @@ def check_parity(
             "source_float32_logit_rounding": logit_noise,
             "rounding_factor": tolerance.rounding,
             "source_float32_attention_rounding": att_noise,
+            **relevance,
         },
     )
+
+
+def relevance_targets(logits: np.ndarray) -> np.ndarray:
+    """The classes each image's relevance is checked for: its top prediction (asked for as -1, as the service
+    does), its second and the last class. (K, B)."""
+    order = np.argsort(-logits, axis=1)
+    top = np.full(len(logits), -1)
+    last = np.full(len(logits), logits.shape[1] - 1)
+    return np.stack([top, order[:, min(1, logits.shape[1] - 1)], last]).astype(np.int64)
+
+
+def _relevance_reference(
+    src: ExportSource, x: np.ndarray, targets: np.ndarray, batch: int = 8, dtype: torch.dtype = torch.float32
+) -> np.ndarray:
+    """PyTorch autograd on the source model: (K, B, gh, gw) for targets (K, B)."""
+    from .relevance import relevance_maps
+
+    out = np.empty((*targets.shape, *src.grid), dtype=np.float64)
+    src.model.to(dtype)
+    try:
+        with src.patches():
+            for k, row in enumerate(targets):
+                for i in range(0, len(x), batch):
+                    _, maps = relevance_maps(
+                        src.model,  # type: ignore[arg-type]  # every source wrapper has forward_blocks
+                        torch.from_numpy(x[i : i + batch]).to(dtype),
+                        torch.from_numpy(row[i : i + batch]),
+                        num_prefix_tokens=src.num_prefix_tokens,
+                        grid=src.grid,
+                    )
+                    out[k, i : i + batch] = maps.double().numpy()
+    finally:
+        src.model.float()
+    return out
+
+
+def scaled_maps(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each map divided by its reference map's maximum |value| (1 for an all-zero reference): scale-free."""
+    peak = np.abs(reference).reshape(*reference.shape[:-2], -1).max(axis=-1)[..., None, None]
+    return maps / np.where(peak > 0, peak, 1.0)
+
+
+def check_relevance_parity(
+    src: ExportSource,
+    path: Path,
+    x: np.ndarray,
+    ref_logits: np.ndarray,
+    *,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    logit_bound: float | None = None,
+) -> dict[str, float]:
+    """The relevance graph against PyTorch autograd on `x`, for each image's top-1, top-2 and last class.
+
+    Maps are compared divided by the reference map's maximum, so the bound is scale-free like the attention
+    gate's; the min-max normalised difference (what the service draws) is recorded too.
+    """
+    from vit_artifact.attention import normalize_map
+
+    sess = session(path)
+    _check_outputs(sess, "relevance", [LOGITS, RELEVANCE])
+    targets = relevance_targets(ref_logits)
+    reference = _relevance_reference(src, x, targets)
+    got = np.empty_like(reference)
+    logit_diff = 0.0
+    for k, row in enumerate(targets):
+        for i in range(0, len(x), 8):
+            logits, maps = sess.run([LOGITS, RELEVANCE], {INPUT_NAME: x[i : i + 8], TARGET_NAME: row[i : i + 8]})
+            _check_shape("relevance", RELEVANCE, maps.shape[1:], src.grid)
+            got[k, i : i + 8] = maps
+            logit_diff = max(logit_diff, float(np.abs(logits - ref_logits[i : i + 8]).max()))
+    diff = float(np.abs(scaled_maps(got, reference) - scaled_maps(reference, reference)).max())
+    reference64 = _relevance_reference(src, x, targets, dtype=torch.float64)
+    noise = float(np.abs(scaled_maps(reference, reference64) - scaled_maps(reference64, reference64)).max())
+    normalised = max(
+        float(np.abs(normalize_map(a) - normalize_map(b)).max())
+        for a, b in zip(got.reshape(-1, *src.grid), reference.reshape(-1, *src.grid), strict=True)
+    )
+    bound = tolerance.bound(1.0, noise)
+    scale = float(np.abs(ref_logits).max())
+    logit_bound = tolerance.bound(scale) if logit_bound is None else logit_bound
+    log.info(
+        "relevance parity: max |scaled map diff| %.2e (bound %.2e), min-max normalised %.2e", diff, bound, normalised
+    )
+    if not logit_diff <= logit_bound:
+        raise ParityError(
+            f"the relevance graph's logits differ from the source model by up to {logit_diff:.3g}, over the "
+            f"tolerance {logit_bound:.3g} (as the classify graph's: {tolerance.describe(scale)}, and the source's "
+            "own float32 rounding)"
+        )
+    if not diff <= bound:
+        raise ParityError(
+            f"ONNX relevance maps differ from PyTorch autograd by up to {diff:.3g} of their maximum, over the "
+            f"tolerance {bound:.3g} ({tolerance.describe(1.0, noise)}); the traced backward pass does not compute "
+            "the gradient autograd does. Raise --atol only if you know the difference is rounding"
+        )
+    return {
+        "max_abs_relevance_diff": diff,
+        "relevance_normalised_diff": normalised,
+        "relevance_logit_diff": logit_diff,
+        "relevance_tolerance": bound,
+        "source_float32_relevance_rounding": noise,
+        "relevance_targets_per_image": float(len(targets)),
+    }

@@ -136,14 +136,18 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens after the last block, and every block's attention probabilities (B, L, heads, N, N)."""
+        tokens, attentions = self._features(pixels)
+        return tokens, torch.stack(attentions, dim=1)
+
+    def _features(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
         x = self.patch_embed(pixels)  # (B, P, dim)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, dim)
         x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + P, dim)
         attentions = []
         for block in self.blocks:
             x, probs = block(x)
-            attentions.append(probs)
-        return self.norm(x), torch.stack(attentions, dim=1)
+            attentions.append(probs)  # (B, heads, N, N)
+        return self.norm(x), attentions
 
     def forward_head(self, tokens: Tensor) -> Tensor:
         return self.head(tokens[:, 0])  # (B, classes): the class token summarises the image
@@ -154,6 +158,12 @@ class VisionTransformer(nn.Module):
 
     def forward_with_attention(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         tokens, attentions = self.forward_features(pixels)
+        return self.forward_head(tokens), attentions
+
+    def forward_blocks(self, pixels: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Logits and each block's own probabilities tensor, the one multiplied with the values: a gradient
+        with respect to it is a gradient with respect to that block's attention (relevance maps)."""
+        tokens, attentions = self._features(pixels)
         return self.forward_head(tokens), attentions
 
 

@@ -33,11 +33,13 @@ MARK_BY_PATH: dict[str, tuple[str, ...]] = {
     "docker": ("container",),
     "model_export/test_export_own.py": ("export",),
     "model_export/test_export_frameworks.py": ("export",),
+    "model_export/test_relevance.py": ("export",),
     "model_export/test_sources.py": ("export",),
     "model_export/test_train.py": ("export",),
     "model_export/test_default_model.py": ("slow",),
     "model_export/test_parity_tolerance.py": ("export",),  # scores the whole held-out set, FP32 and INT8
     "service/test_framework_parity.py": ("server", "export"),
+    "service/test_relevance.py": ("server", "export"),
     # Every test of these calls a server process (the `server` fixture or its own).
     "service/test_api.py": ("server",),
     "service/test_bad_inputs.py": ("server",),

@@ -34,7 +34,6 @@ HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)
 METHODS: tuple[str, ...] = get_args(Method)
 
 
-
 class AttentionArgumentError(Exception):
     """The arguments name no map: a caller's mistake, not the artifact's. `detail` is machine-readable."""
 

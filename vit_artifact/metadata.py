@@ -6,8 +6,10 @@ An artifact is a directory::
         artifact.json     the one metadata record (this module's `ArtifactMetadata`)
         model.onnx        classify graph: pixels -> logits (attention fused away, nothing extra computed)
         attention.onnx    attention graph: pixels -> logits, attentions (B, layers, heads, tokens, tokens)
+        relevance.onnx    relevance graph: pixels, target class (B,) -> logits, relevance maps (B, grid_h, grid_w)
+                          (FP32 artifacts only; absent from artifacts exported before it existed)
 
-Two graphs because classification must not pay for attention: the classify graph is a plain logits-only
+Separate graphs because classification must not pay for attention: the classify graph is a plain logits-only
 export, the attention graph also outputs the probabilities (179 MB per batch of 8 for ViT-B/16). Every fact the service
 needs (labels, preprocessing, token grid, prefix tokens) is read from `artifact.json` and nowhere else.
 """
@@ -26,6 +28,9 @@ FORMAT_VERSION = 1
 INPUT_NAME = "pixel_values"
 LOGITS = "logits"
 ATTENTIONS = "attentions"
+TARGET_NAME = "target"  # the relevance graph's second input: one class index per image, int64
+RELEVANCE = "relevance"
+GraphRole = Literal["classify", "attention", "relevance"]
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -120,6 +125,9 @@ class Parity(_Record):
     reference: str = Field(description="what the outputs were compared against")
     max_abs_logit_diff: float | None = None
     max_abs_attention_diff: float | None = None
+    max_abs_relevance_diff: float | None = Field(
+        default=None, description="relevance graph vs PyTorch autograd, each map divided by its maximum"
+    )
     max_abs_reference_logit: float | None = Field(default=None, description="the output scale rtol multiplies")
     top1_agreement: float | None = None
     tolerance: float | None = Field(default=None, description="the bound max_abs_logit_diff was held to")
@@ -164,7 +172,7 @@ class ArtifactMetadata(_Record):
     num_prefix_tokens: int = Field(description="class (and distillation) tokens before the patch tokens")
     precision: Precision = "fp32"
     preprocessing: Preprocessing
-    graphs: dict[Literal["classify", "attention"], GraphFile]
+    graphs: dict[GraphRole, GraphFile]
     source: Source
     exporter: dict[str, str] = Field(default_factory=dict, description="library versions used to export")
     parity: Parity

@@ -235,7 +235,9 @@ class BaseClient:
             files=[("file", to_upload(image))],
         )
 
-    def _classify_batch(self, images: Iterable[ImageInput], model: str | None, top_k: int | None) -> Call[BatchResponse]:
+    def _classify_batch(
+        self, images: Iterable[ImageInput], model: str | None, top_k: int | None
+    ) -> Call[BatchResponse]:
         files = [("files", to_upload(image)) for image in images]
         if not files:
             raise ValueError("classify_batch needs at least one image")
@@ -256,6 +258,7 @@ class BaseClient:
         format: str,
         alpha: float | None,
         top_k: int | None,
+        target: int | str | None = None,
     ) -> Call[AttentionResponse] | Call[AttentionPNG]:
         if format not in ("json", "png"):
             raise ValueError(f"format must be 'json' or 'png' (got {format!r})")
@@ -265,6 +268,7 @@ class BaseClient:
             head=head,
             head_fusion=head_fusion,
             discard_ratio=discard_ratio,
+            target=target,
             format=format,
             alpha=alpha,
             top_k=top_k,
@@ -286,12 +290,19 @@ class BaseClient:
         head_fusion: HeadFusion | None,
         discard_ratio: float | None,
         top_k: int | None,
+        target: int | str | None = None,
     ) -> Call[AttentionBatchResponse]:
         files = [("files", to_upload(image)) for image in images]
         if not files:
             raise ValueError("attention_batch needs at least one image")
         params = _query(
-            method=method, layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio, top_k=top_k
+            method=method,
+            layer=layer,
+            head=head,
+            head_fusion=head_fusion,
+            discard_ratio=discard_ratio,
+            target=target,
+            top_k=top_k,
         )
         return Call("POST", _route(model, "attention/batch"), _json(AttentionBatchResponse), params=params, files=files)
 
@@ -324,8 +335,7 @@ class BaseClient:
     def _unexpected(self, response: httpx.Response, what: str, verdict: str) -> UnexpectedResponseError:
         request = response.request
         return UnexpectedResponseError(
-            f"{request.method} {request.url} answered {response.status_code} with {what}: {verdict} "
-            f"({self._url_hint})",
+            f"{request.method} {request.url} answered {response.status_code} with {what}: {verdict} ({self._url_hint})",
             response=response,
         )
 

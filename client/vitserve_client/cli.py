@@ -3,6 +3,7 @@
     vitserve-client classify digit.png photos/ --top-k 3        # a folder means its image files
     vitserve-client classify photos/ --json --concurrency 8     # JSON lines, one per image, in order
     vitserve-client attention digit.png -o overlay.png --method layer --layer -1 --head 2
+    vitserve-client attention digit.png --method relevance --target 7
     vitserve-client attention digit.png --json                  # the map as JSON
     vitserve-client attention digits/ --json                    # several images in one batch request
     vitserve-client models
@@ -29,7 +30,7 @@ from vitserve_client._images import IMAGE_SUFFIXES
 from vitserve_client._version import __version__
 from vitserve_client.client import AsyncClient, Client
 from vitserve_client.errors import APIError, OverloadedError, TransportError, UnexpectedResponseError, VitserveError
-from vitserve_client.models import ClassifyResponse
+from vitserve_client.models import ClassifyResponse, Prediction
 
 OK, FAILED, USAGE, UNAVAILABLE = 0, 1, 2, 3
 BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command that SIGPIPE ended (`yes | head -1`)
@@ -108,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("-o", "--output", type=Path, help="write the PNG overlay here (one image only)")
     attention.add_argument("--json", action="store_true", help="print the map as JSON (JSON lines for several)")
     attention.add_argument("--model", help="model name (default: the server's default model)")
-    attention.add_argument("--method", choices=["rollout", "cls", "layer"], default="rollout")
+    attention.add_argument("--method", choices=["rollout", "cls", "layer", "relevance"], default="rollout")
     attention.add_argument("--layer", type=int, help="layer for --method layer (negative counts from the end)")
     attention.add_argument("--head", type=int, help="head for --method layer (default: heads fused)")
     attention.add_argument("--head-fusion", choices=["mean", "max", "min"], help="how heads combine")
     attention.add_argument("--discard-ratio", type=float, help="rollout: drop this fraction of weak attention")
+    attention.add_argument(
+        "--target", help="relevance: the class to explain, an index or a label (default: the top prediction)"
+    )
     attention.add_argument("--alpha", type=float, help="overlay opacity in [0, 1]")
     _connection_options(attention, top=False)
 
@@ -277,6 +281,11 @@ def render_grid(grid: Sequence[Sequence[float]]) -> str:
     return "\n".join("".join(SHADES[round(min(max(v, 0.0), 1.0) * top)] * 2 for v in row) for row in grid)
 
 
+def _what(method: str, target: Prediction | None) -> str:
+    """What a map shows, in words: "rollout attention", or "relevance for 7"."""
+    return f"relevance for {target.label}" if target is not None else f"{method} attention"
+
+
 def run_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         paths = expand_images(args.images)
@@ -289,6 +298,7 @@ def run_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         "head": args.head,
         "head_fusion": args.head_fusion,
         "discard_ratio": args.discard_ratio,
+        "target": args.target,
     }
     if len(args.images) > 1 or len(paths) > 1 or Path(args.images[0]).is_dir():
         if args.output is not None or args.alpha is not None:
@@ -306,7 +316,7 @@ def run_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 sys.stdout.write(result.model_dump_json() + "\n")
             else:
                 top = result.predictions[0]
-                sys.stdout.write(f"{image}: {result.method} attention, prediction {top.label} ")
+                sys.stdout.write(f"{image}: {_what(result.method, result.target)}, prediction {top.label} ")
                 sys.stdout.write(f"({top.probability:.3f}), {result.grid.height}x{result.grid.width} grid\n")
                 sys.stdout.write(render_grid(result.map) + "\n")
     return OK
@@ -326,7 +336,8 @@ def _attention_batch(paths: Sequence[Path], params: dict[str, Any], args: argpar
             sys.stdout.write(f"{path}: error {item.error.code if item.error else ''}: {message}\n")
         else:
             top = item.predictions[0]
-            sys.stdout.write(f"{path}: {batch.method} attention, prediction {top.label} ({top.probability:.3f})\n")
+            what = _what(batch.method, item.target)
+            sys.stdout.write(f"{path}: {what}, prediction {top.label} ({top.probability:.3f})\n")
             sys.stdout.write(render_grid(item.map) + "\n")
     failed = sum(not item.ok for item in batch.results)
     if failed:

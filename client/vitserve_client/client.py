@@ -133,7 +133,12 @@ class Client(BaseClient):
         return self._send(self._model(name), timeout)
 
     def classify(
-        self, image: ImageInput, *, model: str | None = None, top_k: int | None = None, timeout: Timeout = USE_CLIENT_DEFAULT
+        self,
+        image: ImageInput,
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> ClassifyResponse:
         """Top-`top_k` predictions for one image (path, bytes, binary file, PIL image or uint8 array)."""
         return self._send(self._classify(image, model, top_k), timeout)
@@ -159,6 +164,7 @@ class Client(BaseClient):
         head: int | None = None,
         head_fusion: HeadFusion | None = None,
         discard_ratio: float | None = None,
+        target: int | str | None = None,
         top_k: int | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> AttentionBatchResponse:
@@ -173,6 +179,7 @@ class Client(BaseClient):
             head_fusion=head_fusion,
             discard_ratio=discard_ratio,
             top_k=top_k,
+            target=target,
         )
         return self._send(call, timeout)
 
@@ -187,6 +194,7 @@ class Client(BaseClient):
         head: int | None = ...,
         head_fusion: HeadFusion | None = ...,
         discard_ratio: float | None = ...,
+        target: int | str | None = ...,
         format: Literal["json"] = ...,
         alpha: float | None = ...,
         top_k: int | None = ...,
@@ -204,6 +212,7 @@ class Client(BaseClient):
         head: int | None = ...,
         head_fusion: HeadFusion | None = ...,
         discard_ratio: float | None = ...,
+        target: int | str | None = ...,
         format: Literal["png"],
         alpha: float | None = ...,
         top_k: int | None = ...,
@@ -220,6 +229,7 @@ class Client(BaseClient):
         head: int | None = None,
         head_fusion: HeadFusion | None = None,
         discard_ratio: float | None = None,
+        target: int | str | None = None,
         format: Literal["json", "png"] = "json",
         alpha: float | None = None,
         top_k: int | None = None,
@@ -228,6 +238,8 @@ class Client(BaseClient):
         """Attention map of one image: a grid (`format="json"`, `.to_numpy()`) or a PNG overlay (`.save(path)`).
 
         Parameters left as None are not sent, so the server's defaults apply (see the README's table).
+        `method="relevance"` draws the class-specific relevance map of `target` (a class index or label;
+        default: the top prediction); `.target` says which class it explains.
         """
         call: Call[Any] = self._attention(
             image,
@@ -237,6 +249,7 @@ class Client(BaseClient):
             head=head,
             head_fusion=head_fusion,
             discard_ratio=discard_ratio,
+            target=target,
             format=format,
             alpha=alpha,
             top_k=top_k,
@@ -321,7 +334,12 @@ class AsyncClient(BaseClient):
         return await self._send(self._model(name), timeout)
 
     async def classify(
-        self, image: ImageInput, *, model: str | None = None, top_k: int | None = None, timeout: Timeout = USE_CLIENT_DEFAULT
+        self,
+        image: ImageInput,
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> ClassifyResponse:
         """Top-`top_k` predictions for one image (path, bytes, binary file, PIL image or uint8 array)."""
         return await self._send(self._classify(image, model, top_k), timeout)
@@ -347,6 +365,7 @@ class AsyncClient(BaseClient):
         head: int | None = None,
         head_fusion: HeadFusion | None = None,
         discard_ratio: float | None = None,
+        target: int | str | None = None,
         top_k: int | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> AttentionBatchResponse:
@@ -361,6 +380,7 @@ class AsyncClient(BaseClient):
             head_fusion=head_fusion,
             discard_ratio=discard_ratio,
             top_k=top_k,
+            target=target,
         )
         return await self._send(call, timeout)
 
@@ -375,6 +395,7 @@ class AsyncClient(BaseClient):
         head: int | None = ...,
         head_fusion: HeadFusion | None = ...,
         discard_ratio: float | None = ...,
+        target: int | str | None = ...,
         format: Literal["json"] = ...,
         alpha: float | None = ...,
         top_k: int | None = ...,
@@ -392,6 +413,7 @@ class AsyncClient(BaseClient):
         head: int | None = ...,
         head_fusion: HeadFusion | None = ...,
         discard_ratio: float | None = ...,
+        target: int | str | None = ...,
         format: Literal["png"],
         alpha: float | None = ...,
         top_k: int | None = ...,
@@ -408,6 +430,7 @@ class AsyncClient(BaseClient):
         head: int | None = None,
         head_fusion: HeadFusion | None = None,
         discard_ratio: float | None = None,
+        target: int | str | None = None,
         format: Literal["json", "png"] = "json",
         alpha: float | None = None,
         top_k: int | None = None,
@@ -416,6 +439,8 @@ class AsyncClient(BaseClient):
         """Attention map of one image: a grid (`format="json"`, `.to_numpy()`) or a PNG overlay (`.save(path)`).
 
         Parameters left as None are not sent, so the server's defaults apply (see the README's table).
+        `method="relevance"` draws the class-specific relevance map of `target` (a class index or label;
+        default: the top prediction); `.target` says which class it explains.
         """
         call: Call[Any] = self._attention(
             image,
@@ -425,6 +450,7 @@ class AsyncClient(BaseClient):
             head=head,
             head_fusion=head_fusion,
             discard_ratio=discard_ratio,
+            target=target,
             format=format,
             alpha=alpha,
             top_k=top_k,

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     import numpy as np
 
-AttentionMethod = Literal["rollout", "cls", "layer"]
+AttentionMethod = Literal["rollout", "cls", "layer", "relevance"]
 HeadFusion = Literal["mean", "max", "min"]
 
 
@@ -109,6 +109,7 @@ class AttentionResponse(_Body):
     params: AttentionParams
     grid: Grid
     map: list[list[float]] = Field(description="grid rows of attention, normalised to [0, 1]")
+    target: Prediction | None = Field(None, description="method='relevance': the class the map explains")
     predictions: list[Prediction]
     timings: Timings
     request_id: str
@@ -126,6 +127,7 @@ class AttentionBatchItem(_Body):
     index: int = Field(description="position of the image in the request")
     filename: str | None = None
     map: list[list[float]] | None = Field(None, description="grid rows of attention, normalised to [0, 1]")
+    target: Prediction | None = Field(None, description="method='relevance': the class the map explains")
     predictions: list[Prediction] | None = None
     error: ErrorInfo | None = Field(None, description="set instead of map and predictions when this image failed")
 
@@ -198,6 +200,7 @@ class ModelInfo(_Body):
     heads: int
     prefix_tokens: int
     attention: bool
+    relevance: bool = False  # the artifact has the relevance graph (method="relevance"); absent from older servers
     preprocessing: Preprocessing
     source: Source
     parity: Parity

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from service.api.deps import RequestId, State, served_model
 from service.api.uploads import BATCH_BODY, IMAGE_BODY, Upload, read_image, read_images
 from service.core.batching import Result
-from service.core.pipeline import Prepared, attention_grid, describe, overlay_png, top_k
+from service.core.pipeline import Prepared, attention_grid, check_relevance, describe, explained, overlay_png, top_k
 from service.core.runtime import LoadedModel
 from service.core.schemas import (
     AttentionBatchItem,
@@ -30,12 +30,15 @@ from service.core.schemas import (
     ErrorResponse,
     Grid,
     HeadFusion,
+    Prediction,
     Timings,
 )
 from service.errors import InvalidParameter, ServiceError
 from service.obs.tracing import TRACE_KEY
 from service.route_table import model_pair
+from vit_artifact.attention import AttentionArgumentError
 from vit_artifact.metadata import ArtifactMetadata
+from vit_artifact.relevance import relevance_grid, resolve_target
 
 router = APIRouter(tags=["inference"])
 
@@ -115,7 +118,7 @@ async def _prepare_or_error(state: State, upload: Upload, meta: ArtifactMetadata
 
 
 async def _run_batch(
-    request: Request, state: State, model: LoadedModel, *, with_attention: bool
+    request: Request, state: State, model: LoadedModel, *, with_attention: bool, target: int | None = None
 ) -> tuple[list[tuple[str | None, ErrorInfo | None]], list[tuple[int, Prepared]], Sequence[Result]]:
     """A batch request's images through the model: each upload's (filename, error), the good ones (index,
     prepared) and their results. Admitted together or not at all; in the queue they coalesce with each other
@@ -124,7 +127,8 @@ async def _run_batch(
     state.check_room(model, len(uploads))  # a queue that cannot take them all: 503 before any is decoded
     outcomes = await asyncio.gather(*(_prepare_or_error(state, u, model.meta) for u in uploads))
     good = [(i, p) for i, p in enumerate(outcomes) if isinstance(p, Prepared)]
-    results = await state.infer_many(model, [p.pixels for _, p in good], with_attention=with_attention)
+    targets = None if target is None else [target] * len(good)
+    results = await state.infer_many(model, [p.pixels for _, p in good], with_attention=with_attention, targets=targets)
     if (trace := request.scope.get(TRACE_KEY)) is not None:
         trace.inferred([p for _, p in good], results)
     entries = [(u.filename, o if isinstance(o, ErrorInfo) else None) for u, o in zip(uploads, outcomes, strict=True)]
@@ -171,7 +175,8 @@ class MapQuery:
             AttentionMethod,
             Query(
                 description="rollout: Abnar & Zuidema; cls: last layer's "
-                "class-token attention; layer: one layer (and head)"
+                "class-token attention; layer: one layer (and head); relevance: Chefer et al.'s class-specific "
+                "relevance (gradient-weighted attention), for `target`"
             ),
         ] = "rollout",
         layer: Annotated[
@@ -183,10 +188,18 @@ class MapQuery:
             float | None,
             Query(ge=0.0, lt=1.0, description="rollout: drop this fraction of the weakest attention (default 0)"),
         ] = None,
+        target: Annotated[
+            str | None,
+            Query(
+                description="method=relevance: the class to explain, a class index or a label; default: the top "
+                "prediction"
+            ),
+        ] = None,
         top_k: TopK = DEFAULT_TOP_K,
     ) -> None:
         self.method = method
         self.params = AttentionParams(layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio)
+        self.target = target
         self.top_k = top_k
 
 
@@ -204,34 +217,60 @@ class AttentionQuery:
         self.alpha = alpha
 
 
-def _attention_model(request: Request, state: State, name: str | None) -> LoadedModel:
+def _attention_model(request: Request, state: State, name: str | None, q: MapQuery) -> tuple[LoadedModel, int | None]:
+    """The model, and for method=relevance the target class index (-1: the top prediction); 422 for a model
+    without the graph the method needs, a target it has not got, or arguments the method does not take."""
     model = served_model(request, state, name)
-    if not model.has_attention:
-        raise InvalidParameter(f"model {model.name} was exported without the attention graph")
-    return model
+    if q.method != "relevance":
+        if q.target is not None:
+            raise InvalidParameter(f"target applies to method 'relevance', not {q.method!r}; use method=relevance")
+        if not model.has_attention:
+            raise InvalidParameter(f"model {model.name} was exported without the attention graph")
+        return model, None
+    given = [k for k, v in q.params.model_dump().items() if v is not None]
+    if given:
+        raise InvalidParameter(f"{given[0]} does not apply to method 'relevance'; leave it out")
+    check_relevance(model.name, model.meta)
+    try:
+        return model, resolve_target(q.target, model.meta.labels)
+    except AttentionArgumentError as e:
+        raise InvalidParameter(e.message, detail=e.detail) from e
+
+
+def _heatmap(result: Result, meta: ArtifactMetadata, q: MapQuery) -> np.ndarray:
+    if q.method == "relevance":
+        assert result.relevance is not None, "the batcher returns relevance when a target was given"
+        return relevance_grid(result.relevance)
+    assert result.attentions is not None, "the batcher returns attentions when they were asked for"
+    return attention_grid(result.attentions, meta, q.method, q.params)
+
+
+def _explained(result: Result, meta: ArtifactMetadata, target: int | None) -> Prediction | None:
+    return None if target is None else explained(result.logits, meta.labels, target)
 
 
 async def _attention(
     name: str | None, request: Request, state: State, request_id: str, q: AttentionQuery
 ) -> Response | AttentionResponse:
     started = time.perf_counter()
-    model = _attention_model(request, state, name)
+    model, target = _attention_model(request, state, name, q.map)
     meta, m = model.meta, q.map
     data = (await read_image(request)).data
     state.check_room(model, 1)  # as classify: refused before it is decoded
     prepared = await state.prepare(data, meta, for_overlay=q.format == "png")
-    result = await state.infer(model, prepared.pixels, with_attention=True)
+    result = await state.infer(model, prepared.pixels, with_attention=target is None, target=target)
     if (trace := request.scope.get(TRACE_KEY)) is not None:
         trace.inferred([prepared], [result])
-    heatmap = await state.run_cpu(attention_grid, result.attentions, meta, m.method, m.params)
+    heatmap = await state.run_cpu(_heatmap, result, meta, m)
     predictions = top_k(result.logits, meta.labels, m.top_k)
+    explains = _explained(result, meta, target)
     if q.format == "png":
         png = await state.run_cpu(
             overlay_png,
             prepared,
             heatmap,
             alpha=q.alpha,
-            title=describe(m.method, m.params, predictions[0]),
+            title=describe(m.method, m.params, predictions[0], explains),
         )
         return Response(content=png, media_type="image/png")
     return AttentionResponse(
@@ -241,6 +280,7 @@ async def _attention(
         params=m.params,
         grid=Grid(height=meta.grid[0], width=meta.grid[1]),
         map=heatmap.astype(np.float64).round(5).tolist(),
+        target=explains,
         predictions=predictions,
         timings=_timings([prepared], [result], started),
         request_id=request_id,
@@ -274,24 +314,21 @@ async def attention(
 
 def _maps(results: Sequence[Result], meta: ArtifactMetadata, q: MapQuery) -> list[np.ndarray]:
     """Every image's map; a bad layer, head or combination fails on the first, as the request's error."""
-    maps = []
-    for result in results:
-        assert result.attentions is not None, "the batcher returns attentions when they were asked for"
-        maps.append(attention_grid(result.attentions, meta, q.method, q.params))
-    return maps
+    return [_heatmap(result, meta, q) for result in results]
 
 
 async def _attention_batch(
     name: str | None, request: Request, state: State, request_id: str, q: MapQuery
 ) -> AttentionBatchResponse:
     started = time.perf_counter()
-    model = _attention_model(request, state, name)
+    model, target = _attention_model(request, state, name, q)
     meta = model.meta
-    entries, good, results = await _run_batch(request, state, model, with_attention=True)
+    entries, good, results = await _run_batch(request, state, model, with_attention=target is None, target=target)
     maps = await state.run_cpu(_maps, results, meta, q)
     items = [AttentionBatchItem(index=i, filename=f, error=e) for i, (f, e) in enumerate(entries)]
     for (i, _), result, heatmap in zip(good, results, maps, strict=True):
         items[i].map = heatmap.astype(np.float64).round(5).tolist()
+        items[i].target = _explained(result, meta, target)
         items[i].predictions = top_k(result.logits, meta.labels, q.top_k)
     return AttentionBatchResponse(
         model=model.name,

@@ -28,6 +28,7 @@ def model_info(model: LoadedModel, default: str) -> ModelInfo:
         heads=m.num_heads,
         prefix_tokens=m.num_prefix_tokens,
         attention=model.has_attention,
+        relevance=model.has_relevance,
         preprocessing=m.preprocessing,
         source=m.source,
         parity=m.parity,

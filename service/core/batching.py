@@ -27,7 +27,9 @@ together, with no await between the check and the puts, or it is refused before 
 request costs no inference and an accepted one is never cut short by a queue that filled under it.
 
 Classify and attention requests share the queue: a batch holding any attention request runs on the attention
-graph, which returns logits too (see vit_artifact/metadata.py).
+graph, which returns logits too (see vit_artifact/metadata.py). Relevance requests carry a target class per image
+and share it too: a batch's relevance rows, whatever their targets, run in one call on the relevance graph, the
+other rows beside them on the same instance (`LoadedModel.infer_targets`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class _Item:
     with_attention: bool
     future: asyncio.Future
     source: int  # who sent it: the HTTP worker process, in multi-process mode (0 in one process)
+    target: int | None = None  # a relevance map for this class (-1: the top prediction); None: no map
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -82,6 +85,20 @@ class Result:
     queue_ms: float
     compute_ms: float
     batch_size: int
+    relevance: np.ndarray | None = None  # (grid_h, grid_w), raw, when a target was given
+
+
+Targets = Sequence[int] | None  # one target class per image (-1: its top prediction), or no relevance maps
+
+
+def run_batch(
+    model: LoadedModel, images: Sequence[np.ndarray], with_attention: bool, targets: Sequence[int | None]
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One runtime call for a batch: logits, attentions when asked, relevance maps when any row has a target."""
+    if all(t is None for t in targets):
+        logits, attentions = model.infer(images, with_attention=with_attention)
+        return logits, attentions, None
+    return model.infer_targets(images, targets, with_attention=with_attention)
 
 
 # Mean deviations a predicted batch time adds to the average (TCP's retransmission timeout adds four, for a far
@@ -168,7 +185,7 @@ class Batcher(Protocol):
     def check_room(self, count: int) -> None: ...
 
     async def submit_many(
-        self, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0
+        self, images: Sequence[np.ndarray], *, with_attention: bool, targets: Targets = None, source: int = 0
     ) -> list[Result]: ...
 
 
@@ -211,8 +228,9 @@ class DynamicBatcher:
         if self._own_executor:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, pixels: np.ndarray, *, with_attention: bool) -> Result:
-        return (await self.submit_many([pixels], with_attention=with_attention))[0]
+    async def submit(self, pixels: np.ndarray, *, with_attention: bool, target: int | None = None) -> Result:
+        targets = None if target is None else [target]
+        return (await self.submit_many([pixels], with_attention=with_attention, targets=targets))[0]
 
     def check_room(self, count: int) -> None:
         """Refuse (503) a request of `count` images if the queue has fewer places free, or (adaptive admission)
@@ -270,14 +288,18 @@ class DynamicBatcher:
             headers={"Retry-After": "1"},
         )
 
-    async def submit_many(self, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0) -> list[Result]:
-        """Queue every image (3, H, W) of one request at once, or refuse the request (503) with none queued."""
+    async def submit_many(
+        self, images: Sequence[np.ndarray], *, with_attention: bool, targets: Targets = None, source: int = 0
+    ) -> list[Result]:
+        """Queue every image (3, H, W) of one request at once, or refuse the request (503) with none queued.
+        `targets`: a relevance map of this class for each image."""
         self.start()
         self.check_room(len(images))
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Result]] = [loop.create_future() for _ in images]
-        for pixels, future in zip(images, futures, strict=True):  # no await since the check: every put fits
-            self.queue.put_nowait(_Item(pixels, with_attention, future, source))
+        rows = [None] * len(images) if targets is None else list(targets)
+        for pixels, future, target in zip(images, futures, rows, strict=True):  # no await since the check: all fit
+            self.queue.put_nowait(_Item(pixels, with_attention, future, source, target))
         self._depth.set(self.queue.qsize())
         try:
             async with asyncio.timeout(self.policy.timeout_s):
@@ -321,14 +343,15 @@ class DynamicBatcher:
             if not batch:
                 continue
             with_attention = any(item.with_attention for item in batch)
+            targets = [item.target for item in batch]
             # Copied into the batch in the runtime thread, off this loop. An item that times out before then may have
             # its pixels rewritten (the engine's worker reuses the slot): only its own row, whose answer is dropped.
             images = [item.pixels for item in batch]
             started = time.perf_counter()
             self._running_until[runner] = started + (self.times.cautious(len(batch)) or 0.0)
             try:
-                infer = functools.partial(self.model.infer, images, with_attention=with_attention)
-                logits, attentions = await loop.run_in_executor(self.executor, infer)
+                infer = functools.partial(run_batch, self.model, images, with_attention, targets)
+                logits, attentions, relevance = await loop.run_in_executor(self.executor, infer)
             except Exception as e:  # a runtime fault fails this batch's requests, not the worker
                 log.exception("batch of %d failed on %s", len(batch), name)
                 for item in batch:
@@ -359,6 +382,7 @@ class DynamicBatcher:
                             queue_ms=(started - item.enqueued) * 1e3,
                             compute_ms=compute_ms,
                             batch_size=len(batch),
+                            relevance=None if relevance is None or item.target is None else relevance[row],
                         )
                     )
             # Nothing of this batch is held while the next is collected: in the engine its pixels are views of an

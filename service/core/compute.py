@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from service.core.admission import note_budget
-from service.core.batching import Batcher, BatchPolicy, DynamicBatcher, Result
+from service.core.batching import Batcher, BatchPolicy, DynamicBatcher, Result, Targets, run_batch
 from service.core.runtime import LoadedModel
 
 log = logging.getLogger("vitserve")
@@ -72,18 +72,28 @@ class Batchers:
         return batcher
 
     async def infer_many(
-        self, model: LoadedModel, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0
+        self,
+        model: LoadedModel,
+        images: Sequence[np.ndarray],
+        *,
+        with_attention: bool,
+        targets: Targets = None,
+        source: int = 0,
     ) -> list[Result]:
         """A request's images through the batcher of the version it looked up, admitted all together or refused
-        (503) with none run."""
+        (503) with none run; `targets`: a relevance map of that class per image."""
         batcher = self._find(model)
         if batcher is None:
-            alone = (self._infer_alone(model, pixels, with_attention=with_attention) for pixels in images)
+            rows = [None] * len(images) if targets is None else list(targets)
+            alone = (
+                self._infer_alone(model, pixels, with_attention=with_attention, target=target)
+                for pixels, target in zip(images, rows, strict=True)
+            )
             return list(await asyncio.gather(*alone))
         note_budget(batcher.policy.latency_budget_ms / 1e3)  # what the front door judges this request's time by
         self._waiting[batcher] += 1
         try:
-            return await batcher.submit_many(images, with_attention=with_attention, source=source)
+            return await batcher.submit_many(images, with_attention=with_attention, targets=targets, source=source)
         finally:
             self._waiting[batcher] -= 1
             if not self._waiting[batcher]:
@@ -99,17 +109,20 @@ class Batchers:
             note_budget(batcher.policy.latency_budget_ms / 1e3)
             batcher.check_room(count)
 
-    async def _infer_alone(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
+    async def _infer_alone(
+        self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool, target: int | None
+    ) -> Result:
         """A request that began on a version whose batcher is already retired finishes on that version."""
         started = time.perf_counter()
-        run = functools.partial(model.infer, pixels[None], with_attention=with_attention)
-        logits, attentions = await asyncio.get_running_loop().run_in_executor(self.runtime_pool, run)
+        run = functools.partial(run_batch, model, [pixels], with_attention, [target])
+        logits, attentions, relevance = await asyncio.get_running_loop().run_in_executor(self.runtime_pool, run)
         return Result(
             logits=logits[0],
             attentions=None if attentions is None else attentions[0],
             queue_ms=0.0,
             compute_ms=(time.perf_counter() - started) * 1e3,
             batch_size=1,
+            relevance=None if relevance is None else relevance[0],
         )
 
     def _retire_later(self, batcher: Batcher) -> None:

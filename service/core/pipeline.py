@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.core.budgets import ByteBudget, Reservation
 from service.core.imaging import decode_image
-from service.core.overlay import overlay_title, render_overlay
+from service.core.overlay import overlay_title, percent, render_overlay
 from service.core.schemas import AttentionParams, Prediction
 from service.errors import InvalidParameter, NotFound
 from vit_artifact.attention import AttentionArgumentError, Method, NoSuchIndex, attention_map
@@ -115,5 +115,34 @@ def overlay_png(prepared: Prepared, heatmap: np.ndarray, *, alpha: float, title:
     return render_overlay(prepared.overlay_source, heatmap, box=prepared.overlay_box, alpha=alpha, title=title)
 
 
-def describe(method: str, params: AttentionParams, top: Prediction) -> str:
+def describe(method: str, params: AttentionParams, top: Prediction, target: Prediction | None = None) -> str:
+    """The overlay's title; a relevance map names the class it explains, and the prediction where that differs."""
+    if target is not None:
+        title = f"relevance for {target.label} ({percent(target.probability)})"
+        return title if target.index == top.index else f"{title} · predicted {top.label} ({percent(top.probability)})"
     return overlay_title(method, layer=params.layer, head=params.head, label=top.label, probability=top.probability)
+
+
+def explained(logits: np.ndarray, labels: list[str], target: int) -> Prediction:
+    """The class a relevance map explains: `target`, or the top prediction for -1 (as the graph chooses it)."""
+    index = int(np.argmax(logits)) if target < 0 else target
+    return Prediction(label=labels[index], index=index, probability=float(softmax(logits)[index]))
+
+
+def check_relevance(name: str, meta: ArtifactMetadata) -> None:
+    """422 for a model that cannot make relevance maps, saying why and what to do."""
+    if "relevance" in meta.graphs:
+        return
+    detail = {"model": name, "precision": meta.precision, "method": "relevance"}
+    if meta.precision != "fp32":
+        raise InvalidParameter(
+            f"model {name} is {meta.precision}: relevance maps are computed by FP32 artifacts only; ask the "
+            "FP32 model it was made from",
+            detail=detail,
+        )
+    raise InvalidParameter(
+        f"model {name} was exported without the relevance graph (before relevance maps existed): re-export "
+        "it with `python -m model_export` (hf, timm, own), or for the project's own ViT add the graph with "
+        f"`python -m model_export add-relevance models/{name}`",
+        detail=detail,
+    )

@@ -2,7 +2,8 @@
 
 Like a Triton backend, a model is initialised once (sessions built, one warm-up run) and then executes
 batches: `infer(pixels (B, 3, H, W), with_attention)` -> logits (B, C) and, when asked, attentions
-(B, L, H, N, N). Dynamic batching is a scheduling concern above this, not a rewrite of it.
+(B, L, H, N, N); `infer_targets` adds a target class per image and runs those rows on the relevance graph.
+Dynamic batching is a scheduling concern above this, not a rewrite of it.
 
 A classify batch runs through onnxruntime's IO binding (`BoundBatch`): the batch's images are copied once, into a
 host buffer that stays bound to the session's input, and the logits land in a buffer allocated once. On CUDA,
@@ -29,6 +30,8 @@ from vit_artifact.metadata import (
     INPUT_NAME,
     LOGITS,
     METADATA_FILE,
+    RELEVANCE,
+    TARGET_NAME,
     ArtifactError,
     ArtifactMetadata,
     read_metadata,
@@ -179,6 +182,7 @@ class _Instance:
 
     classify: ort.InferenceSession | None
     attention: ort.InferenceSession | None
+    relevance: ort.InferenceSession | None
     bound: BoundBatch | None = None
 
 
@@ -194,9 +198,12 @@ class LoadedModel:
     warmed_up: bool = False
     extra: dict = field(default_factory=dict)
     fingerprint: str = ""  # of the directory when loading began (see `fingerprint`); the reload poll compares it
-    # Instances after the first (`classify`, `attention`): (classify, attention) sessions of their own, so that
-    # as many batches can run at once (Triton's instance_group; see `session_layout`).
-    spares: list[tuple[ort.InferenceSession, ort.InferenceSession | None]] = field(default_factory=list)
+    # Instances after the first (`classify`, `attention`, `relevance`): (classify, attention, relevance) sessions
+    # of their own, so that as many batches can run at once (Triton's instance_group; see `session_layout`).
+    spares: list[tuple[ort.InferenceSession, ort.InferenceSession | None, ort.InferenceSession | None]] = field(
+        default_factory=list
+    )
+    relevance: ort.InferenceSession | None = None  # None: an artifact without the relevance graph, or a worker
 
     def __post_init__(self) -> None:
         self._free: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
@@ -205,11 +212,12 @@ class LoadedModel:
             _Instance(
                 classify,
                 attention,
+                relevance,
                 None
                 if classify is None
                 else BoundBatch(classify, len(self.meta.labels), shape, bind=self.provider != CPU),
             )
-            for classify, attention in [(self.classify, self.attention), *self.spares]
+            for classify, attention, relevance in [(self.classify, self.attention, self.relevance), *self.spares]
         ]
         for instance in self._instances:
             self._free.put(instance)
@@ -233,6 +241,11 @@ class LoadedModel:
         """The artifact has the attention graph (attention maps and the `attentions` output)."""
         return "attention" in self.meta.graphs
 
+    @property
+    def has_relevance(self) -> bool:
+        """The artifact has the relevance graph (class-specific relevance maps, FP32 artifacts only)."""
+        return "relevance" in self.meta.graphs
+
     def infer(
         self, pixels: np.ndarray | Sequence[np.ndarray], *, with_attention: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -240,17 +253,55 @@ class LoadedModel:
         busy). The logits (B, C) and attentions are arrays of their own. Thread-safe."""
         instance = self._free.get()
         try:
-            if with_attention:
-                if instance.attention is None:
-                    raise ArtifactError(f"model {self.name} has no attention graph")
-                batch = pixels if isinstance(pixels, np.ndarray) else np.stack(pixels)
-                feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
-                logits, attentions = instance.attention.run([LOGITS, ATTENTIONS], feed)
-                return logits, attentions
-            assert instance.bound is not None, "an HTTP worker's model runs in the engine"
-            return instance.bound.run(pixels), None
+            return self._run(instance, pixels, with_attention)
         finally:
             self._free.put(instance)
+
+    def infer_targets(
+        self, images: Sequence[np.ndarray], targets: Sequence[int | None], *, with_attention: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """A batch where the rows with a target class (-1: the top prediction) want a relevance map: those rows
+        run on the relevance graph in one call, the others (None) as `infer` runs them, on the same instance.
+        Logits (B, C); attentions (B, L, H, N, N) when asked (zeros in relevance rows); raw relevance maps
+        (B, grid_h, grid_w) (zeros in the other rows). Thread-safe."""
+        wanted = [i for i, t in enumerate(targets) if t is not None]
+        others = [i for i, t in enumerate(targets) if t is None]
+        instance = self._free.get()
+        try:
+            if instance.relevance is None:
+                raise ArtifactError(f"model {self.name} has no relevance graph")
+            feed = {
+                INPUT_NAME: np.ascontiguousarray(np.stack([images[i] for i in wanted]), dtype=np.float32),
+                TARGET_NAME: np.array([targets[i] for i in wanted], dtype=np.int64),
+            }
+            logits_r, maps = instance.relevance.run([LOGITS, RELEVANCE], feed)
+            if not others:
+                return logits_r, None, maps
+            logits_o, attentions_o = self._run(instance, [images[i] for i in others], with_attention)
+        finally:
+            self._free.put(instance)
+        logits = np.empty((len(targets), logits_r.shape[1]), np.float32)
+        logits[wanted], logits[others] = logits_r, logits_o
+        relevance = np.zeros((len(targets), *maps.shape[1:]), np.float32)
+        relevance[wanted] = maps
+        attentions = None
+        if attentions_o is not None:
+            attentions = np.zeros((len(targets), *attentions_o.shape[1:]), np.float32)
+            attentions[others] = attentions_o
+        return logits, attentions, relevance
+
+    def _run(
+        self, instance: _Instance, pixels: np.ndarray | Sequence[np.ndarray], with_attention: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if with_attention:
+            if instance.attention is None:
+                raise ArtifactError(f"model {self.name} has no attention graph")
+            batch = pixels if isinstance(pixels, np.ndarray) else np.stack(pixels)
+            feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+            logits, attentions = instance.attention.run([LOGITS, ATTENTIONS], feed)
+            return logits, attentions
+        assert instance.bound is not None, "an HTTP worker's model runs in the engine"
+        return instance.bound.run(pixels), None
 
     def warm_up(self) -> None:
         x = np.zeros((1, 3, *self.meta.input_size), np.float32)
@@ -268,6 +319,12 @@ class LoadedModel:
             if att is None or att.shape != want:
                 shape = None if att is None else att.shape
                 raise ArtifactError(f"model {self.name}: attention output {shape} does not match the metadata {want}")
+        if self.relevance is not None:
+            _, _, maps = self.infer_targets([x[0]], [-1], with_attention=False)
+            if maps.shape != (1, *self.meta.grid):
+                raise ArtifactError(
+                    f"model {self.name}: relevance output {maps.shape} does not match the grid {self.meta.grid}"
+                )
         for _ in range(self.instances):  # the first run of each session and binding is slow: not a client's
             self.infer(x, with_attention=False)
         self.warmed_up = True
@@ -322,12 +379,15 @@ def load_model(
         instances, threads, providers=providers, weight_bytes=classify_path.stat().st_size, cpus=cpus
     )
     graph = meta.graphs.get("attention")
-    pairs = []
+    relevance_graph = meta.graphs.get("relevance")
+    sessions = []
     for _ in range(instances):
         classify = _session(classify_path, providers, threads, cpu_rewrites)
         attention = _session(directory / graph.file, providers, threads, cpu_rewrites) if graph else None
-        pairs.append((classify, attention))
-    classify, attention = pairs[0]
+        # the LayerNorm rewrites match the TorchScript exporter's graphs, not this one (a dynamo export)
+        relevance = _session(directory / relevance_graph.file, providers, threads, False) if relevance_graph else None
+        sessions.append((classify, attention, relevance))
+    classify, attention, relevance = sessions[0]
     provider = classify.get_providers()[0]
     if providers == [CUDA] and provider != CUDA:
         # onnxruntime-gpu lists CUDA whenever it is installed, and falls back to the CPU when no GPU is usable.
@@ -340,10 +400,11 @@ def load_model(
         directory=directory,
         classify=classify,
         attention=attention,
+        relevance=relevance,
         provider=provider,
         load_seconds=0.0,
         fingerprint=seen,
-        spares=pairs[1:],
+        spares=sessions[1:],
     )
     try:
         model.warm_up()

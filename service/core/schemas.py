@@ -7,8 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from vit_artifact.attention import HeadFusion
-from vit_artifact.attention import Method as AttentionMethod
 from vit_artifact.metadata import Parity, Preprocessing, Source
+
+# The attention routes' maps: vit_artifact.attention's methods, and relevance (from the relevance graph).
+AttentionMethod = Literal["rollout", "cls", "layer", "relevance"]
 
 
 class ErrorInfo(BaseModel):
@@ -84,6 +86,7 @@ class AttentionResponse(BaseModel):
     params: AttentionParams
     grid: Grid
     map: list[list[float]] = Field(description="grid rows of attention, normalised to [0, 1]")
+    target: Prediction | None = Field(None, description="method=relevance: the class the map explains")
     predictions: list[Prediction]
     timings: Timings
     request_id: str
@@ -93,6 +96,7 @@ class AttentionBatchItem(BaseModel):
     index: int = Field(description="position of the file in the request")
     filename: str | None = None
     map: list[list[float]] | None = Field(None, description="grid rows of attention, normalised to [0, 1]")
+    target: Prediction | None = Field(None, description="method=relevance: the class the map explains")
     predictions: list[Prediction] | None = None
     error: ErrorInfo | None = Field(None, description="set instead of map and predictions when this image failed")
 
@@ -122,6 +126,7 @@ class ModelInfo(BaseModel):
     heads: int
     prefix_tokens: int
     attention: bool = Field(description="whether the artifact has the attention graph")
+    relevance: bool = Field(False, description="whether the artifact has the relevance graph (method=relevance)")
     preprocessing: Preprocessing
     source: Source
     parity: Parity

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from service.core.admission import AdaptiveAdmission, Admission
-from service.core.batching import BatchPolicy, Result
+from service.core.batching import BatchPolicy, Result, Targets
 from service.core.budgets import ByteBudget
 from service.core.compute import BatcherFactory, Batchers
 from service.core.pipeline import Prepared, prepare
@@ -238,18 +238,31 @@ class ServiceState:
         for model in self.models().models.values():
             self.batchers.serve(model, self.policy(model))
 
-    async def infer(self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool) -> Result:
-        """One image (3, H, W) through the dynamic batcher of the version the request looked up."""
-        return (await self.infer_many(model, [pixels], with_attention=with_attention))[0]
+    async def infer(
+        self, model: LoadedModel, pixels: np.ndarray, *, with_attention: bool, target: int | None = None
+    ) -> Result:
+        """One image (3, H, W) through the dynamic batcher of the version the request looked up; `target`: its
+        relevance map for that class (-1: the top prediction)."""
+        targets = None if target is None else [target]
+        return (await self.infer_many(model, [pixels], with_attention=with_attention, targets=targets))[0]
 
     async def infer_many(
-        self, model: LoadedModel, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0
+        self,
+        model: LoadedModel,
+        images: Sequence[np.ndarray],
+        *,
+        with_attention: bool,
+        targets: Targets = None,
+        source: int = 0,
     ) -> list[Result]:
         """A request's images (3, H, W) through the batcher, admitted all together or refused (503) with none run.
-        `source`: the HTTP worker it came from, in the engine of multi-process mode."""
+        `targets`: a relevance map of that class per image. `source`: the HTTP worker it came from, in the engine
+        of multi-process mode."""
         if not images:
             return []
-        return await self.batchers.infer_many(model, images, with_attention=with_attention, source=source)
+        return await self.batchers.infer_many(
+            model, images, with_attention=with_attention, targets=targets, source=source
+        )
 
     def check_room(self, model: LoadedModel, count: int) -> None:
         """Refuse (503) a request of `count` images before it is decoded if the queue cannot take them now."""

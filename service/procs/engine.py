@@ -160,7 +160,10 @@ class Engine:
                     run = self._admin(writer, request_id, command)
                 else:
                     slots = struct.unpack(f"<{count}H", await reader.readexactly(2 * count))
-                    run = self._run(writer, pool, worker, request_id, model_index, flags, slots)
+                    targets = (
+                        wire.unpack_targets(await reader.readexactly(4 * count)) if flags & wire.RELEVANCE else None
+                    )
+                    run = self._run(writer, pool, worker, request_id, model_index, flags, slots, targets)
                 job = asyncio.get_running_loop().create_task(run)
                 running.add(job)
                 job.add_done_callback(running.discard)
@@ -191,6 +194,7 @@ class Engine:
         model_index: int,
         flags: int,
         slots: tuple[int, ...],
+        targets: list[int] | None = None,
     ) -> None:
         timings, attention, error = b"", b"", b""
         status = wire.OK
@@ -201,12 +205,16 @@ class Engine:
             shape = (3, *model.meta.input_size)
             images = [pool.pixels(slot, shape) for slot in slots]
             with_attention = bool(flags & wire.ATTENTION)
-            results = await self.state.infer_many(model, images, with_attention=with_attention, source=worker)
+            results = await self.state.infer_many(
+                model, images, with_attention=with_attention, targets=targets, source=worker
+            )
             classes = len(model.meta.labels)
             for slot, result in zip(slots, results, strict=True):
                 pool.logits(slot, classes)[:] = result.logits
             timings = b"".join(wire.TIMING.pack(r.queue_ms, r.compute_ms, r.batch_size) for r in results)
-            if flags & wire.ATTENTION:
+            if targets is not None:  # relevance maps take the attention bytes' place
+                attention = b"".join(np.ascontiguousarray(r.relevance, np.float32).tobytes() for r in results)
+            elif flags & wire.ATTENTION:
                 attention = b"".join(np.ascontiguousarray(r.attentions, np.float32).tobytes() for r in results)
         except ServiceError as e:
             status = wire.OVERLOADED if isinstance(e, Overloaded) else wire.UNAVAILABLE

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.core.batching import BatchPolicy, Result
+from service.core.batching import BatchPolicy, Result, Targets
 from service.core.runtime import LoadedModel, LoadFailure, discover
 from service.errors import RETRY_AFTER_S, Overloaded, ServiceError, Unavailable
-from service.procs import wire as wire
+from service.procs import wire
 from vit_artifact.metadata import ArtifactMetadata, read_metadata
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class EngineLink:
         self.reader = reader
         self.writer = writer
         self.free = list(range(pool.count))
-        self.pending: dict[int, tuple[asyncio.Future, list[int], LoadedModel]] = {}
+        self.pending: dict[int, tuple[asyncio.Future, list[int], LoadedModel, bool]] = {}  # bool: relevance
         self.next_id = 0
         self.alive = True
         self.closing = False  # this worker is shutting down: the engine's end of the link closing is expected
@@ -112,7 +112,12 @@ class EngineLink:
         return link
 
     async def infer(
-        self, model: LoadedModel, index: int, images: Sequence[np.ndarray], with_attention: bool
+        self,
+        model: LoadedModel,
+        index: int,
+        images: Sequence[np.ndarray],
+        with_attention: bool,
+        targets: Sequence[int] | None = None,
     ) -> list[Result]:
         if not self.alive:
             raise Unavailable("the inference engine is not running; retry shortly")
@@ -124,10 +129,12 @@ class EngineLink:
         request_id = self._request_id()
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieved)
-        self.pending[request_id] = (future, slots, model)
-        flags = wire.ATTENTION if with_attention else 0
+        self.pending[request_id] = (future, slots, model, targets is not None)
+        flags = (wire.ATTENTION if with_attention else 0) | (0 if targets is None else wire.RELEVANCE)
         self.writer.write(
-            wire.REQUEST.pack(request_id, index, flags, len(slots)) + struct.pack(f"<{len(slots)}H", *slots)
+            wire.REQUEST.pack(request_id, index, flags, len(slots))
+            + struct.pack(f"<{len(slots)}H", *slots)
+            + (b"" if targets is None else wire.pack_targets(list(targets)))
         )
         # Shielded: a request abandoned by its client keeps its slots until the engine has answered (`_answer`
         # frees them), so a slot is never rewritten while the engine may still read it.
@@ -179,7 +186,7 @@ class EngineLink:
             )
 
     def _answer(self, request_id: int, status: int, timings: list, attention: bytes, error: dict | None) -> None:
-        future, slots, model = self.pending.pop(request_id)
+        future, slots, model, relevance = self.pending.pop(request_id)
         if error is not None:
             self.free.extend(slots)
             if not future.done():
@@ -188,8 +195,10 @@ class EngineLink:
                 future.set_exception(cls(error["message"], detail=error["detail"], retry_after=retry))
             return
         meta = model.meta
-        maps = None
-        if attention:
+        maps = relevance_maps = None
+        if attention and relevance:
+            relevance_maps = np.frombuffer(attention, np.float32).reshape(len(slots), *meta.grid)
+        elif attention:
             per_image = (meta.num_layers, meta.num_heads, meta.num_tokens, meta.num_tokens)
             maps = np.frombuffer(attention, np.float32).reshape(len(slots), *per_image)
         classes = len(meta.labels)
@@ -200,6 +209,7 @@ class EngineLink:
                 queue_ms=queue_ms,
                 compute_ms=compute_ms,
                 batch_size=batch_size,
+                relevance=None if relevance_maps is None else relevance_maps[i],
             )
             for i, (slot, (queue_ms, compute_ms, batch_size)) in enumerate(zip(slots, timings, strict=True))
         ]
@@ -211,7 +221,7 @@ class EngineLink:
         if self.alive and not self.closing:
             log.error("the inference engine closed the connection; answering 503 until the server restarts")
         self.alive = False
-        for future, slots, _ in self.pending.values():
+        for future, slots, _, _ in self.pending.values():
             self.free.extend(slots)  # nobody reads them any more
             if not future.done():
                 future.set_exception(Unavailable("the inference engine stopped; retry shortly"))
@@ -271,10 +281,12 @@ class RemoteBatcher:
         """The engine's queue is not visible here; only this worker's own slots are."""
         self.link.check_slots(count)
 
-    async def submit_many(self, images: Sequence[np.ndarray], *, with_attention: bool, source: int = 0) -> list[Result]:
+    async def submit_many(
+        self, images: Sequence[np.ndarray], *, with_attention: bool, targets: Targets = None, source: int = 0
+    ) -> list[Result]:
         try:
             return await asyncio.wait_for(
-                self.link.infer(self.model, self.index, images, with_attention), self.policy.timeout_s + 5
+                self.link.infer(self.model, self.index, images, with_attention, targets), self.policy.timeout_s + 5
             )
         except TimeoutError:  # the engine's own timeout answers first; this one only guards a stuck engine
             raise Unavailable("the inference engine did not answer in time; retry shortly") from None

@@ -5,15 +5,17 @@ image's model input (3 x H x W float32, for the largest model served) and its lo
 preprocessed pixels into free slots and sends the engine a small message naming them; the engine's batcher
 stacks the slots into one batch (the one copy of the pixels), runs it, writes each image's logits back into its
 slot and answers. Pixels never travel through the socket, and nothing is pickled. Attention tensors (large, and
-asked for rarely) come back in the answer itself as raw float32 bytes.
+asked for rarely) and relevance maps come back in the answer itself as raw float32 bytes.
 
 Messages are little-endian structs on a Unix stream socket:
 
     worker -> engine  HELLO    memfd path, slot count, slot geometry (JSON, length-prefixed), once
     engine -> worker  WELCOME  the catalog (below) and the engine's pid (JSON), once
-    worker -> engine  REQUEST  request id, version id, flags, n, n slot numbers
-    engine -> worker  REPLY    request id, status, n x (queue ms, compute ms, batch size), attention bytes,
-                               error JSON (message, detail) when status is not OK
+    worker -> engine  REQUEST  request id, version id, flags, n, n slot numbers; with flag RELEVANCE, then n
+                               target classes (int32, -1: the image's top prediction)
+    engine -> worker  REPLY    request id, status, n x (queue ms, compute ms, batch size), attention bytes (with
+                               RELEVANCE: the n raw relevance maps instead), error JSON (message, detail) when
+                               status is not OK
     engine -> worker  CATALOG  a REPLY header with status CATALOG and the catalog number, then the catalog JSON:
                                each served version's id, metadata and directory; unavailable and unloaded models
     worker -> engine  ACK      a REQUEST header with flag CATALOG_ACK and the catalog number: switched to it
@@ -40,14 +42,23 @@ import numpy as np
 # Status of a REPLY: what the engine's batcher said, as the worker must re-raise it.
 OK, OVERLOADED, UNAVAILABLE, FAILED = 0, 1, 2, 3
 CATALOG = 4  # not an answer: the engine's new catalog follows
-# REQUEST flags: run the attention graph; an admin command follows; the catalog numbered request id is in force.
-ATTENTION, ADMIN, CATALOG_ACK = 1, 2, 4
+# REQUEST flags: run the attention graph; an admin command follows; the catalog numbered request id is in force;
+# target classes follow the slots, and relevance maps come back.
+ATTENTION, ADMIN, CATALOG_ACK, RELEVANCE = 1, 2, 4, 8
 
 _LENGTH = struct.Struct("<I")
 REQUEST = struct.Struct("<IHBH")  # request id, version id, flags, image count; then count x u16 slot numbers
 REPLY = struct.Struct("<IBHI")  # request id, status, image count, attention byte count; then timings, bytes, error
 TIMING = struct.Struct("<ffH")  # queue ms, compute ms, batch size
 SLOT_INDEX = struct.Struct("<H")
+
+
+def pack_targets(targets: list[int]) -> bytes:
+    return struct.pack(f"<{len(targets)}i", *targets)
+
+
+def unpack_targets(data: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(data) // 4}i", data))
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@
 //   POST /v1/models/{name}/classify         top-k predictions, once per image
 //   POST /v1/models/{name}/attention        the attention map as JSON (format=json), once per image and method
 //
-// The image stays in the page: changing the method, layer, head or discard ratio asks for the new map with the
-// same bytes (no re-upload by the user, no new classification), maps already fetched are cached, and the
-// opacity slider and patch grid only redraw the canvas.
+// The image stays in the page: changing the method, layer, head, discard ratio or the class a relevance map
+// explains asks for the new map with the same bytes (no re-upload by the user, no new classification), maps
+// already fetched are cached, and the opacity slider and patch grid only redraw the canvas. The classes offered
+// for a relevance map are the image's predictions.
 //
 // API keys: the page learns that the server wants one from a 401 (the first call, GET /v1/models, gets it), then
 // shows the key form. The key is kept in sessionStorage (this tab only, gone when it closes), sent as
@@ -64,6 +65,7 @@
     spinner: $("spinner"),
     caption: $("map-caption"),
     method: $("method"),
+    target: $("target"),
     layer: $("layer"),
     head: $("head"),
     fusion: $("fusion"),
@@ -177,6 +179,10 @@
 
   function attentionQuery() {
     const params = new URLSearchParams({ format: "json", top_k: "1", method: el.method.value });
+    if (el.method.value === "relevance") {
+      if (el.target.value !== "") params.set("target", el.target.value);
+      return params.toString();
+    }
     const oneHead = el.method.value === "layer" && el.head.value !== "";
     if (el.method.value === "layer") {
       params.set("layer", el.layer.value);
@@ -269,13 +275,36 @@
     renderFacts(m);
   }
 
+  // Whether the selected model draws the chosen map: relevance maps come from their own graph (FP32 exports).
+  function canMap() {
+    if (!state.model) return false;
+    return el.method.value === "relevance" ? Boolean(state.model.relevance) : Boolean(state.model.attention);
+  }
+
+  // The classes a relevance map may explain: the top prediction (the server's default), then each prediction.
+  function setTargets(predictions) {
+    const chosen = el.target.value;
+    el.target.replaceChildren(
+      new Option("top prediction", ""),
+      ...predictions.map((p) => new Option(`${p.label} (${percent(p.probability)})`, String(p.index))),
+    );
+    el.target.value = predictions.some((p) => String(p.index) === chosen) ? chosen : "";
+  }
+
   function syncControls() {
-    const attention = Boolean(state.model && state.model.attention);
+    const m = state.model;
+    const relevanceOption = el.method.querySelector('option[value="relevance"]');
+    relevanceOption.disabled = !(m && m.relevance);
+    if (m && !m.relevance && el.method.value === "relevance") el.method.value = "rollout";
+    if (m && !m.attention && m.relevance) el.method.value = "relevance";
+    const attention = canMap();
     const layer = el.method.value === "layer";
-    el.method.disabled = !attention;
+    const relevance = el.method.value === "relevance";
+    el.method.disabled = !(m && (m.attention || m.relevance));
+    el.target.disabled = !attention || !relevance;
     el.layer.disabled = !attention || !layer;
     el.head.disabled = !attention || !layer;
-    el.fusion.disabled = !attention || (layer && el.head.value !== "");
+    el.fusion.disabled = !attention || relevance || (layer && el.head.value !== "");
     el.discard.disabled = !attention || el.method.value !== "rollout";
     el.opacity.disabled = !attention;
     el.grid.disabled = !state.model;
@@ -290,6 +319,7 @@
     const token = ++state.imageToken;
     state.maps.clear();
     state.map = null;
+    setTargets([]); // another image, other predictions: a relevance map starts from the top one
     state.loadingImage = true;
     hideMessage();
     setState("busy");
@@ -299,7 +329,7 @@
     try {
       const [classified, attention, decoded] = await Promise.all([
         classifyImage(),
-        state.model.attention ? fetchAttention(query) : null,
+        canMap() ? fetchAttention(query) : null,
         bitmap,
       ]);
       if (token !== state.imageToken) return;
@@ -327,7 +357,7 @@
 
   async function updateMap() {
     syncControls();
-    if (!state.image || !state.model.attention || state.loadingImage) return;
+    if (!state.image || !canMap() || state.loadingImage) return;
     const query = attentionQuery();
     const cached = state.maps.get(query);
     if (cached) {
@@ -384,6 +414,7 @@
       }),
     );
     el.predictionsEmpty.hidden = true;
+    setTargets(body.predictions);
     const t = body.timings;
     el.timing.textContent = `${t.total_ms.toFixed(1)} ms on the server (inference ${t.inference_ms.toFixed(1)} ms)`;
   }
@@ -394,6 +425,7 @@
     parity.append(badge(p.passed ? "passed" : "failed", p.passed ? "ok" : "bad"), ` against ${p.reference}`);
     const checks = [`max |Δ logit| ${sci(p.max_abs_logit_diff)} (tolerance ${sci(p.tolerance)})`];
     if (p.max_abs_attention_diff != null) checks.push(`max |Δ attention| ${sci(p.max_abs_attention_diff)}`);
+    if (p.max_abs_relevance_diff != null) checks.push(`max |Δ relevance| ${sci(p.max_abs_relevance_diff)}`);
     if (p.top1_agreement != null) checks.push(`top-1 agreement ${percent(p.top1_agreement)}`);
     if (p.accuracy_delta_points != null) checks.push(`accuracy Δ ${p.accuracy_delta_points.toFixed(2)} points`);
     const list = document.createElement("ul");
@@ -411,6 +443,7 @@
       ["Provider", m.provider],
       ["Precision", m.precision],
       ["Attention", m.attention ? "exported" : "not in this artifact"],
+      ["Relevance", m.relevance ? "exported" : m.precision === "fp32" ? "not in this artifact" : "FP32 models only"],
       ["Preprocessing", `${pre.resize.replace("_", " ")} ${pre.resize_size[0]}, crop ${pre.crop_size[1]} × ${pre.crop_size[0]}, ${pre.interpolation}`],
       ["Source", [m.source.framework, m.source.model].filter(Boolean).join(" · ")],
       ["Parity", parity],
@@ -482,7 +515,7 @@
       ctx.strokeRect(l - 1, t - 1, r - l + 2, b - t + 2);
     }
     canvas.dataset.map = map ? map.query : "";
-    el.caption.textContent = map ? describe(map) : m.attention ? "" : "this model was exported without attention";
+    el.caption.textContent = map ? describe(map) : canMap() ? "" : "this model has no such map (see its facts)";
     const top = map && map.predictions[0];
     canvas.setAttribute(
       "aria-label",
@@ -535,6 +568,10 @@
   function describe(map) {
     const p = map.params;
     const fusion = p.head_fusion || "mean";
+    if (map.method === "relevance") {
+      const top = map.target.index === map.predictions[0].index ? ", the top prediction" : "";
+      return `relevance for class ${map.target.label}${top}: attention weighted by its gradient, all layers`;
+    }
     if (map.method === "rollout") {
       const discarded = p.discard_ratio ? `, weakest ${Math.round(p.discard_ratio * 100)}% discarded per layer` : "";
       return `rollout over all layers, heads fused by ${fusion}${discarded}`;
@@ -727,7 +764,7 @@
       draw();
     }
   });
-  for (const control of [el.method, el.layer, el.head, el.fusion, el.discard]) {
+  for (const control of [el.method, el.target, el.layer, el.head, el.fusion, el.discard]) {
     control.addEventListener("change", updateMap); // a slider: once it is let go, not at every step
   }
   el.discard.addEventListener("input", () => {

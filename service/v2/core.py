@@ -4,7 +4,9 @@ metadata, and inference from parsed tensors to output tensors.
 Inputs: `pixel_values`, FP32 [N, 3, H, W] already preprocessed as the model's metadata says; or `image`, BYTES
 [N] of encoded images that the server decodes and preprocesses. Outputs (ask by name; default `logits` and
 `probabilities`): `logits`, `probabilities` [N, C]; `attention_rollout`, `attention_cls` [N, grid_h, grid_w];
-`attentions` [N, layers, heads, tokens, tokens]. Triton's classification extension: an output with
+`attentions` [N, layers, heads, tokens, tokens]; `attention_relevance` [N, grid_h, grid_w], the class-specific
+relevance map of the class in the parameter `target` (the output's own, else the request's: a class index or
+label, or a list of one per image; default each image's top prediction). Triton's classification extension: an output with
 `parameters.classification = k` returns BYTES [N, k] of "score:index:label". Errors follow the protocol:
 `{"error": "message"}` with a 4xx status.
 """
@@ -12,6 +14,7 @@ Inputs: `pixel_values`, FP32 [N, 3, H, W] already preprocessed as the model's me
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,16 +22,17 @@ from fastapi.responses import Response
 from starlette.datastructures import Headers
 
 from service.core.batching import Result
-from service.core.pipeline import softmax
+from service.core.pipeline import check_relevance, softmax
 from service.core.runtime import LoadedModel
 from service.core.state import ServiceState
-from service.errors import BadRequest, NotFound, PayloadTooLarge
+from service.errors import BadRequest, InvalidParameter, NotFound, PayloadTooLarge
 from service.obs.tracing import TRACE_KEY, RequestTrace
 from service.settings import Settings
 from service.v2 import codec
 from service.v2 import shared_memory as shm
-from vit_artifact.attention import Method, attention_map
+from vit_artifact.attention import AttentionArgumentError, Method, attention_map
 from vit_artifact.metadata import INPUT_NAME, ArtifactMetadata
+from vit_artifact.relevance import relevance_grid, resolve_target
 
 IMAGE_INPUT = "image"
 # Server metadata's extensions; the gRPC service (service.grpc_v2) answers with the same list.
@@ -44,6 +48,8 @@ def extensions(settings: Settings) -> list[str]:
 
 DEFAULT_OUTPUTS = ["logits", "probabilities"]
 ATTENTION_OUTPUTS: dict[str, Method] = {"attention_rollout": "rollout", "attention_cls": "cls"}
+RELEVANCE_OUTPUT = "attention_relevance"  # from the relevance graph, for the parameter `target`
+MAP_OUTPUTS = frozenset((*ATTENTION_OUTPUTS, RELEVANCE_OUTPUT))  # [N, grid_h, grid_w] each
 
 
 def find_model(state: ServiceState, name: str, version: str | None) -> LoadedModel:
@@ -69,6 +75,7 @@ def model_metadata_body(model: LoadedModel) -> dict[str, Any]:
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(m.labels)]},
             {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, *grid]},
             {"name": "attention_cls", "datatype": "FP32", "shape": [-1, *grid]},
+            *([{"name": RELEVANCE_OUTPUT, "datatype": "FP32", "shape": [-1, *grid]}] if model.has_relevance else []),
             {
                 "name": "attentions",
                 "datatype": "FP32",
@@ -131,7 +138,7 @@ async def _decode_input(state: ServiceState, tensor: codec.TensorIn, binary: byt
     return values
 
 
-_KNOWN_OUTPUTS = frozenset((*DEFAULT_OUTPUTS, *ATTENTION_OUTPUTS, "attentions"))
+_KNOWN_OUTPUTS = frozenset((*DEFAULT_OUTPUTS, *MAP_OUTPUTS, "attentions"))
 _DEFAULT_REQUESTS = tuple(codec.OutputRequest(name=n) for n in DEFAULT_OUTPUTS)  # frozen: shared by requests
 
 
@@ -210,7 +217,14 @@ async def infer_tensors(
         outputs, len(pixels), model.meta, binary_default, state.settings.max_response_bytes, packed=packed
     )
     with_attention = any(o.name in ATTENTION_OUTPUTS or o.name == "attentions" for o in outputs)
-    results = await state.infer_many(model, list(pixels), with_attention=with_attention)  # all or none
+    targets = _targets(model, parsed, outputs, len(pixels))
+    # all or none; a relevance row runs on the relevance graph, which has no attentions: those take a second run
+    results = await state.infer_many(
+        model, list(pixels), with_attention=with_attention and targets is None, targets=targets
+    )
+    if targets is not None and with_attention:
+        attention = await state.infer_many(model, list(pixels), with_attention=True)
+        results = [dataclasses.replace(r, attentions=a.attentions) for r, a in zip(results, attention, strict=True)]
     if trace is not None:  # queue, inference and encode spans (service.obs.otel)
         trace.inferred((), results)
     tensors = await state.run_sized(size, _output_tensors, outputs, results, model.meta)
@@ -221,6 +235,25 @@ async def infer_tensors(
 
 # Upper bounds of an element's size on the wire: FP32 in binary, and as JSON text (`-0.0012345678918063641, `).
 _BINARY_BYTES, _JSON_BYTES, _CLASSIFICATION_BYTES = 4, 24, 40
+
+
+def _targets(
+    model: LoadedModel, parsed: codec.InferRequest, outputs: list[codec.OutputRequest], n: int
+) -> list[int] | None:
+    """Each image's relevance target when `attention_relevance` is asked for (-1: its top prediction), else None.
+    From the output's parameter `target`, else the request's; one value for every image, or a list of n."""
+    out = next((o for o in outputs if o.name == RELEVANCE_OUTPUT), None)
+    if out is None:
+        return None
+    check_relevance(model.name, model.meta)
+    value = out.parameters.get("target", parsed.parameters.get("target"))
+    values = value if isinstance(value, list) else [value] * n
+    if len(values) != n:
+        raise InvalidParameter(f"target lists {len(values)} classes for {n} images; give one per image, or one for all")
+    try:
+        return [resolve_target(v, model.meta.labels) for v in values]
+    except AttentionArgumentError as e:
+        raise InvalidParameter(e.message, detail=e.detail) from e
 
 
 def _check_response_size(
@@ -236,7 +269,7 @@ def _check_response_size(
     VITSERVE_MAX_RESPONSE_BYTES."""
 
     def per_image(name: str) -> int:  # elements of one image's output (worked out only for outputs asked for)
-        if name in ATTENTION_OUTPUTS:
+        if name in MAP_OUTPUTS:
             return meta.grid[0] * meta.grid[1]
         if name == "attentions":
             return meta.num_layers * meta.num_heads * meta.num_tokens**2
@@ -273,6 +306,8 @@ def _output_tensors(
             return logits
         if out_name == "probabilities":
             return softmax(logits).astype(np.float32)
+        if out_name == RELEVANCE_OUTPUT:
+            return np.stack([relevance_grid(r.relevance) for r in results if r.relevance is not None])
         attentions = np.stack([r.attentions for r in results if r.attentions is not None])  # (N, L, H, T, T)
         if out_name == "attentions":
             return attentions.astype(np.float32)

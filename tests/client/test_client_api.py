@@ -17,6 +17,7 @@ from vitserve_client import (
     AttentionResponse,
     ClassifyResponse,
     Client,
+    InvalidParameterError,
     NotFoundError,
 )
 from vitserve_client._core import BaseClient
@@ -257,3 +258,23 @@ def test_image_file_opened_in_text_mode_is_refused(api: Any, tmp_path: Path) -> 
         api.classify(f)
     with pytest.raises(TypeError, match="cannot send list"):
         api.classify([1, 2, 3])
+
+
+def test_relevance_for_a_class_by_index_or_label(api: Any, digits: list[Any]) -> None:
+    top = api.attention(digits[2].image, method="relevance")
+    assert top.method == "relevance" and top.target is not None
+    assert top.target.label == top.predictions[0].label  # no target: the top prediction
+    other = (top.target.index + 1) % 10
+    by_index = api.attention(digits[2].image, method="relevance", target=other)
+    by_label = api.attention(digits[2].png, method="relevance", target=str(other))
+    assert by_index.target is not None and by_index.target.index == other
+    np.testing.assert_allclose(by_index.to_numpy(), by_label.to_numpy())
+    assert not np.allclose(by_index.to_numpy(), top.to_numpy())
+    batch = api.attention_batch([digits[2].image, digits[3].png], method="relevance", target=other)
+    assert [item.target.index for item in batch.results if item.target] == [other, other]
+    np.testing.assert_allclose(batch.results[0].to_numpy(), by_index.to_numpy(), atol=1e-4)
+    png = api.attention(digits[2].image, method="relevance", target=other, format="png")
+    assert isinstance(png, AttentionPNG) and png.data.startswith(b"\x89PNG")
+    with pytest.raises(InvalidParameterError, match="class index 0-9"):
+        api.attention(digits[2].image, method="relevance", target=10)
+    assert api.model("digits-vit").relevance and not api.model("digits-vit-int8").relevance

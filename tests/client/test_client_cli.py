@@ -263,3 +263,15 @@ def test_a_late_answer_is_reported_once_not_retried(scripted: Any, digit_dir: Pa
     assert run.returncode == 3 and len(scripted.seen) == 1
     assert "timed out waiting for the answer (limit 0.2 s): ReadTimeout" in run.stderr
     assert "attempts" not in run.stderr
+
+
+def test_attention_relevance_for_a_target(server: Any, digit_dir: Path) -> None:
+    image = str(sorted(digit_dir.glob("*.png"))[0])
+    run = cli("attention", image, "--method", "relevance", "--target", "3", "--json", url=server.url)
+    assert run.returncode == 0, run.stderr
+    body = json.loads(run.stdout)
+    assert body["method"] == "relevance" and body["target"]["index"] == 3 and len(body["map"]) == 8
+    run = cli("attention", image, "--method", "relevance", "--target", "3", url=server.url)
+    assert run.returncode == 0 and run.stdout.startswith(f"{image}: relevance for 3, prediction"), run.stdout
+    run = cli("attention", image, "--method", "relevance", "--target", "eleven", url=server.url)
+    assert run.returncode == 1 and "class index 0-9" in run.stderr

@@ -51,6 +51,9 @@ def test_make_docs_runs_offline(tmp_path):
         "attention-layers.png",
         "complexity.png",
         "digit-rollout.png",
+        "relevance.png",
+        "digit-relevance-top1.png",
+        "digit-relevance-top2.png",
     } <= images
     written = (tmp_path / "vit.md").read_text()
     assert re.search(r"\| ViT-B/16 \| 16 \| 768 \| 12 \| 12 \| 3072 \| 86,567,656", written)

@@ -30,6 +30,7 @@ def test_artifact_metadata(framework_models, name, framework, prefix):
     assert (meta.num_layers, meta.num_heads, meta.num_prefix_tokens) == (2, 2, prefix)
     assert meta.parity.passed and meta.parity.max_abs_logit_diff <= 1e-4
     assert meta.parity.max_abs_attention_diff <= 1e-4 and meta.parity.top1_agreement == 1.0
+    assert meta.graphs["relevance"].file == "relevance.onnx" and meta.parity.max_abs_relevance_diff <= 1e-4
 
 
 def test_hf_onnx_matches_transformers_on_photos(framework_models, photos):

@@ -319,6 +319,30 @@ def test_switching_method_redraws_the_map_without_reclassifying(demo: Demo, digi
     demo.screenshot("layer-head")
 
 
+def test_a_relevance_map_per_class_fetches_only_the_new_map(demo: Demo, digit: tuple[Path, str]) -> None:
+    path, label = digit
+    demo.open()
+    demo.upload(path)
+    assert demo.page.is_disabled("#target"), "a class to explain means something for relevance maps only"
+    demo.choose("#method", "relevance")
+    demo.wait(map_query="method=relevance")
+    top = demo.view()["hash"]
+    assert demo.page.inner_text("#map-caption").startswith(f"relevance for class {label}, the top prediction")
+    assert demo.page.is_enabled("#target") and demo.page.is_disabled("#fusion")
+    options = demo.page.locator("#target option").evaluate_all("os => os.map(o => [o.value, o.textContent])")
+    assert options[0] == ["", "top prediction"] and len(options) == 1 + len(demo.predictions())
+    second_index, second_text = options[2]  # the second prediction
+    demo.choose("#target", second_index)
+    demo.wait(map_query=f"target={second_index}")
+    assert demo.view()["hash"] != top, "another class, another map"
+    assert demo.page.inner_text("#map-caption").startswith(f"relevance for class {second_text.split(' (')[0]}:")
+    demo.choose("#target", "")  # back to the top prediction: drawn from the cache
+    demo.wait(map_query="method=relevance")
+    assert demo.view()["hash"] == top
+    assert demo.count("classify") == 1 and demo.count("attention") == 3  # rollout, then one map per class
+    demo.screenshot("relevance")
+
+
 def test_a_drawn_seven_is_classified_as_seven(demo: Demo) -> None:
     demo.open()
     demo.draw(SEVEN)
@@ -431,7 +455,7 @@ def test_keyboard_reaches_every_control_in_order(demo: Demo) -> None:
         if focused in order:
             break
         order.append(focused)
-    expected = ["model", "pick", "brush", "clear", "method", "layer", "head", "fusion", "opacity", "grid"]
+    expected = ["model", "pick", "brush", "clear", "method", "target", "layer", "head", "fusion", "opacity", "grid"]
     assert [f for f in order if f in expected] == [e for e in expected if not demo.page.is_disabled(f"#{e}")]
 
     # A button, reached by keyboard, does its job: Enter on "Choose a file" opens the file picker (the dialog
