@@ -33,7 +33,7 @@ MARK_BY_PATH: dict[str, tuple[str, ...]] = {
     "docker": ("container",),
     "model_export/test_export_own.py": ("export",),
     "model_export/test_export_frameworks.py": ("export",),
-    "model_export/test_relevance.py": ("export",),
+    "model_export/test_export_relevance.py": ("export",),
     "model_export/test_sources.py": ("export",),
     "model_export/test_train.py": ("export",),
     "model_export/test_default_model.py": ("slow",),
