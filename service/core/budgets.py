@@ -136,7 +136,10 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)  # type: ignore[union-attr]
 
 
-def tune_allocator(mmap_threshold: int = 1 << 20) -> None:
+MMAP_THRESHOLD = 1 << 20  # allocations this large come from mmap (tune_allocator): fresh pages, a fault each
+
+
+def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD) -> None:
     """Serve allocations of `mmap_threshold` bytes and more from mmap, so freeing them returns the memory."""
     try:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)  # type: ignore[union-attr]  # fixing it stops glibc raising it

@@ -106,9 +106,10 @@ class BoundBatch:
 
     `run(images)` copies the images into a host buffer of the session's input type (the one copy of a request's
     pixels in the runtime: the rows come straight from the requests, or from the engine's shared slots, in one
-    numpy call) and runs the first B rows; bound, the logits go to a buffer bound as the output. On the CPU the
-    binding's Python calls cost more than they save: a plain run of the default model served 1.1x the images/s
-    (benchmarks/frontend.py), so it is for devices only. Both buffers grow to the
+    numpy call) and runs the first B rows; bound, the logits go to a buffer bound as the output. On the CPU there
+    is no copy to a device to save, and each of the binding's Python calls needs the GIL, which the runtime thread
+    waits for while the event loop is busy: a plain run (one call, which reads the buffer where it is) serves there,
+    and a batch stacked already runs as it is. Both buffers grow to the
     largest batch seen (a power of two) and are reused after it, so a batch allocates nothing but its answer: a
     fresh (B, 3, H, W) array per batch is a new mapping above glibc's mmap threshold, and its first write pays a
     page fault per 4 KiB (np.stack of 64 ViT-B/16 images: about 9 ms, against 3-4 ms into a buffer written
@@ -173,6 +174,9 @@ class BoundBatch:
         return np.asarray(out, dtype=np.float32)
 
     def run(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        if not self.bind and isinstance(images, np.ndarray) and images.dtype == self.input_type:
+            (out,) = self.session.run([LOGITS], {self.input_name: images})  # read where it is: no copy
+            return np.asarray(out, dtype=np.float32)
         return self.run_staged(self.stage(images))
 
 
@@ -258,7 +262,7 @@ class LoadedModel:
             self._free.put(instance)
 
     def infer_targets(
-        self, images: Sequence[np.ndarray], targets: Sequence[int | None], *, with_attention: bool
+        self, images: np.ndarray | Sequence[np.ndarray], targets: Sequence[int | None], *, with_attention: bool
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """A batch where the rows with a target class (-1: the top prediction) want a relevance map: those rows
         run on the relevance graph in one call, the others (None) as `infer` runs them, on the same instance.

@@ -25,6 +25,7 @@ way, whose middleware answers it as before.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from types import SimpleNamespace
@@ -164,6 +165,7 @@ class _Classify:
         return Response(answer.model_dump_json().encode(), media_type="application/json")
 
 
+@functools.lru_cache(maxsize=1024)  # clients send the same few targets again and again; a target is never changed
 def direct_target(url: bytes) -> _V2Infer | _Classify | None:
     """What the direct path would answer at this raw request target (path and query), or None: the ASGI way."""
     path, _, query = url.partition(b"?")
