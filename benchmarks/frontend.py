@@ -48,7 +48,8 @@ the default model's 64 closed-loop connections are answered far within the defau
 non-2xx answer is counted. The ViT-B/16 models queue (`servers.QUEUEING`): on a CPU, 64 connections wait
 seconds for them, past the budget, and these points measure capacity, as Triton's unbounded queue lets it.
 A vitserve variant is a label and `KEY=VALUE` items: VITSERVE_KEY=VALUE in its environment, or `root=PATH`
-to run another checkout of the service (to compare today's service with a change, side by side).
+to run another checkout of the service (to compare today's service with a change, side by side; with
+`MODEL_DIR=PATH/models` an older checkout serves its own copy of the default model, whose record it can read).
 
 Writes benchmarks/results/frontend.json, frontend.md and frontend.png (`--tag TAG`: frontend-TAG.*; `--replot
 JSON` redraws a run's plot).
@@ -166,8 +167,9 @@ def models(args: argparse.Namespace) -> list[Model]:
 
 def server_settings(artifact: Path, settings: dict[str, str]) -> Settings:
     """What a vitserve with these VITSERVE_* settings, serving `artifact` alone, reads (the environment of this
-    process, which the servers inherit, included)."""
-    lowered = {key.lower(): value for key, value in settings.items()}
+    process, which the servers inherit, included). A variant's MODEL_DIR (an older checkout reading its own copy
+    of the artifact) does not change the policy: the served model is the same."""
+    lowered = {key.lower(): value for key, value in settings.items() if key != "MODEL_DIR"}
     return Settings(model_dir=artifact.parent, models=[artifact.name], default_model=artifact.name, **lowered)
 
 
